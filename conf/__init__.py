@@ -1,0 +1,1 @@
+"""hydralm config tree (a package so Hydra finds it wherever hydralm is installed)."""

@@ -1,0 +1,102 @@
+"""Optimizer from `optimizer._target_` + kwargs; learning-rate schedules by name.
+
+Every schedule has the same small interface for the training loop: `step()` once per optimizer
+step, `observe_eval(loss)` after each evaluation, `get_last_lr()`, and state_dict round trips.
+"""
+
+import math
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
+
+from launcher.errors import ConfigError
+
+PLATEAU_WITH_WARMUP = "plateau_with_warmup"
+EVAL_DRIVEN = ("reduce_lr_on_plateau", "greedy")  # transformers' schedulers stepped with a metric
+
+
+def build_optimizer(params, optimizer_cfg: DictConfig) -> torch.optim.Optimizer:
+    return instantiate(optimizer_cfg, params=params, _convert_="all")
+
+
+class StepSchedule:
+    """A transformers LambdaLR schedule: advances per optimizer step, ignores eval losses."""
+
+    def __init__(self, scheduler: LambdaLR):
+        self.scheduler = scheduler
+
+    def step(self) -> None:
+        self.scheduler.step()
+
+    def observe_eval(self, loss: float) -> None:
+        pass
+
+    def get_last_lr(self) -> list[float]:
+        return self.scheduler.get_last_lr()
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)
+
+
+class WarmupThenEvalDriven:
+    """Linear warmup per optimizer step, then a scheduler stepped with the eval loss."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, after_warmup):
+        self.optimizer = optimizer
+        self.warmup_steps = warmup_steps
+        self.steps = 0
+        self.warmup = LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)))
+        self.after_warmup = after_warmup
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps <= self.warmup_steps:
+            self.warmup.step()
+
+    def observe_eval(self, loss: float) -> None:
+        if self.steps >= self.warmup_steps:
+            self.after_warmup.step(loss)
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "warmup": self.warmup.state_dict(), "after_warmup": self.after_warmup.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]
+        self.warmup.load_state_dict(state["warmup"])
+        self.after_warmup.load_state_dict(state["after_warmup"])
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, scheduler_cfg: DictConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup_steps = math.ceil(scheduler_cfg.warmup_ratio * total_steps)
+    kwargs = OmegaConf.to_container(scheduler_cfg.kwargs, resolve=True)
+    name = scheduler_cfg.name
+    try:
+        if name == PLATEAU_WITH_WARMUP:
+            return WarmupThenEvalDriven(optimizer, warmup_steps, ReduceLROnPlateau(optimizer, **kwargs))
+        scheduler = get_scheduler(
+            name,
+            optimizer,
+            num_warmup_steps=warmup_steps,
+            num_training_steps=total_steps,
+            scheduler_specific_kwargs=kwargs or None,
+        )
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"scheduler={name} cannot be built from scheduler.kwargs={kwargs}: {err}") from None
+    if name in EVAL_DRIVEN:
+        return WarmupThenEvalDriven(optimizer, warmup_steps, scheduler)
+    return StepSchedule(scheduler)
+
+
+def check_scheduler(scheduler_cfg: DictConfig) -> None:
+    """Build the schedule on a throwaway parameter so bad kwargs fail before any model loads."""
+    build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), scheduler_cfg, total_steps=100)

@@ -1,0 +1,138 @@
+"""Typed schema of the composed config.
+
+Registered in Hydra's ConfigStore as `hydralm_schema` and named first in conf/config.yaml's
+defaults, so Hydra itself rejects misspelt keys and values of the wrong type, naming the full key.
+This module imports only hydra/omegaconf: `--cfg job` must not pay for torch.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+ASSETS_DIR = Path(__file__).parent / "assets"
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # Local directory with HF weights + tokenizer (VectorLM's `model:`). None: random init from `config`.
+    path: Optional[str] = None
+    # HF config kwargs (must include `model_type`) for a randomly initialised model.
+    config: Optional[Dict[str, Any]] = None
+    # Tokenizer directory; defaults to `path`.
+    tokenizer: Optional[str] = None
+    # auto | flash_attention_2 | sdpa | eager (transformers' attn_implementation).
+    attention: str = "auto"
+    # Embedding rows are padded to a multiple of this (tensor-core friendly shapes).
+    pad_vocab_to_multiple_of: int = 64
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    # pydoc: the embedded corpus, tokenized and packed here. preprocessed: `train_ds`/`eval_ds`
+    # are datasets already written by `task=preprocess` (VectorLM's `dataset:` block).
+    source: str = "pydoc"
+    train_ds: Optional[str] = None
+    eval_ds: Optional[str] = None
+    train_bs: int = 8
+    eval_bs: int = 8
+    ignore_index: int = -100
+    # pydoc: every n-th topic goes to the eval split.
+    eval_every: int = 10
+    add_bos_eos_tokens: bool = True
+    # task=preprocess writes {train,eval} datasets here (default: <output_dir>/data).
+    save_path: Optional[str] = None
+    # Where preprocessed datasets are cached; default $HYDRALM_CACHE or ~/.cache/hydralm.
+    cache_dir: Optional[str] = None
+    num_proc: Optional[int] = None
+    num_workers: int = 0
+
+
+@dataclass
+class SchedulerConfig:
+    # Any transformers.SchedulerType value, or plateau_with_warmup.
+    name: str = "cosine"
+    warmup_ratio: float = 0.0
+    # Extra keyword arguments: scheduler_specific_kwargs for transformers' schedulers,
+    # ReduceLROnPlateau's arguments (factor, patience, ...) for plateau_with_warmup.
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ShardingConfig:
+    # NO_SHARD | FULL_SHARD | SHARD_GRAD_OP | HYBRID_SHARD (case-insensitive).
+    strategy: str = "NO_SHARD"
+    # Ranks per shard group for HYBRID_SHARD; default: ranks per node (LOCAL_WORLD_SIZE).
+    shard_group_size: Optional[int] = None
+    cpu_offload: bool = False
+    low_cpu_mem_usage: bool = False
+    # auto: nccl on CUDA, gloo on CPU.
+    backend: str = "auto"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    # Cap on optimizer steps (None: run all epochs).
+    max_steps: Optional[int] = None
+    seed: int = 11
+    max_seq_len: int = 256
+    gradient_accumulation_steps: int = 1
+    # None disables clipping.
+    max_grad_norm: Optional[float] = 1.0
+    use_mp: bool = False
+    use_activation_checkpointing: bool = False
+    compile: bool = False
+    # Evaluate and log every `logging_steps` optimizer steps (VectorLM semantics).
+    logging_steps: int = 20
+    # Cap on eval batches per evaluation (None: the whole eval set).
+    max_eval_batches: Optional[int] = None
+    checkpointing_enabled: bool = False
+    # Fraction of an epoch between checkpoints, in (0, 1].
+    save_frequency: float = 0.25
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    # Dotted path of the task function; it receives the composed config.
+    fn: str = MISSING
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    # Passed straight to wandb.init (spell-sensitive).
+    config: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    # `_target_` plus keyword arguments passed straight to the optimizer (spell-sensitive).
+    optimizer: Dict[str, Any] = MISSING
+    scheduler: SchedulerConfig = MISSING
+    sharding: ShardingConfig = MISSING
+    task: TaskConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # Defaults to the Hydra run/sweep directory of the job.
+    output_dir: Optional[str] = None
+    # Model checkpoint for evaluate/export: an exported HF directory.
+    checkpoint: Optional[str] = None
+    # Free-form tags that experiment presets set (shown in `--cfg job`).
+    tags: List[str] = field(default_factory=list)
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="hydralm_schema", node=Config)
+    if not OmegaConf.has_resolver("hydralm.asset"):
+        OmegaConf.register_new_resolver("hydralm.asset", lambda name: str(ASSETS_DIR / name))
+
+
+register()

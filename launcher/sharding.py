@@ -1,0 +1,62 @@
+"""FSDP2 wrapping: one DeviceMesh per strategy, one FSDP unit per decoder layer."""
+
+import torch
+from omegaconf import DictConfig
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from launcher.distributed import World
+from launcher.errors import ConfigError
+from launcher.modeling import decoder_layers
+
+MESH_DIMS = ("replicate", "shard")
+
+
+def build_mesh(sharding: DictConfig, world: World) -> DeviceMesh:
+    """NO_SHARD: (world, 1). FULL_SHARD/SHARD_GRAD_OP: (1, world). HYBRID_SHARD: (nodes, node size)."""
+    strategy = sharding.strategy
+    if strategy == "NO_SHARD":
+        shape = (world.size, 1)
+    elif strategy == "HYBRID_SHARD":
+        group = sharding.shard_group_size or world.local_size
+        if world.size % group:
+            raise ConfigError(
+                f"sharding.strategy=HYBRID_SHARD needs the world size ({world.size}) to be divisible by "
+                f"sharding.shard_group_size ({group}, ranks per node unless set)"
+            )
+        shape = (world.size // group, group)
+    else:
+        shape = (1, world.size)
+    return init_device_mesh(world.device.type, shape, mesh_dim_names=MESH_DIMS)
+
+
+def shard_model(model: torch.nn.Module, mesh: DeviceMesh, sharding: DictConfig, use_mp: bool) -> torch.nn.Module:
+    """Apply fully_shard bottom-up: each decoder layer, then the root (embeddings, norm, head)."""
+    if sharding.strategy in ("FULL_SHARD", "SHARD_GRAD_OP"):
+        mesh = mesh["shard"]  # plain FSDP: no replicate dimension to all-reduce over
+    options = dict(
+        mesh=mesh,
+        reshard_after_forward=sharding.strategy in ("FULL_SHARD", "HYBRID_SHARD"),
+        mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if use_mp
+        else MixedPrecisionPolicy(),
+        offload_policy=CPUOffloadPolicy() if sharding.cpu_offload else OffloadPolicy(),
+    )
+    for layer in decoder_layers(model):
+        fully_shard(layer, **options)
+    fully_shard(model, **options)
+    return model
+
+
+def prepare_model(model: torch.nn.Module, cfg: DictConfig, world: World) -> torch.nn.Module:
+    """Activation checkpointing, compile, FSDP2 and device placement, in the order they compose."""
+    if cfg.train.use_activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.compile:
+        for layer in decoder_layers(model):
+            layer.compile()
+    model = shard_model(model, build_mesh(cfg.sharding, world), cfg.sharding, cfg.train.use_mp)
+    if not cfg.sharding.cpu_offload:
+        model.to(world.device)
+    model.train()
+    return model

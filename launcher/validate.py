@@ -1,0 +1,153 @@
+"""Checks that run before any expensive work (model load, preprocessing, process groups).
+
+Types and key names are already enforced by the schema; these are the value ranges, paths and
+combinations the schema cannot express. Each failure is one ConfigError naming the key.
+"""
+
+import inspect
+import json
+from pathlib import Path
+
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from launcher.errors import ConfigError, choice_error
+
+SHARDING_STRATEGIES = ("NO_SHARD", "FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD")
+ATTENTION_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
+DATA_SOURCES = ("pydoc", "preprocessed")
+SCHEDULER_ALIASES = {"plataeu-with-warmup": "plateau_with_warmup", "plateau-with-warmup": "plateau_with_warmup"}
+
+
+def check_config(cfg: DictConfig) -> None:
+    _normalise(cfg)
+    _check_train(cfg.train)
+    _check_scheduler(cfg.scheduler)
+    _check_sharding(cfg.sharding)
+    _check_data(cfg.data)
+    if cfg.checkpoint is not None:
+        _read_hf_config(cfg.checkpoint, "checkpoint")
+    _check_model(model_config(cfg), cfg.train.max_seq_len)
+    _check_optimizer(cfg.optimizer)
+
+
+def model_config(cfg: DictConfig) -> DictConfig:
+    """The model a task loads: `checkpoint` (an exported HF directory) when set, else `model`."""
+    if cfg.checkpoint is None:
+        return cfg.model
+    model = cfg.model.copy()
+    with open_dict(model):
+        model.path = model.tokenizer = cfg.checkpoint
+        model.config = None
+    return model
+
+
+def scheduler_names() -> list[str]:
+    from transformers import SchedulerType
+
+    from launcher.optim import PLATEAU_WITH_WARMUP
+
+    return [s.value for s in SchedulerType] + [PLATEAU_WITH_WARMUP]
+
+
+def _normalise(cfg: DictConfig) -> None:
+    """Accept the VectorLM spellings: upper-case strategies, `plataeu-with-warmup`."""
+    with open_dict(cfg):
+        cfg.sharding.strategy = str(cfg.sharding.strategy).upper()
+        cfg.scheduler.name = SCHEDULER_ALIASES.get(cfg.scheduler.name, cfg.scheduler.name)
+
+
+def _at_least(value, minimum, key: str) -> None:
+    if value is not None and value < minimum:
+        raise ConfigError(f"{key}={value} must be >= {minimum}")
+
+
+def _check_train(train: DictConfig) -> None:
+    _at_least(train.epochs, 1, "train.epochs")
+    _at_least(train.max_steps, 1, "train.max_steps")
+    _at_least(train.gradient_accumulation_steps, 1, "train.gradient_accumulation_steps")
+    _at_least(train.logging_steps, 1, "train.logging_steps")
+    _at_least(train.max_seq_len, 8, "train.max_seq_len")
+    _at_least(train.max_eval_batches, 1, "train.max_eval_batches")
+    if train.max_grad_norm is not None and train.max_grad_norm <= 0:
+        raise ConfigError(f"train.max_grad_norm={train.max_grad_norm} must be > 0 (or null to disable clipping)")
+    if not 0 < train.save_frequency <= 1:
+        raise ConfigError(f"train.save_frequency={train.save_frequency} must be in (0, 1]")
+
+
+def _check_scheduler(scheduler: DictConfig) -> None:
+    if not 0 <= scheduler.warmup_ratio <= 1:
+        raise ConfigError(f"scheduler.warmup_ratio={scheduler.warmup_ratio} must be in [0, 1]")
+    names = scheduler_names()
+    if scheduler.name not in names:
+        raise choice_error("scheduler.name", scheduler.name, names)
+    from launcher.optim import check_scheduler
+
+    check_scheduler(scheduler)
+
+
+def _check_sharding(sharding: DictConfig) -> None:
+    if sharding.strategy not in SHARDING_STRATEGIES:
+        raise choice_error("sharding.strategy", sharding.strategy, SHARDING_STRATEGIES)
+    _at_least(sharding.shard_group_size, 1, "sharding.shard_group_size")
+    if sharding.backend not in ("auto", "gloo", "nccl"):
+        raise choice_error("sharding.backend", sharding.backend, ("auto", "gloo", "nccl"))
+
+
+def _check_data(data: DictConfig) -> None:
+    if data.source not in DATA_SOURCES:
+        raise choice_error("data.source", data.source, DATA_SOURCES)
+    _at_least(data.train_bs, 1, "data.train_bs")
+    _at_least(data.eval_bs, 1, "data.eval_bs")
+    _at_least(data.eval_every, 2, "data.eval_every")
+    if data.source == "preprocessed":
+        for key in ("train_ds", "eval_ds"):
+            path = OmegaConf.select(data, key, throw_on_missing=False)
+            if path is None or OmegaConf.is_missing(data, key):
+                raise ConfigError(f"data.{key} must be set for data.source=preprocessed")
+            if not Path(path).is_dir():
+                raise ConfigError(f"data.{key}={path} does not exist")
+
+
+def _check_model(model: DictConfig, max_seq_len: int) -> None:
+    if model.attention not in ATTENTION_IMPLEMENTATIONS:
+        raise choice_error("model.attention", model.attention, ATTENTION_IMPLEMENTATIONS)
+    if model.path is None and model.config is None:
+        raise ConfigError("model.path (a local HF checkpoint) or model.config (random init) must be set")
+    if model.path is not None:
+        hf_config = _read_hf_config(model.path, "model.path")
+    else:
+        hf_config = dict(model.config)
+    tokenizer = model.tokenizer or model.path
+    if tokenizer is None or not Path(tokenizer).is_dir():
+        raise ConfigError(f"model.tokenizer={tokenizer} does not exist (a directory with a HF tokenizer)")
+    max_positions = hf_config.get("max_position_embeddings")
+    if max_positions is not None and max_seq_len > max_positions:
+        raise ConfigError(
+            f"train.max_seq_len={max_seq_len} exceeds the model's max_position_embeddings={max_positions}"
+        )
+
+
+def _read_hf_config(path: str, key: str) -> dict:
+    if not Path(path).is_dir():
+        raise ConfigError(f"{key}={path} does not exist (a directory with HF weights and tokenizer)")
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"{key}={path} has no config.json: not a HuggingFace model directory")
+    return json.loads(config_file.read_text())
+
+
+def _check_optimizer(optimizer: DictConfig) -> None:
+    target = optimizer.get("_target_")
+    if target is None:
+        raise ConfigError("optimizer._target_ must name an optimizer class, e.g. torch.optim.AdamW")
+    try:
+        optimizer_class = get_class(target)
+    except Exception as err:
+        raise ConfigError(f"optimizer._target_={target} cannot be imported: {err}") from None
+    valid = [p for p in inspect.signature(optimizer_class).parameters if p not in ("self", "params")]
+    unknown = [k for k in optimizer if k != "_target_" and k not in valid]
+    if unknown:
+        raise ConfigError(
+            f"optimizer.{unknown[0]} is not a parameter of {target}; valid parameters: {', '.join(valid)}"
+        )

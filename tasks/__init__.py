@@ -1,0 +1,1 @@
+"""Task functions: each receives the composed config (see conf/task/)."""

@@ -1,0 +1,40 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import launcher.schema  # noqa: F401  (registers the schema the config tree names)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_cache(tmp_path_factory):
+    """One preprocessing cache for the whole session (subprocesses inherit it)."""
+    os.environ["HYDRALM_CACHE"] = str(tmp_path_factory.mktemp("hydralm-cache"))
+    os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def compose_config(overrides=()):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def run_launcher(args, cwd, timeout=600, env=None):
+    """`python -m launcher ARGS` in a subprocess; returns the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, "-m", "launcher", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
+
+
+# A short schedule for end-to-end runs: few steps, small eval.
+QUICK = ["train.max_steps=4", "train.logging_steps=2", "train.max_eval_batches=2"]

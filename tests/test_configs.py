@@ -1,0 +1,64 @@
+"""Every option of every config group composes, and the schema catches what it should."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import CONF_DIR, compose_config
+
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith("_"))
+
+
+def _options(group):
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def test_groups_are_the_documented_ones():
+    assert {"model", "data", "optimizer", "scheduler", "sharding", "task", "experiment"} <= set(GROUPS)
+    for group in GROUPS:
+        assert len(_options(group)) >= 1, group
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g, o) for g in GROUPS if g != "experiment" for o in _options(g)],
+)
+def test_every_group_option_composes(group, option):
+    cfg = compose_config([f"{group}={option}"])
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    assert cfg[group] is not None
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_composes(experiment):
+    cfg = compose_config([f"+experiment={experiment}"])
+    OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_vectorlm_experiment_reproduces_the_sample():
+    cfg = compose_config(["+experiment=vectorlm_llama2_7b"])
+    assert cfg.model.path == "/model-weights/Llama-2-7b-chat-hf"
+    assert cfg.sharding.strategy == "FULL_SHARD"
+    assert cfg.train.max_seq_len == 4096 and cfg.train.gradient_accumulation_steps == 4
+    assert cfg.train.use_mp and cfg.train.use_activation_checkpointing
+    assert cfg.model.attention == "flash_attention_2"
+    assert OmegaConf.to_container(cfg.optimizer) == {
+        "_target_": "torch.optim.AdamW", "lr": 2e-5, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-5,
+    }
+    assert cfg.scheduler.name == "cosine" and cfg.scheduler.warmup_ratio == 0.05
+    assert cfg.data.train_bs == 8 and cfg.data.eval_bs == 8 and cfg.data.ignore_index == -100
+    assert cfg.wandb.config.project == "MedGPT" and cfg.sharding.low_cpu_mem_usage
+
+
+def test_overrides_land_where_documented():
+    cfg = compose_config(["train.epochs=3", "optimizer.lr=3e-4", "train.max_seq_len=128", "optimizer=sgd"])
+    assert cfg.train.epochs == 3 and cfg.train.max_seq_len == 128
+    assert cfg.optimizer._target_ == "torch.optim.SGD"
+
+
+def test_schema_rejects_misspelt_keys_and_wrong_types():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="epochz"):
+        compose_config(["train.epochz=2"])
+    with pytest.raises(ConfigCompositionException, match="train.epochs"):
+        compose_config(["train.epochs=abc"])

@@ -1,0 +1,99 @@
+"""End-to-end: `python -m launcher` in subprocesses, and the task functions called in-process."""
+
+import json
+import subprocess
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import QUICK, ROOT, compose_config, run_launcher
+from launcher.app import run_task
+
+METRIC_KEYS = {"step", "epoch", "train_loss", "lr", "tokens_seen", "tokens_per_s"}
+
+
+def test_launcher_trains_learns_and_exports_a_reloadable_model(tmp_path):
+    out = tmp_path / "run"
+    result = run_launcher(["train.max_steps=8", "train.logging_steps=4", f"output_dir={out}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 8
+    assert summary["final_eval_loss"] < summary["initial_eval_loss"] - 0.5
+    assert "final model:" in result.stdout and "tokens/s" in result.stdout
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train_loss" in r]
+    eval_rows = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in train_rows] == [4, 8] and [r["step"] for r in eval_rows] == [0, 4, 8]
+    assert all(METRIC_KEYS <= set(r) for r in train_rows)
+    assert train_rows[-1]["tokens_seen"] == summary["tokens_seen"] > 0
+
+    model_dir = out / "final-model"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
+        p.name for p in model_dir.iterdir()
+    }
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.get_input_embeddings().num_embeddings % 64 == 0
+
+    # The exported weights are the trained weights: evaluating them reproduces the final eval loss.
+    reloaded = run_task(compose_config(["task=evaluate", f"checkpoint={model_dir}", f"output_dir={tmp_path / 'eval'}"]))
+    assert abs(reloaded["eval_loss"] - summary["final_eval_loss"]) < 1e-4
+
+
+def test_exported_model_gives_the_in_memory_logits(tmp_path):
+    from launcher.data import prepared_splits, train_loader
+    from launcher.distributed import distributed, seed_everything
+    from launcher.export import save_hf_model
+    from launcher.modeling import load_tokenizer
+    from launcher.optim import build_optimizer
+    from tasks.train import _setup_model, _train_step
+
+    cfg = compose_config([f"output_dir={tmp_path}"])
+    with distributed() as world:
+        seed_everything(cfg.train.seed)
+        tokenizer = load_tokenizer(cfg.model)
+        loader = train_loader(prepared_splits(cfg, tokenizer, world)["train"], cfg, world, tokenizer.pad_token_id)
+        model = _setup_model(cfg, tokenizer, world)
+        optimizer = build_optimizer(model.parameters(), cfg.optimizer)
+        batches = iter(loader)
+        for _ in range(2):
+            _train_step(model, optimizer, [next(batches)], cfg, world)
+        probe = next(batches)["input_ids"]
+        model.eval()
+        with torch.no_grad():
+            expected = model(input_ids=probe).logits
+        save_hf_model(model, tokenizer, tmp_path / "final-model", world)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final-model").eval()
+    with torch.no_grad():
+        actual = reloaded(input_ids=probe).logits
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+def test_sweep_runs_one_job_per_point_in_its_own_directory(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_launcher(
+        ["-m", "optimizer.lr=1e-3,3e-3", *QUICK, f"hydra.sweep.dir={sweep}"], cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    for point, lr in (("0", 1e-3), ("1", 3e-3)):
+        job_dir = sweep / point
+        assert (job_dir / "final-model" / "model.safetensors").is_file()
+        assert (job_dir / "metrics.jsonl").is_file()
+        config = (job_dir / ".hydra" / "config.yaml").read_text()
+        assert f"lr: {lr}" in config or f"lr: {lr:g}" in config
+
+
+def test_cfg_job_prints_the_config_without_importing_torch(tmp_path):
+    code = (
+        "import sys; from launcher.app import main; sys.argv = ['hydralm', '--cfg', 'job', 'train.epochs=3'];\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('TORCH_IMPORTED' if 'torch' in sys.modules else 'NO_TORCH')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "epochs: 3" in result.stdout and "_target_: torch.optim.AdamW" in result.stdout
+    assert result.stdout.strip().endswith("NO_TORCH")
+    assert not (tmp_path / "outputs").exists()
