@@ -26,7 +26,7 @@ def run_task(cfg: DictConfig):
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig):
+def _hydra_main(cfg: DictConfig):
     try:
         return run_task(cfg)
     except ConfigError as err:
@@ -34,3 +34,10 @@ def main(cfg: DictConfig):
         where = f" (rank {rank})" if rank not in (None, "0") else ""
         print(f"hydralm: error{where}: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def main():
+    """Under torchrun/SLURM only rank 0 keeps Hydra's config copies and job log."""
+    if int(os.environ.get("RANK", 0)) > 0:
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    return _hydra_main()

@@ -69,6 +69,7 @@ class ShardingConfig:
     # Ranks per shard group for HYBRID_SHARD; default: ranks per node (LOCAL_WORLD_SIZE).
     shard_group_size: Optional[int] = None
     cpu_offload: bool = False
+    # Only rank 0 reads the weights; the others build on the meta device and receive them.
     low_cpu_mem_usage: bool = False
     # auto: nccl on CUDA, gloo on CPU.
     backend: str = "auto"
@@ -86,6 +87,8 @@ class TrainConfig:
     max_grad_norm: Optional[float] = 1.0
     use_mp: bool = False
     use_activation_checkpointing: bool = False
+    # Checkpoint every k-th decoder layer (1: all; 2: half of them, trading memory for speed).
+    activation_checkpointing_every: int = 1
     compile: bool = False
     # Evaluate and log every `logging_steps` optimizer steps (VectorLM semantics).
     logging_steps: int = 20
@@ -133,6 +136,8 @@ def register() -> None:
     ConfigStore.instance().store(name="hydralm_schema", node=Config)
     if not OmegaConf.has_resolver("hydralm.asset"):
         OmegaConf.register_new_resolver("hydralm.asset", lambda name: str(ASSETS_DIR / name))
+    if not OmegaConf.has_resolver("hydralm.first"):  # first value that is set (not null)
+        OmegaConf.register_new_resolver("hydralm.first", lambda *values: next(v for v in values if v is not None))
 
 
 register()

@@ -1,7 +1,9 @@
 """FSDP2 wrapping: one DeviceMesh per strategy, one FSDP unit per decoder layer."""
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -50,13 +52,51 @@ def shard_model(model: torch.nn.Module, mesh: DeviceMesh, sharding: DictConfig, 
 
 def prepare_model(model: torch.nn.Module, cfg: DictConfig, world: World) -> torch.nn.Module:
     """Activation checkpointing, compile, FSDP2 and device placement, in the order they compose."""
+    # low_cpu_mem_usage: rank 0 keeps references to its full weights to scatter them after sharding.
+    full_state = model.state_dict() if cfg.sharding.low_cpu_mem_usage and world.is_main else None
     if cfg.train.use_activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, cfg.train.activation_checkpointing_every)
     if cfg.train.compile:
         for layer in decoder_layers(model):
             layer.compile()
     model = shard_model(model, build_mesh(cfg.sharding, world), cfg.sharding, cfg.train.use_mp)
-    if not cfg.sharding.cpu_offload:
-        model.to(world.device)
+    home = torch.device("cpu") if cfg.sharding.cpu_offload else world.device
+    if cfg.sharding.low_cpu_mem_usage:
+        if world.is_main:
+            model.to(home)
+        else:
+            model.to_empty(device=home)
+        load_from_rank0(model, full_state or {})
+    else:
+        model.to(home)
     model.train()
     return model
+
+
+def enable_activation_checkpointing(model: torch.nn.Module, every: int) -> None:
+    """Non-reentrant recomputation of every `every`-th decoder layer (1: all of them)."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for index, layer in enumerate(decoder_layers(model)):
+        layer.gradient_checkpointing = index % every == 0
+
+
+def load_from_rank0(model: torch.nn.Module, full_state: dict) -> None:
+    """Scatter rank 0's full weights into every rank's shards (other ranks pass {})."""
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    _broadcast_buffers(model)
+
+
+def _broadcast_buffers(model: torch.nn.Module) -> None:
+    """Buffers are not in the state dict when non-persistent (e.g. rotary inv_freq): send them too."""
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+def local_parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters this rank holds between steps (its shards under FSDP)."""
+    return sum(p.to_local().nbytes if hasattr(p, "to_local") else p.nbytes for p in model.parameters())

@@ -4,14 +4,19 @@ Types and key names are already enforced by the schema; these are the value rang
 combinations the schema cannot express. Each failure is one ConfigError naming the key.
 """
 
+import importlib.util
 import inspect
 import json
+import logging
+import os
 from pathlib import Path
 
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from launcher.errors import ConfigError, choice_error
+
+log = logging.getLogger("hydralm")
 
 SHARDING_STRATEGIES = ("NO_SHARD", "FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD")
 ATTENTION_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
@@ -24,6 +29,7 @@ def check_config(cfg: DictConfig) -> None:
     _check_train(cfg.train)
     _check_scheduler(cfg.scheduler)
     _check_sharding(cfg.sharding)
+    _check_world(cfg)
     _check_data(cfg.data)
     if cfg.checkpoint is not None:
         _read_hf_config(cfg.checkpoint, "checkpoint")
@@ -69,6 +75,7 @@ def _check_train(train: DictConfig) -> None:
     _at_least(train.logging_steps, 1, "train.logging_steps")
     _at_least(train.max_seq_len, 8, "train.max_seq_len")
     _at_least(train.max_eval_batches, 1, "train.max_eval_batches")
+    _at_least(train.activation_checkpointing_every, 1, "train.activation_checkpointing_every")
     if train.max_grad_norm is not None and train.max_grad_norm <= 0:
         raise ConfigError(f"train.max_grad_norm={train.max_grad_norm} must be > 0 (or null to disable clipping)")
     if not 0 < train.save_frequency <= 1:
@@ -92,6 +99,32 @@ def _check_sharding(sharding: DictConfig) -> None:
     _at_least(sharding.shard_group_size, 1, "sharding.shard_group_size")
     if sharding.backend not in ("auto", "gloo", "nccl"):
         raise choice_error("sharding.backend", sharding.backend, ("auto", "gloo", "nccl"))
+
+
+def _check_world(cfg: DictConfig) -> None:
+    """What depends on the launch: world size (torchrun/SLURM env), CUDA, optional packages."""
+    import torch
+
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.sharding.strategy == "HYBRID_SHARD":
+        group = cfg.sharding.shard_group_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        if world_size % group:
+            raise ConfigError(
+                f"sharding.strategy=HYBRID_SHARD needs the world size ({world_size}) to be divisible by "
+                f"sharding.shard_group_size ({group}; default: ranks per node)"
+            )
+    cuda = torch.cuda.is_available()
+    if cfg.sharding.backend == "nccl" and not cuda:
+        raise ConfigError("sharding.backend=nccl needs CUDA devices; use sharding.backend=gloo (or auto) on CPU")
+    if cfg.sharding.cpu_offload and not cuda:
+        raise ConfigError("sharding.cpu_offload=true offloads GPU memory to the host; it needs CUDA devices")
+    if cfg.train.use_mp and not cuda:
+        log.warning("train.use_mp=true on CPU: bf16 without hardware support is much slower than fp32 here")
+    if cfg.model.attention == "flash_attention_2" and not (cuda and importlib.util.find_spec("flash_attn")):
+        raise ConfigError(
+            "model.attention=flash_attention_2 needs a CUDA device and the flash_attn package "
+            "(pip install 'hydralm[flash]'); use model.attention=sdpa or auto"
+        )
 
 
 def _check_data(data: DictConfig) -> None:

@@ -21,7 +21,7 @@ def evaluate(cfg: DictConfig) -> dict:
         model_cfg = model_config(cfg)
         tokenizer = load_tokenizer(model_cfg)
         splits = prepared_splits(cfg, tokenizer, world)
-        model = prepare_model(build_model(model_cfg, tokenizer, world.device), cfg, world)
+        model = prepare_model(build_model(model_cfg, tokenizer, world, cfg.sharding.low_cpu_mem_usage), cfg, world)
         loss = eval_loss(model, eval_loader(splits["eval"], cfg, world, tokenizer.pad_token_id), cfg, world)
         result = {
             "model": model_cfg.path or model_cfg.name,

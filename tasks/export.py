@@ -19,7 +19,7 @@ def export(cfg: DictConfig) -> dict:
         output_dir = resolve_output_dir(cfg, world)
         model_cfg = model_config(cfg)
         tokenizer = load_tokenizer(model_cfg)
-        model = prepare_model(build_model(model_cfg, tokenizer, world.device), cfg, world)
+        model = prepare_model(build_model(model_cfg, tokenizer, world, cfg.sharding.low_cpu_mem_usage), cfg, world)
         target = output_dir / "final-model"
         save_hf_model(model, tokenizer, target, world)
         if world.is_main:

@@ -8,7 +8,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -23,7 +22,7 @@ from launcher.metrics import RunLog
 from launcher.modeling import build_model, load_tokenizer
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.outputs import resolve_output_dir
-from launcher.sharding import prepare_model
+from launcher.sharding import local_parameter_bytes, prepare_model
 
 log = logging.getLogger("hydralm")
 
@@ -36,7 +35,7 @@ class Progress:
 
 
 def _setup_model(cfg: DictConfig, tokenizer, world: World) -> torch.nn.Module:
-    model = build_model(cfg.model, tokenizer, world.device)
+    model = build_model(cfg.model, tokenizer, world, cfg.sharding.low_cpu_mem_usage)
     return prepare_model(model, cfg, world)
 
 
@@ -119,6 +118,7 @@ def train(cfg: DictConfig) -> dict:
             "tokens_seen": progress.tokens_seen,
             "train_wall_time_s": wall_time,
             "tokens_per_s": progress.tokens_seen / wall_time,
+            "parameter_bytes_per_rank": local_parameter_bytes(model),
         }
         if world.is_main:
             (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
