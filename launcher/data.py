@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -121,15 +122,22 @@ def build_and_save(cfg: DictConfig, tokenizer, raw: dict[str, Dataset | None], p
     work = partial / "work"
     work.mkdir(parents=True)
     data = cfg.data
+    clock = time.perf_counter()
     tokenized = {name: tokenize(dataset, tokenizer, data, work / f"tokens-{name}.arrow")
                  for name, dataset in raw.items() if dataset is not None}
+    seconds = {"tokenize": time.perf_counter() - clock}
+    clock = time.perf_counter()
     packed, report = pack_to_files(tokenized, spec, data.eval_every, work)
+    seconds["pack"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     for name, file in packed.items():
         dataset = Dataset.from_file(str(file))
         if len(dataset) == 0:
             raise ConfigError(f"the {name} split is empty after preprocessing ({report['examples']} examples read)")
-        dataset.save_to_disk(str(partial / name), num_proc=min(data.num_proc or 1, max(1, len(dataset) // 1000)))
+        dataset.save_to_disk(str(partial / name))  # (its num_proc spawns interpreters: slower than one copy)
     shutil.rmtree(work)
+    seconds["save"] = time.perf_counter() - clock
+    report["seconds"] = seconds
     (partial / "settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True))
     (partial / "report.json").write_text(json.dumps(report, indent=2))
     (partial / COMPLETE_MARKER).touch()
@@ -217,7 +225,7 @@ def pack_to_files(tokenized: dict[str, Dataset], spec: PackingSpec, eval_every: 
     files = {name: work / f"{name}.arrow" for name in ("train", "eval")}
     writers = {name: ArrowWriter(features=ROW_FEATURES, path=str(file)) for name, file in files.items()}
     packers = {name: Packer(spec) for name in files}
-    report = {"examples": 0, "skipped_without_separator": 0, "longer_than_max_seq_len": 0}
+    report = {"examples": 0, "tokens": 0, "skipped_without_separator": 0, "longer_than_max_seq_len": 0}
     frame = 2 if spec.bos_eos else 0
     total = sum(len(d) for d in tokenized.values())
     with tqdm(total=total, desc="packing", unit="docs", disable=None) as progress:
@@ -225,9 +233,11 @@ def pack_to_files(tokenized: dict[str, Dataset], spec: PackingSpec, eval_every: 
             for batch in dataset.data.table.to_batches(max_chunksize=PACK_BATCH):
                 docs = documents_of(batch)
                 report["examples"] += len(docs)
+                report["tokens"] += len(docs.tokens)
                 has_separator = docs.prompt_lengths >= 0
                 report["skipped_without_separator"] += int((~has_separator).sum())
-                report["longer_than_max_seq_len"] += int((np.diff(docs.offsets) + frame > spec.max_seq_len).sum())
+                too_long = np.diff(docs.offsets) + frame > spec.max_seq_len
+                report["longer_than_max_seq_len"] += int((too_long & has_separator).sum())
                 if source == "eval":
                     routes = {"eval": has_separator}
                 else:
