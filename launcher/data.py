@@ -115,13 +115,34 @@ def packing_spec(cfg: DictConfig, tokenizer) -> PackingSpec:
 
 def build_and_save(cfg: DictConfig, tokenizer, raw: dict[str, Dataset | None], path: Path, settings: dict) -> dict:
     """Tokenize and pack into `path` ({train,eval}/, settings.json, report.json). Everything is
-    written next to the target and renamed, so a crash never leaves a half-written dataset."""
+    written next to the target and renamed, so a failure never leaves a half-written dataset."""
     spec = packing_spec(cfg, tokenizer)
+    data = cfg.data
+    for dataset in raw.values():
+        if dataset is not None and data.data_field not in dataset.column_names:
+            raise ConfigError(f"data.data_field={data.data_field} is not a column of the dataset; "
+                              f"columns: {', '.join(dataset.column_names)}")
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    work = partial / "work"
+    try:
+        report = _build(raw, tokenizer, spec, data, partial)
+        (partial / "settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True))
+        (partial / "report.json").write_text(json.dumps(report, indent=2))
+        (partial / COMPLETE_MARKER).touch()
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(path, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(partial, path)
+    _warn_about(report, cfg)
+    return report
+
+
+def _build(raw: dict[str, Dataset | None], tokenizer, spec: PackingSpec, data: DictConfig, out: Path) -> dict:
+    """Tokenize (Arrow files), pack (Arrow files), save {train,eval} under `out`; stage timings."""
+    work = out / "work"
     work.mkdir(parents=True)
-    data = cfg.data
     clock = time.perf_counter()
     tokenized = {name: tokenize(dataset, tokenizer, data, work / f"tokens-{name}.arrow")
                  for name, dataset in raw.items() if dataset is not None}
@@ -134,17 +155,10 @@ def build_and_save(cfg: DictConfig, tokenizer, raw: dict[str, Dataset | None], p
         dataset = Dataset.from_file(str(file))
         if len(dataset) == 0:
             raise ConfigError(f"the {name} split is empty after preprocessing ({report['examples']} examples read)")
-        dataset.save_to_disk(str(partial / name))  # (its num_proc spawns interpreters: slower than one copy)
+        dataset.save_to_disk(str(out / name))  # (its num_proc spawns interpreters: slower than one copy)
     shutil.rmtree(work)
     seconds["save"] = time.perf_counter() - clock
     report["seconds"] = seconds
-    (partial / "settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True))
-    (partial / "report.json").write_text(json.dumps(report, indent=2))
-    (partial / COMPLETE_MARKER).touch()
-    shutil.rmtree(path, ignore_errors=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(partial, path)
-    _warn_about(report, cfg)
     return report
 
 
@@ -188,10 +202,6 @@ class Tokenize:
 
 
 def tokenize(dataset: Dataset, tokenizer, data: DictConfig, cache_file: Path) -> Dataset:
-    if data.data_field not in dataset.column_names:
-        raise ConfigError(
-            f"data.data_field={data.data_field} is not a column of the dataset; columns: {', '.join(dataset.column_names)}"
-        )
     num_proc = data.num_proc if data.num_proc and len(dataset) >= 2 * data.num_proc else None
     return dataset.with_format("arrow").map(
         Tokenize(tokenizer, data.data_field, data.pre_pend, data.separator),
