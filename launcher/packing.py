@@ -73,34 +73,47 @@ class Documents:
 
 @dataclass
 class TokenStream:
-    """Per-token view of documents laid end to end, the input of windowing."""
+    """Documents laid end to end, the input of windowing: per token its id, label and position
+    in its document; per document its start (relative to the stream; < 0 for a carried one)."""
 
-    tokens: np.ndarray
-    labels: np.ndarray
-    doc_starts: np.ndarray  # flat index where each token's document starts (may be < 0 for a carry)
+    tokens: np.ndarray  # int32
+    labels: np.ndarray | None  # None: the labels are the tokens (no prompt anywhere)
+    positions: np.ndarray  # int32 position of each token in its document
+    doc_starts: np.ndarray
     doc_ids: np.ndarray
 
     @classmethod
     def of(cls, docs: Documents, ignore_index: int) -> "TokenStream":
         lengths = np.diff(docs.offsets)
-        doc = np.repeat(np.arange(len(docs)), lengths)
-        doc_starts = docs.offsets[:-1][doc]
-        in_prompt = np.arange(len(docs.tokens)) - doc_starts < docs.prompt_lengths[doc]
-        labels = np.where(in_prompt, ignore_index, docs.tokens)
-        return cls(docs.tokens, labels, doc_starts, docs.ids[doc])
+        starts = docs.offsets[:-1]
+        positions = np.arange(len(docs.tokens), dtype=np.int32) - np.repeat(starts.astype(np.int32), lengths)
+        labels = None
+        if docs.prompt_lengths.any():
+            labels = np.where(positions < np.repeat(docs.prompt_lengths, lengths), ignore_index, docs.tokens)
+        return cls(docs.tokens.astype(np.int32, copy=False), labels, positions, starts, docs.ids)
 
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def row_ids(self, starts: np.ndarray) -> np.ndarray:
+        """The document id at each of these stream indices."""
+        return self.doc_ids[np.searchsorted(self.doc_starts, starts, side="right") - 1]
+
     def tail(self, start: int) -> "TokenStream":
-        return TokenStream(self.tokens[start:], self.labels[start:], self.doc_starts[start:] - start,
-                           self.doc_ids[start:])
+        keep = slice(max(0, np.searchsorted(self.doc_starts, start, side="right") - 1), None)
+        labels = None if self.labels is None else self.labels[start:]
+        return TokenStream(self.tokens[start:], labels, self.positions[start:], self.doc_starts[keep] - start,
+                           self.doc_ids[keep])
 
     def __add__(self, other: "TokenStream") -> "TokenStream":
-        n = len(self)
-        return TokenStream(*(np.concatenate([a, b]) for a, b in (
-            (self.tokens, other.tokens), (self.labels, other.labels),
-            (self.doc_starts, other.doc_starts + n), (self.doc_ids, other.doc_ids))))
+        labels = None
+        if self.labels is not None or other.labels is not None:
+            labels = np.concatenate([self.tokens if self.labels is None else self.labels,
+                                     other.tokens if other.labels is None else other.labels])
+        return TokenStream(np.concatenate([self.tokens, other.tokens]), labels,
+                           np.concatenate([self.positions, other.positions]),
+                           np.concatenate([self.doc_starts, other.doc_starts + len(self)]),
+                           np.concatenate([self.doc_ids, other.doc_ids]))
 
 
 def stream_windows(starts: np.ndarray, ends: np.ndarray, spec: PackingSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -127,38 +140,44 @@ def rows_table(stream: TokenStream, starts: np.ndarray, ends: np.ndarray, spec: 
     lengths = ends - starts
     n_rows, total = len(starts), int(lengths.sum())
     content_offsets = np.concatenate([[0], np.cumsum(lengths)])
-    source = _ranges(starts, lengths, content_offsets)
-    row_starts = np.repeat(starts, lengths)
-    segment_starts = np.maximum(stream.doc_starts[source], row_starts)
-    positions = source - segment_starts
-    tokens, labels = stream.tokens[source], stream.labels[source]
+    if n_rows and ends[-1] - starts[0] == total and (n_rows == 1 or (starts[1:] == ends[:-1]).all()):
+        source = slice(int(starts[0]), int(ends[-1]))  # back-to-back windows (full, no overlap): views
+    else:
+        source = _ranges(starts, lengths, content_offsets)
+    index_in_row = np.arange(total, dtype=np.int32) - np.repeat(content_offsets[:-1].astype(np.int32), lengths)
+    in_doc = stream.positions[source]
+    tokens = stream.tokens[source]
+    labels = None if stream.labels is None else stream.labels[source]
     if spec.bos_eos:
         bos, eos = spec.bos_eos
-        positions = positions + (segment_starts == row_starts)  # BOS takes position 0 of its row
+        # The row's first document continues after BOS (position 0); later ones restart at 0.
+        positions = np.where(in_doc >= index_in_row, index_in_row + 1, in_doc)
         offsets = content_offsets + 2 * np.arange(n_rows + 1)
-        out = {name: np.empty(offsets[-1], dtype=np.int32) for name in ("input_ids", "labels", "position_ids")}
-        slots = np.arange(total) + 2 * np.repeat(np.arange(n_rows), lengths) + 1
+        slots = np.arange(total) + np.repeat(2 * np.arange(n_rows) + 1, lengths)
         first, last = offsets[:-1], offsets[1:] - 1
-        out["input_ids"][slots], out["labels"][slots], out["position_ids"][slots] = tokens, labels, positions
-        out["input_ids"][first], out["labels"][first], out["position_ids"][first] = bos, bos, 0
-        # EOS is trained on unless the row ends inside a prompt.
-        eos_label = np.where(out["labels"][last - 1] == spec.ignore_index, spec.ignore_index, eos)
-        out["input_ids"][last], out["labels"][last], out["position_ids"][last] = eos, eos_label, out["position_ids"][last - 1] + 1
+        out = {"input_ids": _framed(tokens, slots, offsets[-1], first, bos, last, eos),
+               "position_ids": _framed(positions, slots, offsets[-1], first, 0, last, positions[content_offsets[1:] - 1] + 1)}
+        if labels is not None:
+            # EOS is trained on unless the row ends inside a prompt.
+            eos_labels = np.where(labels[content_offsets[1:] - 1] == spec.ignore_index, spec.ignore_index, eos)
+            out["labels"] = _framed(labels, slots, offsets[-1], first, bos, last, eos_labels)
     else:
         offsets = content_offsets
-        out = {"input_ids": tokens, "labels": labels, "position_ids": positions}
-    arrow_offsets = pa.array(offsets, type=pa.int32() if offsets[-1] < 2**31 else pa.int64())
-    list_type = pa.list_ if arrow_offsets.type == pa.int32() else pa.large_list
-    columns = {
-        name: _list_array(list_type, arrow_offsets, values) for name, values in out.items()
-    }
-    columns["id"] = pa.array(stream.doc_ids[starts] if n_rows else np.zeros(0, np.int64), type=pa.int64())
-    return pa.table(columns)
+        out = {"input_ids": tokens, "position_ids": np.minimum(in_doc, index_in_row)}
+        if labels is not None:
+            out["labels"] = labels
+    arrow_offsets = pa.array(offsets, type=pa.int32())
+    columns = {name: pa.ListArray.from_arrays(arrow_offsets, pa.array(values, type=pa.int32()))
+               for name, values in out.items()}
+    columns.setdefault("labels", columns["input_ids"])  # no prompt: labels are the tokens (shared buffer)
+    columns["id"] = pa.array(stream.row_ids(starts) if n_rows else np.zeros(0, np.int64), type=pa.int64())
+    return pa.table({name: columns[name] for name in ("input_ids", "labels", "position_ids", "id")})
 
 
-def _list_array(list_type, offsets: pa.Array, values: np.ndarray) -> pa.Array:
-    array_class = pa.ListArray if list_type is pa.list_ else pa.LargeListArray
-    return array_class.from_arrays(offsets, pa.array(values.astype(np.int32, copy=False), type=pa.int32()))
+def _framed(content: np.ndarray, slots: np.ndarray, size: int, first: np.ndarray, bos, last: np.ndarray, eos) -> np.ndarray:
+    out = np.empty(size, dtype=np.int32)
+    out[slots], out[first], out[last] = content, bos, eos
+    return out
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray, out_offsets: np.ndarray) -> np.ndarray:
@@ -193,7 +212,8 @@ class Packer:
         """The last, possibly short, windows of the `full` stream."""
         carry, self.carry = self.carry, None
         if carry is None or len(carry) == 0 or (self.rows_emitted and len(carry) <= self.spec.overlap):
-            return self._emit(TokenStream.of(Documents.from_lists([]), self.spec.ignore_index), np.zeros(0, np.int64), np.zeros(0, np.int64))
+            empty = TokenStream.of(Documents.from_lists([]), self.spec.ignore_index)
+            return self._emit(empty, np.zeros(0, np.int64), np.zeros(0, np.int64))
         starts, ends = stream_windows(np.array([0]), np.array([len(carry)]), self.spec)
         return self._emit(carry, starts, ends)
 
