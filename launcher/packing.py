@@ -65,6 +65,8 @@ class Documents:
 
     def select(self, keep: np.ndarray) -> "Documents":
         """The documents where `keep` is true, in order (vectorised)."""
+        if keep.all():
+            return self
         lengths = np.diff(self.offsets)[keep]
         starts = self.offsets[:-1][keep]
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)

@@ -176,6 +176,16 @@ def test_train_cache_is_keyed_by_settings(monkeypatch, tmp_path):
     assert len(list((tmp_path / "pydoc").iterdir())) == 2
 
 
+def test_rows_do_not_depend_on_the_packing_batch_size(tmp_path, monkeypatch):
+    """The corpus streams through packing in batches (bounded memory); small batches change nothing."""
+    overrides = ["data.separator=:", "data.overlap=3"]
+    _, whole = _preprocess(tmp_path, overrides, name="whole")
+    monkeypatch.setattr(data_module, "PACK_BATCH", 7)
+    _, batched = _preprocess(tmp_path, overrides, name="batched")
+    for split in ("train", "eval"):
+        assert load_from_disk(str(batched / split)).to_list() == load_from_disk(str(whole / split)).to_list()
+
+
 def test_tokenizer_without_bos_eos_is_an_error(tmp_path):
     import shutil
 
