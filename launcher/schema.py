@@ -33,17 +33,41 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = MISSING
-    # pydoc: the embedded corpus, tokenized and packed here. preprocessed: `train_ds`/`eval_ds`
-    # are datasets already written by `task=preprocess` (VectorLM's `dataset:` block).
+    # Where the text comes from (docs/config.md, data section): pydoc (embedded corpus) | disk
+    # (datasets.load_from_disk) | files (json/jsonl/csv/parquet/txt) | hub (datasets.load_dataset)
+    # | preprocessed (`train_ds`/`eval_ds` already written by task=preprocess or VectorLM).
     source: str = "pydoc"
     train_ds: Optional[str] = None
     eval_ds: Optional[str] = None
     train_bs: int = 8
     eval_bs: int = 8
     ignore_index: int = -100
-    # pydoc: every n-th topic goes to the eval split.
+    # disk: the dataset directory; files: a file or glob; hub: the dataset name.
+    load_path: Optional[str] = None
+    # The split to train on (disk with a DatasetDict, hub).
+    split: str = "train"
+    # Eval examples: a split name (disk, hub) or a file/glob (files). None: every `eval_every`-th
+    # example of the train split is held out for eval.
+    eval_split: Optional[str] = None
     eval_every: int = 10
+    data_field: str = "text"
+    # Prepended to every example before tokenizing.
+    pre_pend: Optional[str] = None
     add_bos_eos_tokens: bool = True
+    # Conditional fine-tuning: labels are ignore_index up to and including the separator;
+    # examples without it are skipped. `seperator` is the VectorLM spelling (an alias).
+    separator: Optional[str] = None
+    seperator: Optional[str] = None
+    # Cut examples to max_seq_len instead of packing them.
+    truncate: bool = False
+    # None (one row per example) | full (concatenate, then chunk) | partial (chunk each example).
+    packing_type: Optional[str] = None
+    # Tokens shared by consecutive chunks of one stream.
+    overlap: int = 0
+    # Packed documents do not attend to each other (per-document position_ids in training).
+    document_mask: bool = False
+    # Accepted for VectorLM compatibility; `hf` is the only format.
+    dataset_format: str = "hf"
     # task=preprocess writes {train,eval} datasets here (default: <output_dir>/data).
     save_path: Optional[str] = None
     # Where preprocessed datasets are cached; default $HYDRALM_CACHE or ~/.cache/hydralm.

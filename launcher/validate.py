@@ -20,7 +20,8 @@ log = logging.getLogger("hydralm")
 
 SHARDING_STRATEGIES = ("NO_SHARD", "FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD")
 ATTENTION_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
-DATA_SOURCES = ("pydoc", "preprocessed")
+DATA_SOURCES = ("pydoc", "disk", "files", "hub", "preprocessed")
+PACKING_TYPES = ("full", "partial")
 SCHEDULER_ALIASES = {"plataeu-with-warmup": "plateau_with_warmup", "plateau-with-warmup": "plateau_with_warmup"}
 
 
@@ -30,7 +31,7 @@ def check_config(cfg: DictConfig) -> None:
     _check_scheduler(cfg.scheduler)
     _check_sharding(cfg.sharding)
     _check_world(cfg)
-    _check_data(cfg.data)
+    _check_data(cfg.data, cfg.train.max_seq_len)
     if cfg.checkpoint is not None:
         _read_hf_config(cfg.checkpoint, "checkpoint")
     _check_model(model_config(cfg), cfg.train.max_seq_len)
@@ -127,12 +128,13 @@ def _check_world(cfg: DictConfig) -> None:
         )
 
 
-def _check_data(data: DictConfig) -> None:
+def _check_data(data: DictConfig, max_seq_len: int) -> None:
     if data.source not in DATA_SOURCES:
         raise choice_error("data.source", data.source, DATA_SOURCES)
     _at_least(data.train_bs, 1, "data.train_bs")
     _at_least(data.eval_bs, 1, "data.eval_bs")
     _at_least(data.eval_every, 2, "data.eval_every")
+    _at_least(data.num_proc, 1, "data.num_proc")
     if data.source == "preprocessed":
         for key in ("train_ds", "eval_ds"):
             path = OmegaConf.select(data, key, throw_on_missing=False)
@@ -140,6 +142,63 @@ def _check_data(data: DictConfig) -> None:
                 raise ConfigError(f"data.{key} must be set for data.source=preprocessed")
             if not Path(path).is_dir():
                 raise ConfigError(f"data.{key}={path} does not exist")
+        return
+    _check_raw_source(data)
+    _check_preprocessing(data, max_seq_len)
+
+
+def _check_raw_source(data: DictConfig) -> None:
+    if data.source == "pydoc":
+        if data.eval_split is not None:
+            raise ConfigError("data.eval_split does not apply to data.source=pydoc (eval is every data.eval_every-th topic)")
+        return
+    path = OmegaConf.select(data, "load_path", throw_on_missing=False)
+    if path is None or OmegaConf.is_missing(data, "load_path"):
+        raise ConfigError(f"data.load_path must be set for data.source={data.source}")
+    if data.source == "disk" and not Path(path).is_dir():
+        raise ConfigError(f"data.load_path={path} does not exist (a directory written by datasets' save_to_disk)")
+    if data.source == "files":
+        from launcher.corpus import file_builder, file_list
+
+        for key, pattern in (("data.load_path", path), ("data.eval_split", data.eval_split)):
+            if pattern is None:
+                continue
+            files = file_list(pattern)
+            if not files:
+                raise ConfigError(f"{key}={pattern} matches no file")
+            file_builder(files, f"{key}={pattern}")
+
+
+def _check_preprocessing(data: DictConfig, max_seq_len: int) -> None:
+    with open_dict(data):
+        if data.seperator is not None:  # VectorLM's spelling
+            if data.separator is not None and data.separator != data.seperator:
+                raise ConfigError(f"data.separator={data.separator!r} and its alias data.seperator={data.seperator!r} differ")
+            data.separator = data.seperator
+    if data.separator == "":
+        raise ConfigError("data.separator must not be empty")
+    if not data.data_field:
+        raise ConfigError("data.data_field must name the text column")
+    if data.dataset_format != "hf":
+        raise choice_error("data.dataset_format", data.dataset_format, ("hf",))
+    if data.packing_type is not None and data.packing_type not in PACKING_TYPES:
+        raise choice_error("data.packing_type", data.packing_type, PACKING_TYPES)
+    if data.truncate and data.packing_type is not None:
+        raise ConfigError(
+            f"data.truncate=true and data.packing_type={data.packing_type} exclude each other: "
+            "truncate cuts each example to one row, packing chunks them"
+        )
+    _at_least(data.overlap, 0, "data.overlap")
+    if data.overlap and data.packing_type is None:
+        raise ConfigError(f"data.overlap={data.overlap} needs data.packing_type (full or partial)")
+    chunk = max_seq_len - 2 if data.add_bos_eos_tokens else max_seq_len
+    if data.overlap >= chunk:
+        raise ConfigError(
+            f"data.overlap={data.overlap} must be smaller than the chunk size {chunk} "
+            f"(train.max_seq_len{' - 2 for BOS/EOS' if data.add_bos_eos_tokens else ''})"
+        )
+    if data.document_mask and data.packing_type != "full":
+        raise ConfigError("data.document_mask=true needs data.packing_type=full (only full packing puts several documents in a row)")
 
 
 def _check_model(model: DictConfig, max_seq_len: int) -> None:

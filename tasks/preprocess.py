@@ -1,14 +1,16 @@
-"""The `preprocess` task: tokenize + pack the corpus and save {train,eval} datasets to disk.
+"""The `preprocess` task: tokenize + pack a corpus and save {train,eval} datasets to disk.
 
-Its output is what `data=preprocessed data.train_ds=... data.eval_ds=...` trains on.
+Its output is what `data=preprocessed data.train_ds=... data.eval_ds=...` trains on. Re-running
+with the same corpus, tokenizer and settings finds the result up to date and does nothing.
 """
 
+import json
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from launcher.corpus import split_pydoc
-from launcher.data import build_splits, preprocess_settings, save_splits
+from launcher.corpus import raw_splits
+from launcher.data import build_and_save, is_up_to_date, packing_spec, preprocess_settings
 from launcher.distributed import World
 from launcher.errors import ConfigError
 from launcher.modeling import load_tokenizer
@@ -21,13 +23,18 @@ SINGLE_PROCESS = World(rank=0, local_rank=0, size=1, local_size=1, device=None)
 def preprocess(cfg: DictConfig) -> dict:
     if cfg.data.source == "preprocessed":
         raise ConfigError("task=preprocess needs a raw corpus; data.source=preprocessed is already preprocessed")
-    save_path = Path(cfg.data.save_path or resolve_output_dir(cfg, SINGLE_PROCESS) / "data")
     tokenizer = load_tokenizer(model_config(cfg))
-    texts = split_pydoc(cfg.data.eval_every)
-    splits = build_splits(cfg, tokenizer, texts)
-    save_splits(splits, save_path, preprocess_settings(cfg, tokenizer, texts))
+    packing_spec(cfg, tokenizer)  # tokenizer-dependent checks before any loading
+    raw = raw_splits(cfg.data)
+    save_path = Path(cfg.data.save_path or resolve_output_dir(cfg, SINGLE_PROCESS) / "data")
+    settings = preprocess_settings(cfg, tokenizer, raw)
+    if is_up_to_date(save_path, settings):
+        report = json.loads((save_path / "report.json").read_text())
+        print(f"hydralm: {save_path} is up to date (same corpus, tokenizer and settings); nothing to do")
+        return {"save_path": str(save_path), "cached": True, **report}
+    report = build_and_save(cfg, tokenizer, raw, save_path, settings)
     print(
-        f"hydralm: {len(splits['train'])} train / {len(splits['eval'])} eval sequences -> {save_path}\n"
+        f"hydralm: {report['train_rows']} train / {report['eval_rows']} eval sequences -> {save_path}\n"
         f"  train on it with: data=preprocessed data.train_ds={save_path / 'train'} data.eval_ds={save_path / 'eval'}"
     )
-    return {"save_path": str(save_path), **{f"{name}_sequences": len(ds) for name, ds in splits.items()}}
+    return {"save_path": str(save_path), "cached": False, **report}

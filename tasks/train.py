@@ -156,12 +156,22 @@ def _train_step(model, optimizer, micro_batches: list[dict], cfg: DictConfig, wo
 
 def _token_loss_sum(model, batch: dict, ignore_index: int, device: torch.device) -> torch.Tensor:
     """Next-token cross-entropy summed over trained tokens (fp32 logits)."""
-    input_ids = batch["input_ids"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
-    logits = model(input_ids=input_ids).logits
+    logits = model(**model_inputs(batch, device)).logits
     return F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=ignore_index, reduction="sum"
     )
+
+
+def model_inputs(batch: dict, device: torch.device) -> dict:
+    """The model's keyword arguments for a batch. With `data.document_mask`, the batch carries
+    per-document `position_ids`: transformers then treats each document of a packed row as its
+    own sequence (block-diagonal causal mask for sdpa/eager, varlen kernels for flash attention),
+    which it does only without an attention mask and without a KV cache."""
+    inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True), "use_cache": False}
+    if "position_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"].to(device, non_blocking=True)
+    return inputs
 
 
 @torch.no_grad()
