@@ -108,6 +108,14 @@ def test_files_source_reads_every_format(tmp_path, suffix):
     assert raw_splits(cfg.data)["train"]["text"] == texts
 
 
+def test_files_source_takes_eval_examples_from_eval_split_files(tmp_path):
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    (tmp_path / "val.jsonl").write_text(json.dumps({"text": TEXTS[0]}) + "\n")
+    cfg = compose_config(["data=files", f"data.load_path={tmp_path}/train.jsonl", f"data.eval_split={tmp_path}/val.jsonl"])
+    splits = raw_splits(cfg.data)
+    assert splits["train"]["text"] == TEXTS and splits["eval"]["text"] == TEXTS[:1]
+
+
 def test_files_source_packs_partially_with_a_pre_pend_and_held_out_eval(tmp_path, tokenizer):
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS * 2))
     summary, out = _preprocess(tmp_path, ["data=files", f"data.load_path={tmp_path}/*.jsonl", "data.eval_every=5",
