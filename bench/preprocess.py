@@ -9,7 +9,9 @@ with the same tokenizer and `num_proc`, at N and 2N bytes of text:
   lists, cut into blocks) in a batched `map`, then `save_to_disk`.
 
 Packing alone is the packing stage of each (hydralm's streamed numpy packer vs `group_texts`),
-timed inside the same runs. The last three lines are the ratios the data issue asks for.
+timed inside the same runs. Each line shows wall seconds and the CPU seconds of all processes
+(steadier on a shared machine; `--clock cpu` bases the ratios on them). The last three lines are
+the ratios the data issue asks for.
 
     python bench/preprocess.py            # N = 25 MB, 2N = 50 MB
     python bench/preprocess.py --smoke    # seconds

@@ -18,9 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-MODES = ("none", "truncate", "partial", "full")
-
-
 @dataclass(frozen=True)
 class PackingSpec:
     mode: str

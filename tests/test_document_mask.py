@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from omegaconf import open_dict
 
 from conftest import compose_config
 from launcher.data import PadCollator

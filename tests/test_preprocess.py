@@ -16,7 +16,7 @@ from datasets import Dataset, DatasetDict, load_from_disk
 from conftest import ROOT, compose_config
 from launcher import data as data_module
 from launcher.app import run_task
-from launcher.corpus import raw_splits
+from launcher.corpus import pydoc_documents, raw_splits
 from launcher.data import Tokenize, prepared_splits
 from launcher.distributed import World
 from launcher.errors import ConfigError
@@ -58,8 +58,6 @@ def _encode(tokenizer, text):
 
 
 def test_tokenize_gives_the_tokenizer_ids(tokenizer):
-    from launcher.corpus import pydoc_documents
-
     texts = [text for _, text in pydoc_documents()[:20]]
     out = Tokenize(tokenizer, "text", None, None)(Dataset.from_dict({"text": texts}).data.table, list(range(20)))
     assert out.column("input_ids").to_pylist() == [_encode(tokenizer, t) for t in texts]
@@ -110,6 +108,14 @@ def test_files_source_reads_every_format(tmp_path, suffix):
     assert raw_splits(cfg.data)["train"]["text"] == texts
 
 
+def test_files_source_takes_eval_examples_from_eval_split_files(tmp_path):
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    (tmp_path / "val.jsonl").write_text(json.dumps({"text": TEXTS[0]}) + "\n")
+    cfg = compose_config(["data=files", f"data.load_path={tmp_path}/train.jsonl", f"data.eval_split={tmp_path}/val.jsonl"])
+    splits = raw_splits(cfg.data)
+    assert splits["train"]["text"] == TEXTS and splits["eval"]["text"] == TEXTS[:1]
+
+
 def test_files_source_packs_partially_with_a_pre_pend_and_held_out_eval(tmp_path, tokenizer):
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS * 2))
     summary, out = _preprocess(tmp_path, ["data=files", f"data.load_path={tmp_path}/*.jsonl", "data.eval_every=5",
@@ -144,14 +150,16 @@ def test_hub_reachability_probe_is_bounded():
 def test_overlong_examples_without_packing_are_reported(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="hydralm"):
         summary, _ = _preprocess(tmp_path, ["data.packing_type=null"])
-    assert summary["longer_than_max_seq_len"] == summary["examples"] == 79
-    assert "79 of 79 examples are longer than train.max_seq_len=16" in caplog.text
+    topics = len(pydoc_documents())  # every topic is longer than 14 tokens
+    assert summary["longer_than_max_seq_len"] == summary["examples"] == topics
+    assert f"{topics} of {topics} examples are longer than train.max_seq_len=16" in caplog.text
 
 
 def test_truncate_cuts_every_row_to_max_seq_len(tmp_path, tokenizer):
     summary, out = _preprocess(tmp_path, ["data.packing_type=null", "data.truncate=true"])
     train = load_from_disk(str(out / "train"))
-    assert len(train) == summary["train_rows"] == 71
+    topics = len(pydoc_documents())
+    assert len(train) == summary["train_rows"] == topics - len(range(0, topics, 10))  # every 10th is eval
     assert all(len(ids) == 16 and ids[-1] == tokenizer.eos_token_id and ids[0] == tokenizer.bos_token_id
                for ids in train["input_ids"])
 
