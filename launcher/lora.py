@@ -106,11 +106,13 @@ def trainable_state_dict(model: torch.nn.Module, full: bool = True) -> dict:
     """The parameters that train (the adapters with peft=lora), by their names in `model`.
 
     Collective: every rank calls it. full=True: gathered from the FSDP shards onto the CPU (every
-    rank gets the full tensors; for export). full=False: this rank's DTensor shards, for a
+    rank gets copies of the full tensors; for export). full=False: this rank's DTensor shards, for a
     sharded checkpoint (torch.distributed.checkpoint) that leaves the frozen base alone.
     """
     options = StateDictOptions(full_state_dict=full, cpu_offload=full, ignore_frozen_params=True)
-    return get_model_state_dict(model, options=options)
+    state = get_model_state_dict(model, options=options)
+    # On one CPU rank the "gathered" tensors are the parameters themselves; adapters are small.
+    return {name: tensor.clone() for name, tensor in state.items()} if full else state
 
 
 def load_trainable_state_dict(model: torch.nn.Module, state: dict, full: bool = True) -> None:
