@@ -101,11 +101,9 @@ def train(cfg: DictConfig) -> dict:
             loss = eval_loss(model, eval_batches, cfg, world)
             scheduler.observe_eval(loss)
             run_log.write({"step": progress.step, "epoch": progress.epoch, "eval_loss": loss,
-                           "lr": scheduler.get_last_lr()[0], "tokens_seen": progress.tokens_seen,
-                           "time_s": time.perf_counter() - start})
+                           "lr": scheduler.get_last_lr()[0], "tokens_seen": progress.tokens_seen})
             return loss
 
-        start = time.perf_counter()
         initial_eval_loss = log_eval()
         start = window_start = time.perf_counter()
         window_loss = torch.zeros((), device=world.device)

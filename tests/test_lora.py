@@ -174,3 +174,11 @@ def test_bad_peft_and_logger_config_is_named_before_any_work(overrides, message,
 def test_target_modules_error_lists_the_model_modules(tmp_path):
     with pytest.raises(ConfigError, match="linear modules: .*q_proj"):
         run_task(compose_config(["peft=lora", "peft.target_modules=[nope]", f"output_dir={tmp_path}"]))
+
+
+def test_evaluating_an_adapter_directory_points_to_the_merged_model(tmp_path):
+    adapter_dir = tmp_path / "final-model"
+    adapter_dir.mkdir()
+    (adapter_dir / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="is a LoRA adapter directory.*final-model-merged"):
+        run_task(compose_config(["task=evaluate", f"checkpoint={adapter_dir}", f"output_dir={tmp_path / 'out'}"]))
