@@ -159,6 +159,7 @@ def train(cfg: DictConfig) -> dict:
             "tokens_per_s": progress.tokens_seen / wall_time,
             "trainable_params": trainable,
             "total_params": total,
+            "mfu_flops_per_token": throughput.flops_per_token,
         }
         if world.is_main:
             (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -98,7 +98,8 @@ def test_two_process_full_shard_lora_with_wandb_and_tensorboard(tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "launcher",
                "sharding=full_shard", "peft=lora", "export.merge_lora=true", "logger=[wandb,tensorboard]",
-               f"+logger.wandb.settings.api_key={SECRET}", *QUICK, f"output_dir={out}", f"hydra.run.dir={out}"]
+               f"+logger.wandb.settings.api_key={SECRET}", "train.peak_flops_per_device=1e12", *QUICK,
+               f"output_dir={out}", f"hydra.run.dir={out}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -123,6 +124,8 @@ def test_two_process_full_shard_lora_with_wandb_and_tensorboard(tmp_path):
     for key in ("grad_norm", "tokens_per_s", "tokens_per_s_per_device", "peak_mem_gib", "time_s"):
         assert all(r[key] > 0 for r in train_rows), key
     assert all(r["tokens_per_s_per_device"] == pytest.approx(r["tokens_per_s"] / 2) for r in train_rows)
+    flops_per_token = summary["mfu_flops_per_token"]
+    assert all(r["mfu"] == pytest.approx(r["tokens_per_s_per_device"] * flops_per_token / 1e12) for r in train_rows)
 
     # wandb (offline): the composed config and the same metric values, one run id kept in output_dir.
     run = offline_run(out)
@@ -182,3 +185,17 @@ def test_evaluating_an_adapter_directory_points_to_the_merged_model(tmp_path):
     (adapter_dir / "adapter_config.json").write_text("{}")
     with pytest.raises(ConfigError, match="is a LoRA adapter directory.*final-model-merged"):
         run_task(compose_config(["task=evaluate", f"checkpoint={adapter_dir}", f"output_dir={tmp_path / 'out'}"]))
+
+
+def test_model_flops_count_weight_gradients_only_for_what_trains():
+    from types import SimpleNamespace
+
+    from launcher.metrics import flops_per_token
+
+    config = SimpleNamespace(num_hidden_layers=4, hidden_size=192)
+    attention = 12 * 4 * 192 * 256
+    total, embedding = 3_000_000, 800_000
+    full = flops_per_token(config, total, total, embedding, seq_len=256)
+    assert full == 6 * (total - embedding) + attention  # 6N over the matmul weights
+    lora = flops_per_token(config, total + 10_000, 10_000, embedding, seq_len=256)
+    assert lora == 4 * (total + 10_000 - embedding) + 2 * 10_000 + attention
