@@ -116,7 +116,8 @@ def trainable_state_dict(model: torch.nn.Module, full: bool = True) -> dict:
 
 
 def load_trainable_state_dict(model: torch.nn.Module, state: dict, full: bool = True) -> None:
-    """Inverse of `trainable_state_dict`: restore the adapters; the frozen base is not touched."""
+    """Inverse of `trainable_state_dict` (same `full`; with full=True every rank passes the full
+    tensors). Collective. Restores the adapters; the frozen base is not touched."""
     options = StateDictOptions(full_state_dict=full, strict=False)
     unexpected = set(state) - set(trainable_state_dict(model, full=False))
     if unexpected:
