@@ -93,7 +93,7 @@ def train(cfg: DictConfig) -> dict:
             log.info("model: %s", _describe_parameters(trainable, total))
         run_log = RunLog(output_dir, total_steps, enabled=world.is_main,
                          loggers=open_loggers(cfg, output_dir) if world.is_main else (),
-                         description=f"train ({trainable / 1e6:.3g}M/{total / 1e6:.3g}M params)")
+                         description=f"train ({trainable / 1e6:.3g}M/{total / 1e6:.3g}M params trainable)")
         throughput = _Throughput(cfg, model, trainable, total, world)
         progress = Progress()
 
