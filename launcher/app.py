@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from launcher import schema  # noqa: F401  (registers the schema and the asset resolver)
 from launcher.errors import ConfigError
+from launcher.loggers import scrub_hydra_outputs
 from launcher.validate import check_config
 
 log = logging.getLogger("hydralm")
@@ -27,6 +28,7 @@ def run_task(cfg: DictConfig):
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def _hydra_main(cfg: DictConfig):
+    scrub_hydra_outputs()  # secrets (api keys, tokens) never stay in .hydra/
     try:
         return run_task(cfg)
     except ConfigError as err:

@@ -76,5 +76,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def base_model_class(model: torch.nn.Module) -> type:
-    """The HF class under FSDP2's dynamic `FSDP<Class>` subclass."""
+    """The HF class under FSDP2's dynamic `FSDP<Class>` subclass (and under a PeftModel)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     return next(c for c in type(model).__mro__ if issubclass(c, PreTrainedModel) and not c.__name__.startswith("FSDP"))

@@ -118,6 +118,8 @@ class TrainConfig:
     logging_steps: int = 20
     # Cap on eval batches per evaluation (None: the whole eval set).
     max_eval_batches: Optional[int] = None
+    # Dense bf16 FLOP/s of one device for the `mfu` metric; None: looked up from the device name.
+    peak_flops_per_device: Optional[float] = None
     checkpointing_enabled: bool = False
     # Fraction of an epoch between checkpoints, in (0, 1].
     save_frequency: float = 0.25
@@ -131,10 +133,45 @@ class TaskConfig:
 
 
 @dataclass
-class WandbConfig:
-    enabled: bool = False
-    # Passed straight to wandb.init (spell-sensitive).
-    config: Dict[str, Any] = field(default_factory=dict)
+class PeftConfig:
+    # none: train every weight. lora: freeze the model, train LoRA adapters (peft.LoraConfig).
+    name: str = "none"
+    # The VectorLM `lora_peft_config` keys, passed to peft.LoraConfig.
+    task_type: str = "CAUSAL_LM"
+    r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    # Module names (or suffixes) to adapt, or "all-linear"; None: peft's default for the architecture.
+    target_modules: Optional[Any] = None
+    inference_mode: bool = False
+
+
+@dataclass
+class TensorboardConfig:
+    # Event files go here; default <output_dir>/tensorboard.
+    log_dir: Optional[str] = None
+
+
+@dataclass
+class LoggerConfig:
+    # Each logger is on when its node is set (logger=wandb, logger=[wandb,tensorboard]).
+    # wandb: keyword arguments passed straight to wandb.init (VectorLM's `wandb_config`).
+    wandb: Optional[Dict[str, Any]] = None
+    tensorboard: Optional[TensorboardConfig] = None
+
+
+@dataclass
+class ExportConfig:
+    # With peft=lora: also write the adapters merged into the base as a plain HF model.
+    merge_lora: bool = False
+
+
+@dataclass
+class ReportConfig:
+    # A run directory (with metrics.jsonl) or a multirun sweep directory.
+    dir: Optional[str] = None
+    # Where the PNGs and report.md go; default <dir>/report.
+    out_dir: Optional[str] = None
 
 
 @dataclass
@@ -147,7 +184,10 @@ class Config:
     sharding: ShardingConfig = MISSING
     task: TaskConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     # Defaults to the Hydra run/sweep directory of the job.
     output_dir: Optional[str] = None
     # Model checkpoint for evaluate/export: an exported HF directory.

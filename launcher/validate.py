@@ -26,6 +26,9 @@ SCHEDULER_ALIASES = {"plataeu-with-warmup": "plateau_with_warmup", "plateau-with
 
 
 def check_config(cfg: DictConfig) -> None:
+    if cfg.task.name == "report":  # reads finished runs: no model, data or optimizer involved
+        _check_report(cfg.report)
+        return
     _normalise(cfg)
     _check_train(cfg.train)
     _check_scheduler(cfg.scheduler)
@@ -34,8 +37,10 @@ def check_config(cfg: DictConfig) -> None:
     _check_data(cfg.data, cfg.train.max_seq_len)
     if cfg.checkpoint is not None:
         _read_hf_config(cfg.checkpoint, "checkpoint")
-    _check_model(model_config(cfg), cfg.train.max_seq_len)
+    hf_config = _check_model(model_config(cfg), cfg.train.max_seq_len)
     _check_optimizer(cfg.optimizer)
+    _check_peft(cfg, hf_config)
+    _check_loggers(cfg.logger)
 
 
 def model_config(cfg: DictConfig) -> DictConfig:
@@ -218,12 +223,18 @@ def _check_model(model: DictConfig, max_seq_len: int) -> None:
         raise ConfigError(
             f"train.max_seq_len={max_seq_len} exceeds the model's max_position_embeddings={max_positions}"
         )
+    return hf_config
 
 
 def _read_hf_config(path: str, key: str) -> dict:
     if not Path(path).is_dir():
         raise ConfigError(f"{key}={path} does not exist (a directory with HF weights and tokenizer)")
     config_file = Path(path) / "config.json"
+    if (Path(path) / "adapter_config.json").is_file() and not config_file.is_file():
+        raise ConfigError(
+            f"{key}={path} is a LoRA adapter directory, not a model; use the merged model that "
+            "export.merge_lora=true writes next to it (final-model-merged)"
+        )
     if not config_file.is_file():
         raise ConfigError(f"{key}={path} has no config.json: not a HuggingFace model directory")
     return json.loads(config_file.read_text())
@@ -243,3 +254,39 @@ def _check_optimizer(optimizer: DictConfig) -> None:
         raise ConfigError(
             f"optimizer.{unknown[0]} is not a parameter of {target}; valid parameters: {', '.join(valid)}"
         )
+
+
+def _check_peft(cfg: DictConfig, hf_config: dict) -> None:
+    from launcher.lora import check_peft, lora_enabled
+
+    check_peft(cfg.peft, hf_config, cfg.task.name)
+    if cfg.export.merge_lora and not lora_enabled(cfg.peft):
+        raise ConfigError("export.merge_lora=true needs peft=lora (there are no adapters to merge)")
+
+
+def _check_loggers(logger: DictConfig) -> None:
+    if logger.wandb is None:
+        return
+    import wandb
+
+    from launcher.loggers import WANDB_RESERVED
+
+    valid = [p for p in inspect.signature(wandb.init).parameters if p not in WANDB_RESERVED]
+    unknown = [k for k in logger.wandb if k not in valid]
+    if unknown:
+        raise ConfigError(
+            f"logger.wandb.{unknown[0]} is not an argument of wandb.init"
+            + (" (hydralm logs the composed config as the run config)" if unknown[0] in WANDB_RESERVED else "")
+            + f"; valid arguments: {', '.join(valid)}"
+        )
+
+
+def _check_report(report: DictConfig) -> None:
+    if report.dir is None:
+        raise ConfigError("report.dir must be set: a run directory or a multirun sweep directory")
+    from launcher.report import find_runs
+
+    if not Path(report.dir).is_dir():
+        raise ConfigError(f"report.dir={report.dir} does not exist")
+    if not find_runs(Path(report.dir)):
+        raise ConfigError(f"report.dir={report.dir} holds no metrics.jsonl (neither a run nor a sweep of runs)")

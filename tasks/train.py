@@ -8,17 +8,23 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from torch.distributed.tensor import DTensor
 
 from launcher.data import eval_loader, prepared_splits, train_loader
 from launcher.distributed import World, distributed, seed_everything
 from launcher.errors import ConfigError
-from launcher.export import save_hf_model
-from launcher.metrics import RunLog
+from launcher.export import save_base_model, save_hf_model, save_lora_adapter
+from launcher.loggers import open_loggers
+from launcher.lora import (apply_lora, base_needs_saving, lora_enabled, parameter_counts,
+                           trainable_parameters)
+from launcher.metrics import RunLog, flops_per_token, peak_flops_per_device, peak_memory_gib
 from launcher.modeling import build_model, load_tokenizer
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.outputs import resolve_output_dir
@@ -34,9 +40,25 @@ class Progress:
     tokens_seen: int = 0  # global count of trained (label) tokens
 
 
-def _setup_model(cfg: DictConfig, tokenizer, world: World) -> torch.nn.Module:
+def _setup_model(cfg: DictConfig, tokenizer, world: World, output_dir: Optional[Path] = None) -> torch.nn.Module:
+    """Build, add LoRA adapters (peft=lora), then shard: decoder layers stay the FSDP units.
+
+    The adapters apply to `model.path`; when that cannot rebuild the base (a random init), the
+    base is first saved to `<output_dir>/base-model` and the adapters point there.
+    """
     model = build_model(cfg.model, tokenizer, world, cfg.sharding.low_cpu_mem_usage)
+    if lora_enabled(cfg.peft):
+        base = cfg.model.path
+        if output_dir is not None and base_needs_saving(cfg.model, model):
+            base = str((output_dir / "base-model").resolve())
+            if world.is_main:
+                save_base_model(model, tokenizer, Path(base))
+        model = apply_lora(model, cfg.peft, base)
     return prepare_model(model, cfg, world)
+
+
+def _describe_parameters(trainable: int, total: int) -> str:
+    return f"{trainable / 1e6:.3g}M of {total / 1e6:.3g}M parameters trainable ({trainable / total:.2%})"
 
 
 def _steps_per_epoch(loader, cfg: DictConfig, world: World) -> int:
@@ -63,10 +85,16 @@ def train(cfg: DictConfig) -> dict:
         if cfg.train.max_steps is not None:
             total_steps = min(total_steps, cfg.train.max_steps)
 
-        model = _setup_model(cfg, tokenizer, world)
-        optimizer = build_optimizer(model.parameters(), cfg.optimizer)
+        model = _setup_model(cfg, tokenizer, world, output_dir)
+        trainable, total = parameter_counts(model)
+        optimizer = build_optimizer(trainable_parameters(model), cfg.optimizer)
         scheduler = build_scheduler(optimizer, cfg.scheduler, total_steps)
-        run_log = RunLog(output_dir, total_steps, enabled=world.is_main)
+        if world.is_main:
+            log.info("model: %s", _describe_parameters(trainable, total))
+        run_log = RunLog(output_dir, total_steps, enabled=world.is_main,
+                         loggers=open_loggers(cfg, output_dir) if world.is_main else (),
+                         description=f"train ({trainable / 1e6:.3g}M/{total / 1e6:.3g}M params trainable)")
+        throughput = _Throughput(cfg, model, trainable, total, world)
         progress = Progress()
 
         def log_eval() -> float:
@@ -80,35 +108,46 @@ def train(cfg: DictConfig) -> dict:
         start = window_start = time.perf_counter()
         window_loss = torch.zeros((), device=world.device)
         window_tokens = torch.zeros((), device=world.device)
+        window_grad_norm = torch.zeros((), device=world.device)
+        window_steps = 0
         while progress.step < total_steps:
             train_batches.sampler.set_epoch(progress.epoch)
             batches = iter(train_batches)
             for _ in range(min(steps_per_epoch, total_steps - progress.step)):
                 micro_batches = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps)]
-                loss, tokens = _train_step(model, optimizer, micro_batches, cfg, world)
+                loss, tokens, grad_norm = _train_step(model, optimizer, micro_batches, cfg, world)
                 scheduler.step()
                 progress.step += 1
                 window_loss += loss
                 window_tokens += tokens
+                window_grad_norm += grad_norm
+                window_steps += 1
                 run_log.advance()
                 if progress.step % cfg.train.logging_steps == 0 or progress.step == total_steps:
-                    # The only host syncs of the loop: one per logging interval.
+                    # The only host syncs of the loop: once per logging interval.
                     loss_sum, token_count = _global_sum(torch.stack([window_loss, window_tokens]))
                     progress.tokens_seen += int(token_count)
+                    seconds = time.perf_counter() - window_start
                     run_log.write({"step": progress.step, "epoch": progress.epoch,
                                    "train_loss": loss_sum / token_count, "lr": scheduler.get_last_lr()[0],
+                                   "grad_norm": window_grad_norm.item() / window_steps,  # mean over the window
                                    "tokens_seen": progress.tokens_seen,
-                                   "tokens_per_s": token_count / (time.perf_counter() - window_start)})
+                                   **throughput.row(token_count, seconds), "time_s": time.perf_counter() - start})
                     final_eval_loss = log_eval()
                     window_start = time.perf_counter()
                     window_loss.zero_()
                     window_tokens.zero_()
+                    window_grad_norm.zero_()
+                    window_steps = 0
             progress.epoch += 1
         wall_time = time.perf_counter() - start
         run_log.close()
 
         final_model = output_dir / "final-model"
-        save_hf_model(model, tokenizer, final_model, world)
+        if lora_enabled(cfg.peft):
+            save_lora_adapter(model, tokenizer, final_model, world, merge=cfg.export.merge_lora)
+        else:
+            save_hf_model(model, tokenizer, final_model, world)
         summary = {
             "final_model": str(final_model),
             "metrics": str(output_dir / "metrics.jsonl"),
@@ -119,6 +158,9 @@ def train(cfg: DictConfig) -> dict:
             "train_wall_time_s": wall_time,
             "tokens_per_s": progress.tokens_seen / wall_time,
             "parameter_bytes_per_rank": local_parameter_bytes(model),
+            "trainable_params": trainable,
+            "total_params": total,
+            "mfu_flops_per_token": throughput.flops_per_token,
         }
         if world.is_main:
             (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -126,8 +168,27 @@ def train(cfg: DictConfig) -> dict:
         return summary
 
 
+class _Throughput:
+    """tokens/s, tokens/s per device, MFU (when the device's peak FLOP/s is known) and peak memory."""
+
+    def __init__(self, cfg: DictConfig, model, trainable: int, total: int, world: World):
+        embedding = model.get_input_embeddings().weight.numel()
+        self.flops_per_token = flops_per_token(model.config, total, trainable, embedding, cfg.train.max_seq_len)
+        self.peak_flops = peak_flops_per_device(world.device, cfg.train.peak_flops_per_device)
+        self.world = world
+
+    def row(self, tokens: float, seconds: float) -> dict:
+        per_device = tokens / seconds / self.world.size
+        row = {"tokens_per_s": tokens / seconds, "tokens_per_s_per_device": per_device}
+        if self.peak_flops:
+            row["mfu"] = per_device * self.flops_per_token / self.peak_flops
+        row["peak_mem_gib"] = peak_memory_gib(self.world.device)
+        return row
+
+
 def _train_step(model, optimizer, micro_batches: list[dict], cfg: DictConfig, world: World):
-    """One optimizer step. Returns this rank's summed token loss and trained-token count (tensors).
+    """One optimizer step. Returns this rank's summed token loss and trained-token count, and the
+    global gradient norm before clipping (device tensors).
 
     The loss is normalised by the number of trained tokens in the whole global batch, so
     accumulation and world size change nothing but speed. Nothing here waits for the device:
@@ -147,11 +208,17 @@ def _train_step(model, optimizer, micro_batches: list[dict], cfg: DictConfig, wo
         loss_sum = _token_loss_sum(model, batch, ignore, world.device)
         (loss_sum * scale).backward()
         step_loss += loss_sum.detach()
-    if cfg.train.max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+    # max_grad_norm=None: an infinite bound measures the norm without clipping.
+    max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(model), max_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return step_loss, local_tokens
+    return step_loss, local_tokens, _local(grad_norm)
+
+
+def _local(value: torch.Tensor) -> torch.Tensor:
+    """The plain tensor of a replicated DTensor (FSDP2's gradient norm); no copy, no sync."""
+    return value.to_local() if isinstance(value, DTensor) else value
 
 
 def _token_loss_sum(model, batch: dict, ignore_index: int, device: torch.device) -> torch.Tensor:

@@ -13,7 +13,7 @@ def _options(group):
 
 
 def test_groups_are_the_documented_ones():
-    assert {"model", "data", "optimizer", "scheduler", "sharding", "task", "experiment"} <= set(GROUPS)
+    assert {"model", "data", "optimizer", "scheduler", "sharding", "task", "experiment", "peft", "logger"} <= set(GROUPS)
     for group in GROUPS:
         assert len(_options(group)) >= 1, group
 
@@ -46,7 +46,8 @@ def test_vectorlm_experiment_reproduces_the_sample():
     }
     assert cfg.scheduler.name == "cosine" and cfg.scheduler.warmup_ratio == 0.05
     assert cfg.data.train_bs == 8 and cfg.data.eval_bs == 8 and cfg.data.ignore_index == -100
-    assert cfg.wandb.config.project == "MedGPT" and cfg.sharding.low_cpu_mem_usage
+    assert cfg.logger.wandb.project == "MedGPT" and cfg.logger.wandb.name == "Llama-2-7B-chat"
+    assert cfg.sharding.low_cpu_mem_usage
 
 
 def test_overrides_land_where_documented():

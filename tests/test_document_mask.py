@@ -6,6 +6,7 @@ import torch
 
 from conftest import compose_config
 from launcher.data import PadCollator
+from launcher.distributed import World
 from launcher.modeling import build_model, load_tokenizer
 from launcher.packing import Documents, PackingSpec, pack
 from tasks.train import _token_loss_sum
@@ -38,7 +39,7 @@ def test_packed_loss_equals_documents_one_by_one(attention):
     cfg = compose_config([f"model.attention={attention}"])
     tokenizer = load_tokenizer(cfg.model)
     torch.manual_seed(0)
-    model = build_model(cfg.model, tokenizer, torch.device("cpu")).eval()
+    model = build_model(cfg.model, tokenizer, World(0, 0, 1, 1, torch.device("cpu"))).eval()
     batch = _packed_batch(tokenizer, document_mask=True)
     assert (batch["position_ids"] == 0).sum() > batch["input_ids"].shape[0]  # rows really hold several documents
     with torch.no_grad():

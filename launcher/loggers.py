@@ -1,0 +1,167 @@
+"""Where metric rows go besides metrics.jsonl (the `logger` group): wandb and TensorBoard.
+
+Loggers live on rank 0 only and see a row only when metrics.jsonl does, once per logging interval,
+so they add nothing to the training step. Everything hydralm writes about the config (the run
+config of the loggers, Hydra's .hydra/ dumps) passes through `scrub` first: values of keys named
+like a secret (`api_key`, `hf_token`, `password`, `client_secret`, ...) are replaced by `***`.
+"""
+
+import os
+import re
+import sys
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+REDACTED = "***"
+_SECRET_NAME = re.compile(r"(^|[_\-])(api_?key|key|token|password|passwd|secret)$", re.IGNORECASE)
+# `key=value` in override strings, also comma-joined ones (Hydra's override_dirname, sweeps).
+_ASSIGNMENT = re.compile(r"(?:^|,)[+~]*([\w.\-/]+)=")
+WANDB_RUN_ID_FILE = "wandb_run_id"
+# wandb.init arguments hydralm sets itself; `config` is always the composed config.
+WANDB_RESERVED = ("config",)
+
+
+def is_secret_name(name: str) -> bool:
+    return bool(_SECRET_NAME.search(str(name)))
+
+
+def scrub(value):
+    """A copy of `value` (dicts, lists, `key=value` override strings) with secret values redacted."""
+    if isinstance(value, dict):
+        return {k: REDACTED if is_secret_name(k) and v is not None else scrub(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrub(v) for v in value]
+    if isinstance(value, str):
+        return _scrub_assignments(value)
+    return value
+
+
+def _scrub_assignments(text: str) -> str:
+    """Redact the value of each secret `key=value` (up to the next `,key=` or the end)."""
+    matches = list(_ASSIGNMENT.finditer(text))
+    kept, position = [], 0
+    for i, match in enumerate(matches):
+        if is_secret_name(match.group(1).rsplit(".", 1)[-1]):
+            kept.append(text[position:match.end()] + REDACTED)
+            position = matches[i + 1].start() if i + 1 < len(matches) else len(text)
+    return "".join(kept) + text[position:]
+
+
+def scrubbed_config(cfg: DictConfig) -> dict:
+    return scrub(OmegaConf.to_container(cfg, resolve=True))
+
+
+def scrub_hydra_outputs() -> None:
+    """Rewrite the files Hydra dumped for this job (.hydra/config.yaml, hydra.yaml, overrides.yaml,
+    and the sweep's multirun.yaml) without secrets. Call from inside a Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    files = []
+    if hydra_cfg.output_subdir is not None:
+        subdir = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
+        files += [subdir / name for name in ("config.yaml", "hydra.yaml", "overrides.yaml")]
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        files.append(Path(hydra_cfg.sweep.dir) / "multirun.yaml")
+    for path in files:
+        if not path.is_file():
+            continue
+        dumped = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        clean = scrub(dumped)
+        if clean != dumped:
+            partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+            OmegaConf.save(OmegaConf.create(clean), partial)
+            os.replace(partial, path)
+
+
+def open_loggers(cfg: DictConfig, output_dir: Path) -> list:
+    """The loggers `cfg.logger` selects (call on rank 0 only)."""
+    loggers = []
+    if cfg.logger.wandb is not None:
+        loggers.append(WandbLogger(cfg, output_dir))
+    if cfg.logger.tensorboard is not None:
+        loggers.append(TensorboardLogger(cfg, output_dir))
+    return loggers
+
+
+def _numbers(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+
+
+class WandbLogger:
+    """One wandb run per output directory: its id is kept in `<output_dir>/wandb_run_id`, so a
+    resumed or requeued job (same output_dir) continues the same run."""
+
+    def __init__(self, cfg: DictConfig, output_dir: Path):
+        import wandb
+
+        with _scrubbed_argv():  # wandb records the command line with the run
+            self.run = wandb.init(**wandb_init_kwargs(cfg, output_dir))
+
+    def log(self, row: dict) -> None:
+        self.run.log(_numbers(row), step=row["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+@contextmanager
+def _scrubbed_argv():
+    argv = sys.argv
+    sys.argv = [argv[0], *scrub(argv[1:])]
+    try:
+        yield
+    finally:
+        sys.argv = argv
+
+
+def wandb_init_kwargs(cfg: DictConfig, output_dir: Path) -> dict:
+    """hydralm's defaults, then `logger.wandb` (the user's keys win), then the composed config."""
+    defaults = {"dir": str(output_dir), "id": wandb_run_id(output_dir), "resume": "allow", **_sweep_grouping()}
+    user = OmegaConf.to_container(cfg.logger.wandb, resolve=True)
+    return {**defaults, **user, "config": scrubbed_config(cfg)}
+
+
+def wandb_run_id(output_dir: Path) -> str:
+    path = output_dir / WANDB_RUN_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+def _sweep_grouping() -> dict:
+    """In a sweep (-m): the runs share a wandb group (the sweep directory), named by their overrides."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return {}
+    hydra_cfg = HydraConfig.get()
+    return {"group": str(hydra_cfg.sweep.dir), "name": scrub(hydra_cfg.job.override_dirname) or f"job{hydra_cfg.job.num}"}
+
+
+class TensorboardLogger:
+    """Scalars under their metrics.jsonl names at the optimizer step; the config as text."""
+
+    def __init__(self, cfg: DictConfig, output_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(cfg.logger.tensorboard.log_dir or str(output_dir / "tensorboard"))
+        config_yaml = OmegaConf.to_yaml(OmegaConf.create(scrubbed_config(cfg)))
+        self.writer.add_text("config", "```\n" + config_yaml + "\n```")
+
+    def log(self, row: dict) -> None:
+        for key, value in _numbers(row).items():
+            self.writer.add_scalar(key, value, global_step=row["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
