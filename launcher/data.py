@@ -18,12 +18,12 @@ import torch
 from datasets import Dataset, load_from_disk
 from datasets.table import InMemoryTable
 from omegaconf import DictConfig
-from torch.utils.data.distributed import DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from launcher.corpus import fingerprint, split_pydoc
 from launcher.distributed import World, barrier
 from launcher.errors import ConfigError
+from launcher.sampler import ResumableDistributedSampler
 
 # torchdata's StatefulDataLoader still calls a deprecated torch API on every construction.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
@@ -198,9 +198,7 @@ class EvenShard(torch.utils.data.Dataset):
 
 
 def train_loader(dataset: Dataset, cfg: DictConfig, world: World, pad_id: int) -> StatefulDataLoader:
-    sampler = DistributedSampler(
-        dataset, num_replicas=world.size, rank=world.rank, shuffle=True, seed=cfg.train.seed, drop_last=True
-    )
+    sampler = ResumableDistributedSampler(len(dataset), world.size, world.rank, cfg.train.seed)
     return StatefulDataLoader(
         dataset.with_format("numpy"),
         batch_size=cfg.data.train_bs,

@@ -94,6 +94,10 @@ class TrainConfig:
     checkpointing_enabled: bool = False
     # Fraction of an epoch between checkpoints, in (0, 1].
     save_frequency: float = 0.25
+    # Optimizer steps between checkpoints; overrides save_frequency when set.
+    save_steps: Optional[int] = None
+    # Complete checkpoints kept on disk (oldest deleted first); None keeps all.
+    keep_last_n: Optional[int] = 2
 
 
 @dataclass
@@ -123,8 +127,10 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     # Defaults to the Hydra run/sweep directory of the job.
     output_dir: Optional[str] = None
-    # Model checkpoint for evaluate/export: an exported HF directory.
+    # Model checkpoint for evaluate/export: an exported HF directory or a training checkpoint.
     checkpoint: Optional[str] = None
+    # train: auto (the latest complete checkpoint in output_dir, if any), never, or a checkpoint path.
+    resume: str = "auto"
     # Free-form tags that experiment presets set (shown in `--cfg job`).
     tags: List[str] = field(default_factory=list)
 

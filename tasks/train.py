@@ -7,15 +7,14 @@ optimizer step over `gradient_accumulation_steps` micro-batches) and `eval_loss`
 import json
 import logging
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from launcher.data import eval_loader, prepared_splits, train_loader
+from launcher.checkpoint import Checkpointer, Progress, config_fingerprint
+from launcher.data import eval_loader, prepared_splits, tokenizer_fingerprint, train_loader
 from launcher.distributed import World, distributed, seed_everything
 from launcher.errors import ConfigError
 from launcher.export import save_hf_model
@@ -26,13 +25,6 @@ from launcher.outputs import resolve_output_dir
 from launcher.sharding import prepare_model
 
 log = logging.getLogger("hydralm")
-
-
-@dataclass
-class Progress:
-    step: int = 0  # optimizer steps taken
-    epoch: int = 0
-    tokens_seen: int = 0  # global count of trained (label) tokens
 
 
 def _setup_model(cfg: DictConfig, tokenizer, world: World) -> torch.nn.Module:
@@ -67,44 +59,53 @@ def train(cfg: DictConfig) -> dict:
         model = _setup_model(cfg, tokenizer, world)
         optimizer = build_optimizer(model.parameters(), cfg.optimizer)
         scheduler = build_scheduler(optimizer, cfg.scheduler, total_steps)
-        run_log = RunLog(output_dir, total_steps, enabled=world.is_main)
         progress = Progress()
+        window = torch.zeros(2, device=world.device)  # this rank's loss sum and token count since the last log
+        fingerprint = config_fingerprint(cfg, tokenizer_fingerprint(tokenizer), len(splits["train"]))
+        checkpointer = Checkpointer(cfg, output_dir, world, steps_per_epoch, fingerprint)
+        resumed = checkpointer.restore(model, optimizer, scheduler, progress, window)
+        run_log = RunLog(output_dir, total_steps, enabled=world.is_main)
 
         def log_eval() -> float:
             loss = eval_loss(model, eval_batches, cfg, world)
             scheduler.observe_eval(loss)
             run_log.write({"step": progress.step, "epoch": progress.epoch, "eval_loss": loss,
                            "lr": scheduler.get_last_lr()[0], "tokens_seen": progress.tokens_seen})
+            progress.last_eval_loss = loss
             return loss
 
-        initial_eval_loss = log_eval()
+        if not resumed:
+            progress.initial_eval_loss = log_eval()
         start = window_start = time.perf_counter()
-        window_loss = torch.zeros((), device=world.device)
-        window_tokens = torch.zeros((), device=world.device)
+        accumulation = cfg.train.gradient_accumulation_steps
+        global_batch = world.size * cfg.data.train_bs * accumulation
         while progress.step < total_steps:
-            train_batches.sampler.set_epoch(progress.epoch)
+            # Positioned at the data consumed so far: mid-epoch after a resume, else the epoch start.
+            train_batches.sampler.set_position(progress.epoch, progress.epoch_samples)
             batches = iter(train_batches)
-            for _ in range(min(steps_per_epoch, total_steps - progress.step)):
-                micro_batches = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps)]
+            for _ in range(min(len(train_batches) // accumulation, total_steps - progress.step)):
+                micro_batches = [next(batches) for _ in range(accumulation)]
                 loss, tokens = _train_step(model, optimizer, micro_batches, cfg, world)
                 scheduler.step()
                 progress.step += 1
-                window_loss += loss
-                window_tokens += tokens
+                progress.epoch_samples += global_batch
+                window += torch.stack([loss, tokens])
                 run_log.advance()
                 if progress.step % cfg.train.logging_steps == 0 or progress.step == total_steps:
                     # The only host syncs of the loop: one per logging interval.
-                    loss_sum, token_count = _global_sum(torch.stack([window_loss, window_tokens]))
+                    loss_sum, token_count = _global_sum(window)
                     progress.tokens_seen += int(token_count)
                     run_log.write({"step": progress.step, "epoch": progress.epoch,
                                    "train_loss": loss_sum / token_count, "lr": scheduler.get_last_lr()[0],
                                    "tokens_seen": progress.tokens_seen,
                                    "tokens_per_s": token_count / (time.perf_counter() - window_start)})
-                    final_eval_loss = log_eval()
+                    log_eval()
                     window_start = time.perf_counter()
-                    window_loss.zero_()
-                    window_tokens.zero_()
+                    window.zero_()
+                if checkpointer.due(progress.step):
+                    checkpointer.save(model, optimizer, scheduler, progress, window, tokenizer)
             progress.epoch += 1
+            progress.epoch_samples = 0
         wall_time = time.perf_counter() - start
         run_log.close()
 
@@ -113,8 +114,8 @@ def train(cfg: DictConfig) -> dict:
         summary = {
             "final_model": str(final_model),
             "metrics": str(output_dir / "metrics.jsonl"),
-            "initial_eval_loss": initial_eval_loss,
-            "final_eval_loss": final_eval_loss,
+            "initial_eval_loss": progress.initial_eval_loss,
+            "final_eval_loss": progress.last_eval_loss,
             "steps": progress.step,
             "tokens_seen": progress.tokens_seen,
             "train_wall_time_s": wall_time,
