@@ -108,6 +108,29 @@ class TaskConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """A SLURM site preset (conf/cluster/): what hydra/launcher=hydralm_slurm submits with."""
+
+    name: str = MISSING
+    partition: Optional[str] = None
+    qos: Optional[str] = None
+    account: Optional[str] = None
+    nodes: int = 1
+    # GPUs per node; one submitit task (rank) per GPU.
+    gpus_per_node: Optional[int] = None
+    tasks_per_node: int = 1
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[int] = None
+    # Time limit in minutes; USR2 arrives signal_delay_s before it and the job checkpoints and requeues.
+    time_min: int = 60
+    signal_delay_s: int = 120
+    # Requeues after hitting the time limit (preemptions do not count).
+    max_requeues: int = 3
+    # The preset's shell lines run before the job (module loads, NCCL settings) are
+    # hydra.launcher.setup (a list Hydra cannot take from an interpolation).
+
+
+@dataclass
 class WandbConfig:
     enabled: bool = False
     # Passed straight to wandb.init (spell-sensitive).
@@ -125,6 +148,8 @@ class Config:
     task: TaskConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # SLURM site preset; null runs locally.
+    cluster: Optional[ClusterConfig] = None
     # Defaults to the Hydra run/sweep directory of the job.
     output_dir: Optional[str] = None
     # Model checkpoint for evaluate/export: an exported HF directory or a training checkpoint.

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from launcher.checkpoint import Checkpointer, Progress, config_fingerprint
+from launcher.cluster import Preemption
 from launcher.data import eval_loader, prepared_splits, tokenizer_fingerprint, train_loader
 from launcher.distributed import World, distributed, seed_everything
 from launcher.errors import ConfigError
@@ -64,6 +65,7 @@ def train(cfg: DictConfig) -> dict:
         fingerprint = config_fingerprint(cfg, tokenizer_fingerprint(tokenizer), len(splits["train"]))
         checkpointer = Checkpointer(cfg, output_dir, world, steps_per_epoch, fingerprint)
         resumed = checkpointer.restore(model, optimizer, scheduler, progress, window)
+        preemption = Preemption(world)
         run_log = RunLog(output_dir, total_steps, enabled=world.is_main)
 
         def log_eval() -> float:
@@ -102,8 +104,11 @@ def train(cfg: DictConfig) -> dict:
                     log_eval()
                     window_start = time.perf_counter()
                     window.zero_()
-                if checkpointer.due(progress.step):
+                stop = preemption.requested()  # SLURM's time-limit / preemption signal, on any rank
+                if checkpointer.due(progress.step) or stop:
                     checkpointer.save(model, optimizer, scheduler, progress, window, tokenizer)
+                if stop:
+                    preemption.requeue()  # exits; the requeued job resumes from this checkpoint
             progress.epoch += 1
             progress.epoch_samples = 0
         wall_time = time.perf_counter() - start
