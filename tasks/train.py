@@ -94,7 +94,8 @@ def train(cfg: DictConfig) -> dict:
                 window += torch.stack([loss, tokens])
                 run_log.advance()
                 if progress.step % cfg.train.logging_steps == 0 or progress.step == total_steps:
-                    # The only host syncs of the loop: one per logging interval.
+                    # One host sync per logging interval (others: checkpoints, and in SLURM jobs the
+                    # per-step agreement on the preemption signal).
                     loss_sum, token_count = _global_sum(window)
                     progress.tokens_seen += int(token_count)
                     run_log.write({"step": progress.step, "epoch": progress.epoch,

@@ -73,47 +73,42 @@ def test_sampler_position_is_a_prefix_of_the_permutation_for_any_world_size():
     assert not set(rest) & set(taken)
 
 
-def test_kill_9_mid_run_then_the_same_command_resumes_to_the_same_weights(tmp_path, reference):
+def test_a_kill_inside_a_save_then_a_kill_9_mid_run_then_the_same_command_ends_with_the_same_weights(
+        tmp_path, reference):
     out = tmp_path / "run"
     args = [*SMALL, f"output_dir={out}"]
-    process = subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    deadline = time.monotonic() + 300
-    while not (checkpoint(out, 2) / "COMPLETE").exists():
-        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait(timeout=60) == -signal.SIGKILL
-    assert not (out / "final-model").exists()
 
-    result = run_launcher(args, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    resumed_from = latest_step_in(result.stdout)
-    assert resumed_from in (2, 4)
-    assert_same_weights(final_weights(out), final_weights(reference))
-    assert logged_steps(out) == logged_steps(reference)  # nothing logged twice, nothing missing
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-00000004", "checkpoint-00000006"]
-
-
-def latest_step_in(stdout: str) -> int:
-    line = next(line for line in stdout.splitlines() if line.startswith("hydralm: resuming from"))
-    return int(line.split("(step ")[1].split(",")[0])
-
-
-def test_kill_inside_a_checkpoint_write_leaves_the_previous_checkpoint_the_latest(tmp_path, reference):
-    out = tmp_path / "run"
-    args = [*SMALL, f"output_dir={out}"]
+    # 1. Killed (SIGKILL) inside the save of step 4: the shards are there, the marker is not.
     killed = run_launcher(args, cwd=tmp_path, env={KILL_HOOK: "4"})
     assert killed.returncode == -signal.SIGKILL
     partial = out / "checkpoints" / ".checkpoint-00000004.partial"
     assert (partial / ".metadata").is_file() and not (partial / "COMPLETE").exists()
     assert latest_checkpoint(out) == checkpoint(out, 2)
 
+    # 2. The same command resumes from step 2; kill -9 from outside once it has saved step 4 again.
+    process = subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 300
+    while not (checkpoint(out, 4) / "COMPLETE").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    assert resumed_step(process.stdout.read()) == 2
+    assert not partial.exists() and not (out / "final-model").exists()
+
+    # 3. The same command again: resumes from step 4 (or 6, had the kill come late) and finishes.
     result = run_launcher(args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert latest_step_in(result.stdout) == 2
-    assert not partial.exists()
+    assert resumed_step(result.stdout) in (4, 6)
     assert_same_weights(final_weights(out), final_weights(reference))
+    assert logged_steps(out) == logged_steps(reference)  # nothing logged twice, nothing missing
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-00000004", "checkpoint-00000006"]
+
+
+def resumed_step(stdout: str) -> int:
+    line = next(line for line in stdout.splitlines() if line.startswith("hydralm: resuming from"))
+    return int(line.split("(step ")[1].split(",")[0])
 
 
 @pytest.mark.timeout(600)
@@ -131,7 +126,7 @@ def test_two_process_full_shard_resume_after_a_kill_equals_an_uninterrupted_run(
     shutil.copytree(checkpoint(interrupted, 2), tmp_path / "two-rank-checkpoint")
     result = torchrun(interrupted)
     assert result.returncode == 0, result.stderr
-    assert latest_step_in(result.stdout) == 2
+    assert resumed_step(result.stdout) == 2
     assert_same_weights(final_weights(interrupted), final_weights(uninterrupted))
 
     # The same checkpoint resumed by one process: DCP reshards, the data position is in global samples.

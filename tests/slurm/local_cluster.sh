@@ -79,6 +79,7 @@ start() {
     port=$((port + 1))
   done
   [ -s "$PREFIX/dbpass" ] || { head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$PREFIX/dbpass"; chmod 600 "$PREFIX/dbpass"; }
+  local old_conf; old_conf=$(cat /etc/slurm/slurm.conf 2>/dev/null || true)
   cat >/etc/slurm/slurm.conf <<EOF
 $MARK
 ClusterName=hydralm
@@ -94,6 +95,8 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+# schedule within seconds (defaults: 60 s / 30 s), so a requeued job restarts promptly
+SchedulerParameters=sched_interval=2,bf_interval=2
 SlurmdParameters=config_overrides
 ReturnToService=2
 StateSaveLocation=$PREFIX/state
@@ -150,6 +153,9 @@ EOF
   if ! alive "$RUN/slurmdbd.pid" slurmdbd; then
     slurmdbd || die "slurmdbd did not start; see $PREFIX/log/slurmdbd.log"
     wait_until 60 slurmdbd sacctmgr -n list cluster
+  fi
+  if alive "$RUN/slurmctld.pid" slurmctld && [ "$old_conf" != "$(cat /etc/slurm/slurm.conf)" ]; then
+    scontrol reconfigure || die "scontrol reconfigure failed after a slurm.conf change"
   fi
   if ! alive "$RUN/slurmctld.pid" slurmctld; then
     slurmctld || die "slurmctld did not start; see $PREFIX/log/slurmctld.log"
