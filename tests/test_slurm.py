@@ -100,7 +100,8 @@ def test_the_time_limit_signal_checkpoints_requeues_and_resumes_to_the_same_weig
         LocalSlurm.wait_for(lambda: metrics.is_file() and "train_loss" in metrics.read_text(), 240, "training to start")
         (job_id,) = job_ids(sweep)
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
-        LocalSlurm.wait_for(lambda: LocalSlurm.job_field(job_id, "Restarts") == "1", 120, "the requeue")
+        LocalSlurm.wait_for(lambda: LocalSlurm.job_field(job_id, "Restarts") == "1"
+                            and LocalSlurm.job_field(job_id, "JobState") == "PENDING", 120, "the requeue")
         # SLURM holds a requeued job for 2 minutes before it is eligible; the test cluster need not wait.
         subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=True, timeout=30)
         output, _ = launcher.communicate(timeout=JOB_TIMEOUT)
