@@ -147,6 +147,13 @@ def test_a_checkpoint_from_another_model_is_refused_naming_what_differs(tmp_path
         run_task(cfg)
 
 
+@pytest.mark.parametrize("override, message", [("train.save_steps=0", "train.save_steps=0 must be >= 1"),
+                                               ("train.keep_last_n=0", "train.keep_last_n=0 must be >= 1")])
+def test_checkpoint_keys_are_checked(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        run_task(compose_config([override, f"output_dir={tmp_path}"]))
+
+
 @pytest.mark.parametrize("resume", ["/nonexistent/checkpoint", "PARTIAL"])
 def test_resume_must_name_a_complete_checkpoint(tmp_path, resume):
     if resume == "PARTIAL":
