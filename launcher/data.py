@@ -22,7 +22,6 @@ import torch
 from datasets import Dataset, Features, List, Value, load_from_disk
 from datasets.arrow_writer import ArrowWriter
 from omegaconf import DictConfig
-from torch.utils.data.distributed import DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
 
@@ -30,6 +29,7 @@ from launcher.corpus import raw_splits, source_fingerprint
 from launcher.distributed import World, barrier
 from launcher.errors import ConfigError
 from launcher.packing import Documents, Packer, PackingSpec
+from launcher.sampler import ResumableDistributedSampler
 
 # torchdata's StatefulDataLoader still calls a deprecated torch API on every construction.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
@@ -334,9 +334,7 @@ class EvenShard(torch.utils.data.Dataset):
 
 
 def train_loader(dataset: Dataset, cfg: DictConfig, world: World, pad_id: int) -> StatefulDataLoader:
-    sampler = DistributedSampler(
-        dataset, num_replicas=world.size, rank=world.rank, shuffle=True, seed=cfg.train.seed, drop_last=True
-    )
+    sampler = ResumableDistributedSampler(len(dataset), world.size, world.rank, cfg.train.seed)
     return StatefulDataLoader(
         dataset.with_format("numpy"),
         batch_size=cfg.data.train_bs,

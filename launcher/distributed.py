@@ -31,6 +31,10 @@ def _env_int(name: str, default: int) -> int:
 @contextmanager
 def distributed(backend: str = "auto") -> Iterator[World]:
     """Join (or create) the default process group and tear it down afterwards."""
+    from launcher.cluster import in_submitit_job, submitit_environment
+
+    if "RANK" not in os.environ and in_submitit_job():  # a SLURM task: no torchrun, submitit knows the ranks
+        os.environ.update(submitit_environment())
     launched = "RANK" in os.environ
     rank, size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)

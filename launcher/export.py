@@ -1,31 +1,47 @@
-"""Final outputs: a consolidated HuggingFace model, or (peft=lora) a PEFT adapter directory and
-optionally the adapters merged into a plain HuggingFace model. Gathered from the shards on rank 0."""
+"""Final outputs, gathered from the shards on rank 0: a consolidated HuggingFace model
+(safetensors + config + tokenizer), or (peft=lora) a PEFT adapter directory and optionally the
+adapters merged into a plain HuggingFace model.
 
+Memory bound on rank 0: the weights are gathered one tensor at a time and written out one
+safetensors shard at a time, so rank 0 holds at most max(`max_shard_bytes`, largest tensor) of
+gathered weights beyond its own shard of the model (the other ranks: one tensor).
+"""
+
+import json
 import os
 import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from launcher.distributed import World, barrier
 from launcher.modeling import base_model_class
 
 MERGED_SUFFIX = "-merged"
+MAX_SHARD_BYTES = 2 * 1024**3
+INDEX_FILE = "model.safetensors.index.json"
 
 
-def save_hf_model(model: torch.nn.Module, tokenizer, out_dir: Path, world: World) -> None:
+def save_hf_model(
+    model: torch.nn.Module, tokenizer, out_dir: Path, world: World, max_shard_bytes: int = MAX_SHARD_BYTES
+) -> None:
     """Collective: every rank calls it; rank 0 writes `out_dir` atomically (tmp dir + rename)."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    partial = out_dir.with_name(out_dir.name + ".partial")
     if world.is_main:
-
-        def write(directory: Path) -> None:
-            model.save_pretrained(directory, state_dict=state)
-            tokenizer.save_pretrained(directory)
-            _fix_architecture(model, directory)
-
-        _write_atomically(out_dir, write)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        save_hf_metadata(model, tokenizer, partial)
+    _write_weight_shards(model, partial, world, max_shard_bytes)
+    if world.is_main:
+        previous = out_dir.with_name(out_dir.name + ".previous")
+        if out_dir.exists():
+            os.replace(out_dir, previous)
+        os.replace(partial, out_dir)
+        shutil.rmtree(previous, ignore_errors=True)
     barrier()
 
 
@@ -77,8 +93,56 @@ def _write_atomically(out_dir: Path, write: Callable[[Path], None]) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
-def _fix_architecture(model: torch.nn.Module, directory: Path) -> None:
-    """save_pretrained records the FSDP wrapper class; record the HF class it wraps."""
-    config = model.config.__class__.from_pretrained(directory)
+def save_hf_metadata(model: torch.nn.Module, tokenizer, directory: Path) -> None:
+    """config.json (naming the HF class under the FSDP wrapper), generation config, tokenizer."""
+    config = model.config.__class__.from_dict(model.config.to_dict())
     config.architectures = [base_model_class(model).__name__]
     config.save_pretrained(directory)
+    model.generation_config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def _write_weight_shards(model: torch.nn.Module, directory: Path, world: World, max_shard_bytes: int) -> None:
+    state = get_model_state_dict(model)  # this rank's shards (DTensors): nothing gathered yet
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) if model.config.tie_word_embeddings else set()
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    written: list[tuple[str, list[str]]] = []
+    shard_bytes = total_bytes = 0
+    for name, tensor in state.items():
+        if name in tied:
+            continue
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach().clone()  # collective
+        if not world.is_main:
+            continue
+        nbytes = full.numel() * full.element_size()
+        if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
+            written.append(_flush(shards.pop(), directory, len(written)))
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = full.cpu().contiguous()
+        shard_bytes += nbytes
+        total_bytes += nbytes
+    if not world.is_main:
+        return
+    written.append(_flush(shards.pop(), directory, len(written)))
+    _name_shards(written, directory, total_bytes)
+
+
+def _flush(shard: dict[str, torch.Tensor], directory: Path, index: int) -> tuple[str, list[str]]:
+    filename = f"model-{index + 1:05d}.safetensors"
+    save_file(shard, directory / filename, metadata={"format": "pt"})
+    return filename, list(shard)
+
+
+def _name_shards(written: list[tuple[str, list[str]]], directory: Path, total_bytes: int) -> None:
+    """HF's names: model.safetensors alone, or model-0000i-of-0000n.safetensors plus an index."""
+    if len(written) == 1:
+        os.replace(directory / written[0][0], directory / "model.safetensors")
+        return
+    weight_map = {}
+    for i, (filename, keys) in enumerate(written):
+        final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        os.replace(directory / filename, directory / final)
+        weight_map.update(dict.fromkeys(keys, final))
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2))

@@ -123,6 +123,10 @@ class TrainConfig:
     checkpointing_enabled: bool = False
     # Fraction of an epoch between checkpoints, in (0, 1].
     save_frequency: float = 0.25
+    # Optimizer steps between checkpoints; overrides save_frequency when set.
+    save_steps: Optional[int] = None
+    # Complete checkpoints kept on disk (oldest deleted first); None keeps all.
+    keep_last_n: Optional[int] = 2
 
 
 @dataclass
@@ -175,6 +179,29 @@ class ReportConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """A SLURM site preset (conf/cluster/): what hydra/launcher=hydralm_slurm submits with."""
+
+    name: str = MISSING
+    partition: Optional[str] = None
+    qos: Optional[str] = None
+    account: Optional[str] = None
+    nodes: int = 1
+    # GPUs per node; one submitit task (rank) per GPU.
+    gpus_per_node: Optional[int] = None
+    tasks_per_node: int = 1
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[int] = None
+    # Time limit in minutes; USR2 arrives signal_delay_s before it and the job checkpoints and requeues.
+    time_min: int = 60
+    signal_delay_s: int = 120
+    # Requeues after hitting the time limit (preemptions do not count).
+    max_requeues: int = 3
+    # The preset's shell lines run before the job (module loads, NCCL settings) are
+    # hydra.launcher.setup (a list Hydra cannot take from an interpolation).
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
@@ -188,10 +215,14 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    # SLURM site preset; null runs locally.
+    cluster: Optional[ClusterConfig] = None
     # Defaults to the Hydra run/sweep directory of the job.
     output_dir: Optional[str] = None
-    # Model checkpoint for evaluate/export: an exported HF directory.
+    # Model checkpoint for evaluate/export: an exported HF directory or a training checkpoint.
     checkpoint: Optional[str] = None
+    # train: auto (the latest complete checkpoint in output_dir, if any), never, or a checkpoint path.
+    resume: str = "auto"
     # Free-form tags that experiment presets set (shown in `--cfg job`).
     tags: List[str] = field(default_factory=list)
 

@@ -35,7 +35,8 @@ def check_config(cfg: DictConfig) -> None:
     _check_sharding(cfg.sharding)
     _check_world(cfg)
     _check_data(cfg.data, cfg.train.max_seq_len)
-    if cfg.checkpoint is not None:
+    _check_resume(cfg.resume)
+    if cfg.checkpoint is not None and not _is_training_checkpoint(cfg.checkpoint):
         _read_hf_config(cfg.checkpoint, "checkpoint")
     hf_config = _check_model(model_config(cfg), cfg.train.max_seq_len)
     _check_optimizer(cfg.optimizer)
@@ -44,14 +45,31 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def model_config(cfg: DictConfig) -> DictConfig:
-    """The model a task loads: `checkpoint` (an exported HF directory) when set, else `model`."""
+    """The model a task loads: `checkpoint` when set, else `model`. An exported HF directory is
+    loaded as it is; a training checkpoint gives the architecture (its `hf/` config, random init:
+    the task then loads the weights) and the tokenizer."""
     if cfg.checkpoint is None:
         return cfg.model
     model = cfg.model.copy()
     with open_dict(model):
-        model.path = model.tokenizer = cfg.checkpoint
-        model.config = None
+        if _is_training_checkpoint(cfg.checkpoint):
+            from launcher.checkpoint import hf_dir as checkpoint_hf_dir
+
+            hf_dir = checkpoint_hf_dir(Path(cfg.checkpoint))
+            hf_config = json.loads((hf_dir / "config.json").read_text())
+            for key in ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+                hf_config.pop(key, None)
+            model.path, model.tokenizer, model.config = None, str(hf_dir), hf_config
+        else:
+            model.path = model.tokenizer = cfg.checkpoint
+            model.config = None
     return model
+
+
+def _is_training_checkpoint(path: str) -> bool:
+    from launcher.checkpoint import is_complete  # imports torch: only when a checkpoint is named
+
+    return is_complete(Path(path))
 
 
 def scheduler_names() -> list[str]:
@@ -86,6 +104,18 @@ def _check_train(train: DictConfig) -> None:
         raise ConfigError(f"train.max_grad_norm={train.max_grad_norm} must be > 0 (or null to disable clipping)")
     if not 0 < train.save_frequency <= 1:
         raise ConfigError(f"train.save_frequency={train.save_frequency} must be in (0, 1]")
+    _at_least(train.save_steps, 1, "train.save_steps")
+    _at_least(train.keep_last_n, 1, "train.keep_last_n")
+
+
+def _check_resume(resume: str) -> None:
+    if resume in ("auto", "never"):
+        return
+    if not Path(resume).is_dir():
+        raise ConfigError(f"resume={resume} must be auto, never, or an existing checkpoint directory")
+    if not _is_training_checkpoint(resume):
+        raise ConfigError(f"resume={resume} is not a complete training checkpoint (no COMPLETE marker; "
+                          f"an interrupted save leaves a .partial directory that is never used)")
 
 
 def _check_scheduler(scheduler: DictConfig) -> None:

@@ -5,6 +5,7 @@ import math
 
 from omegaconf import DictConfig
 
+from launcher.checkpoint import load_checkpoint_weights
 from launcher.data import eval_loader, prepared_splits
 from launcher.distributed import distributed, seed_everything
 from launcher.modeling import build_model, load_tokenizer
@@ -22,6 +23,7 @@ def evaluate(cfg: DictConfig) -> dict:
         tokenizer = load_tokenizer(model_cfg)
         splits = prepared_splits(cfg, tokenizer, world)
         model = prepare_model(build_model(model_cfg, tokenizer, world, cfg.sharding.low_cpu_mem_usage), cfg, world)
+        load_checkpoint_weights(model, cfg.checkpoint)
         loss = eval_loss(model, eval_loader(splits["eval"], cfg, world, tokenizer.pad_token_id), cfg, world)
         result = {
             "model": model_cfg.path or model_cfg.name,

@@ -1,11 +1,15 @@
 """The `export` task: write `checkpoint` (or `model`) as one consolidated HuggingFace directory.
 
+`checkpoint` is an exported HF directory or a training checkpoint (`<output_dir>/checkpoints/
+checkpoint-<step>`, any world size): its sharded weights are loaded into the sharded model.
+
 The model is loaded exactly as training would load it (pad token fallback, embeddings padded to
 a multiple of `model.pad_vocab_to_multiple_of`) and gathered on rank 0.
 """
 
 from omegaconf import DictConfig
 
+from launcher.checkpoint import load_checkpoint_weights
 from launcher.distributed import distributed
 from launcher.export import save_hf_model
 from launcher.modeling import build_model, load_tokenizer
@@ -20,6 +24,7 @@ def export(cfg: DictConfig) -> dict:
         model_cfg = model_config(cfg)
         tokenizer = load_tokenizer(model_cfg)
         model = prepare_model(build_model(model_cfg, tokenizer, world, cfg.sharding.low_cpu_mem_usage), cfg, world)
+        load_checkpoint_weights(model, cfg.checkpoint)
         target = output_dir / "final-model"
         save_hf_model(model, tokenizer, target, world)
         if world.is_main:

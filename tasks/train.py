@@ -7,7 +7,6 @@ optimizer step over `gradient_accumulation_steps` micro-batches) and `eval_loss`
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -17,7 +16,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.distributed.tensor import DTensor
 
-from launcher.data import eval_loader, prepared_splits, train_loader
+from launcher.checkpoint import Checkpointer, Progress, config_fingerprint
+from launcher.cluster import Preemption
+from launcher.data import eval_loader, prepared_splits, tokenizer_fingerprint, train_loader
 from launcher.distributed import World, distributed, seed_everything
 from launcher.errors import ConfigError
 from launcher.export import save_base_model, save_hf_model, save_lora_adapter
@@ -31,13 +32,6 @@ from launcher.outputs import resolve_output_dir
 from launcher.sharding import local_parameter_bytes, prepare_model
 
 log = logging.getLogger("hydralm")
-
-
-@dataclass
-class Progress:
-    step: int = 0  # optimizer steps taken
-    epoch: int = 0
-    tokens_seen: int = 0  # global count of trained (label) tokens
 
 
 def _setup_model(cfg: DictConfig, tokenizer, world: World, output_dir: Optional[Path] = None) -> torch.nn.Module:
@@ -91,55 +85,65 @@ def train(cfg: DictConfig) -> dict:
         scheduler = build_scheduler(optimizer, cfg.scheduler, total_steps)
         if world.is_main:
             log.info("model: %s", _describe_parameters(trainable, total))
+        throughput = _Throughput(cfg, model, trainable, total, world)
+        progress = Progress()
+        # Since the last log, on this rank: loss sum, trained tokens, grad-norm sum, optimizer steps.
+        window = torch.zeros(4, device=world.device)
+        fingerprint = config_fingerprint(cfg, tokenizer_fingerprint(tokenizer), len(splits["train"]))
+        checkpointer = Checkpointer(cfg, output_dir, world, steps_per_epoch, fingerprint)
+        resumed = checkpointer.restore(model, optimizer, scheduler, progress, window)
+        preemption = Preemption(world)
         run_log = RunLog(output_dir, total_steps, enabled=world.is_main,
                          loggers=open_loggers(cfg, output_dir) if world.is_main else (),
                          description=f"train ({trainable / 1e6:.3g}M/{total / 1e6:.3g}M params trainable)")
-        throughput = _Throughput(cfg, model, trainable, total, world)
-        progress = Progress()
 
         def log_eval() -> float:
             loss = eval_loss(model, eval_batches, cfg, world)
             scheduler.observe_eval(loss)
             run_log.write({"step": progress.step, "epoch": progress.epoch, "eval_loss": loss,
                            "lr": scheduler.get_last_lr()[0], "tokens_seen": progress.tokens_seen})
+            progress.last_eval_loss = loss
             return loss
 
-        initial_eval_loss = log_eval()
+        if not resumed:
+            progress.initial_eval_loss = log_eval()
         start = window_start = time.perf_counter()
-        window_loss = torch.zeros((), device=world.device)
-        window_tokens = torch.zeros((), device=world.device)
-        window_grad_norm = torch.zeros((), device=world.device)
-        window_steps = 0
+        accumulation = cfg.train.gradient_accumulation_steps
+        global_batch = world.size * cfg.data.train_bs * accumulation
         while progress.step < total_steps:
-            train_batches.sampler.set_epoch(progress.epoch)
+            # Positioned at the data consumed so far: mid-epoch after a resume, else the epoch start.
+            train_batches.sampler.set_position(progress.epoch, progress.epoch_samples)
             batches = iter(train_batches)
-            for _ in range(min(steps_per_epoch, total_steps - progress.step)):
-                micro_batches = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps)]
+            for _ in range(min(len(train_batches) // accumulation, total_steps - progress.step)):
+                micro_batches = [next(batches) for _ in range(accumulation)]
                 loss, tokens, grad_norm = _train_step(model, optimizer, micro_batches, cfg, world)
                 scheduler.step()
                 progress.step += 1
-                window_loss += loss
-                window_tokens += tokens
-                window_grad_norm += grad_norm
-                window_steps += 1
+                progress.epoch_samples += global_batch
+                window += torch.stack([loss, tokens, grad_norm, torch.ones_like(loss)])
                 run_log.advance()
                 if progress.step % cfg.train.logging_steps == 0 or progress.step == total_steps:
-                    # The only host syncs of the loop: once per logging interval.
-                    loss_sum, token_count = _global_sum(torch.stack([window_loss, window_tokens]))
+                    # One host sync per logging interval (others: checkpoints, and in SLURM jobs the
+                    # per-step agreement on the preemption signal). The grad norm is global, so its
+                    # rank sum over the rank sum of steps is its mean over the window.
+                    loss_sum, token_count, grad_norm_sum, steps = _global_sum(window)
                     progress.tokens_seen += int(token_count)
                     seconds = time.perf_counter() - window_start
                     run_log.write({"step": progress.step, "epoch": progress.epoch,
                                    "train_loss": loss_sum / token_count, "lr": scheduler.get_last_lr()[0],
-                                   "grad_norm": window_grad_norm.item() / window_steps,  # mean over the window
+                                   "grad_norm": grad_norm_sum / steps,
                                    "tokens_seen": progress.tokens_seen,
                                    **throughput.row(token_count, seconds), "time_s": time.perf_counter() - start})
-                    final_eval_loss = log_eval()
+                    log_eval()
                     window_start = time.perf_counter()
-                    window_loss.zero_()
-                    window_tokens.zero_()
-                    window_grad_norm.zero_()
-                    window_steps = 0
+                    window.zero_()
+                stop = preemption.requested()  # SLURM's time-limit / preemption signal, on any rank
+                if checkpointer.due(progress.step) or stop:
+                    checkpointer.save(model, optimizer, scheduler, progress, window, tokenizer)
+                if stop:
+                    preemption.requeue()  # exits; the requeued job resumes from this checkpoint
             progress.epoch += 1
+            progress.epoch_samples = 0
         wall_time = time.perf_counter() - start
         run_log.close()
 
@@ -151,8 +155,8 @@ def train(cfg: DictConfig) -> dict:
         summary = {
             "final_model": str(final_model),
             "metrics": str(output_dir / "metrics.jsonl"),
-            "initial_eval_loss": initial_eval_loss,
-            "final_eval_loss": final_eval_loss,
+            "initial_eval_loss": progress.initial_eval_loss,
+            "final_eval_loss": progress.last_eval_loss,
             "steps": progress.step,
             "tokens_seen": progress.tokens_seen,
             "train_wall_time_s": wall_time,

@@ -5,7 +5,8 @@ from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, compose_config
 
-GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith("_"))
+# conf/hydra/ holds options of Hydra's own groups (hydra/launcher), not hydralm groups.
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name[0] != "_" and p.name != "hydra")
 
 
 def _options(group):
