@@ -29,11 +29,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         train = run("train_throughput.py", flags, Path(tmp) / "train.json")
         startup = run("startup.py", flags, Path(tmp) / "startup.json")
-    tokens = train["tokens_per_s"]
+    tokens, unit = train["tokens_per_s"], "tokens/CPU-s" if train["clock"] == "cpu" else "tokens/s"
     rows = [
-        ("train: hydralm tokens/s (CPU)", f"{tokens['hydralm']:.0f}", ""),
-        ("train: Trainer tokens/s (CPU)", f"{tokens['trainer']:.0f}", ""),
-        ("train: bare loop tokens/s (CPU)", f"{tokens['bare']:.0f}", ""),
+        (f"train: hydralm {unit}", f"{tokens['hydralm']:.0f}", ""),
+        (f"train: Trainer {unit}", f"{tokens['trainer']:.0f}", ""),
+        (f"train: bare loop {unit}", f"{tokens['bare']:.0f}", ""),
         ("ratio hydralm/trainer", f"{train['ratio_trainer']:.3f}", ">= 1.10"),
         ("ratio hydralm/bare", f"{train['ratio_bare']:.3f}", ">= 0.95"),
         ("--cfg job: launcher s", f"{startup['cfg_job_s']['launcher']:.2f}", ""),

@@ -114,7 +114,7 @@ def _synchronize(device) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, two variants: checks the code path")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, one variant: checks the code path")
     parser.add_argument("--variants", help="comma-separated ATTENTION[+compile][+ac] (default: all)")
     parser.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
     parser.add_argument("--seq-len", type=int, default=2048)
@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
         return result
 
     if args.smoke:
-        shape, variants = TINY, ["sdpa", "sdpa+ac"]
+        shape, variants = TINY, ["sdpa+ac"]
         args.batch, args.seq_len, args.steps, args.warmup = 2, 64, 2, 1
     else:
         import torch
