@@ -342,6 +342,7 @@ def train_loader(dataset: Dataset, cfg: DictConfig, world: World, pad_id: int) -
         drop_last=True,
         collate_fn=PadCollator(pad_id, cfg.data.ignore_index, cfg.data.document_mask),
         num_workers=cfg.data.num_workers,
+        pin_memory=world.device.type == "cuda",  # lets the step's host-to-device copies run async
     )
 
 
@@ -351,5 +352,6 @@ def eval_loader(dataset: Dataset, cfg: DictConfig, world: World, pad_id: int) ->
         batch_size=cfg.data.eval_bs,
         collate_fn=PadCollator(pad_id, cfg.data.ignore_index, cfg.data.document_mask),
         num_workers=cfg.data.num_workers,
+        pin_memory=world.device.type == "cuda",  # lets the step's host-to-device copies run async
     )
 

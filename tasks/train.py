@@ -29,7 +29,7 @@ from launcher.metrics import RunLog, flops_per_token, peak_flops_per_device, pea
 from launcher.modeling import build_model, load_tokenizer
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.outputs import resolve_output_dir
-from launcher.sharding import local_parameter_bytes, prepare_model
+from launcher.sharding import local_parameter_bytes, prepare_model, set_gradient_sync
 
 log = logging.getLogger("hydralm")
 
@@ -67,6 +67,7 @@ def _steps_per_epoch(loader, cfg: DictConfig, world: World) -> int:
 
 
 def train(cfg: DictConfig) -> dict:
+    task_start = time.perf_counter()
     with distributed(cfg.sharding.backend) as world:
         seed_everything(cfg.train.seed)
         output_dir = resolve_output_dir(cfg, world)
@@ -108,6 +109,7 @@ def train(cfg: DictConfig) -> dict:
         if not resumed:
             progress.initial_eval_loss = log_eval()
         start = window_start = time.perf_counter()
+        time_to_first_step = None
         accumulation = cfg.train.gradient_accumulation_steps
         global_batch = world.size * cfg.data.train_bs * accumulation
         while progress.step < total_steps:
@@ -119,6 +121,8 @@ def train(cfg: DictConfig) -> dict:
                 loss, tokens, grad_norm = _train_step(model, optimizer, micro_batches, cfg, world)
                 scheduler.step()
                 progress.step += 1
+                if time_to_first_step is None:  # data, model, first eval and one step: what a user waits for
+                    time_to_first_step = _seconds_since(task_start, world)
                 progress.epoch_samples += global_batch
                 window += torch.stack([loss, tokens, grad_norm, torch.ones_like(loss)])
                 run_log.advance()
@@ -160,6 +164,7 @@ def train(cfg: DictConfig) -> dict:
             "steps": progress.step,
             "tokens_seen": progress.tokens_seen,
             "train_wall_time_s": wall_time,
+            "time_to_first_step_s": time_to_first_step,
             "tokens_per_s": progress.tokens_seen / wall_time,
             "parameter_bytes_per_rank": local_parameter_bytes(model),
             "trainable_params": trainable,
@@ -196,11 +201,11 @@ def _train_step(model, optimizer, micro_batches: list[dict], cfg: DictConfig, wo
 
     The loss is normalised by the number of trained tokens in the whole global batch, so
     accumulation and world size change nothing but speed. Nothing here waits for the device:
-    the token count is all-reduced as a device tensor and never read on the host.
+    the token count is computed and all-reduced on the device and never read on the host.
     """
     ignore = cfg.data.ignore_index
-    local_tokens = sum(int((b["labels"][:, 1:] != ignore).sum()) for b in micro_batches)  # host tensors
-    local_tokens = torch.tensor(local_tokens, dtype=torch.float32, device=world.device)
+    micro_batches = [_to_device(batch, world.device) for batch in micro_batches]
+    local_tokens = sum((batch["labels"][:, 1:] != ignore).sum() for batch in micro_batches).float()
     global_tokens = local_tokens.clone()
     if world.size > 1:
         dist.all_reduce(global_tokens)
@@ -208,7 +213,7 @@ def _train_step(model, optimizer, micro_batches: list[dict], cfg: DictConfig, wo
     scale = world.size / global_tokens.clamp(min=1)
     step_loss = torch.zeros((), device=world.device)
     for i, batch in enumerate(micro_batches):
-        model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        set_gradient_sync(model, i == len(micro_batches) - 1)
         loss_sum = _token_loss_sum(model, batch, ignore, world.device)
         (loss_sum * scale).backward()
         step_loss += loss_sum.detach()
@@ -225,13 +230,21 @@ def _local(value: torch.Tensor) -> torch.Tensor:
     return value.to_local() if isinstance(value, DTensor) else value
 
 
+def _to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors, copied ahead of the forward (async from pinned host memory)."""
+    return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
+
+
 def _token_loss_sum(model, batch: dict, ignore_index: int, device: torch.device) -> torch.Tensor:
-    """Next-token cross-entropy summed over trained tokens (fp32 logits)."""
+    """Next-token cross-entropy summed over trained tokens (fp32 logits).
+
+    The labels are shifted rather than the logits, so the (batch, seq, vocab) logits are never
+    sliced into a copy; the upcast is a no-op unless the model computes in bf16.
+    """
     labels = batch["labels"].to(device, non_blocking=True)
+    next_labels = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
     logits = model(**model_inputs(batch, device)).logits
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=ignore_index, reduction="sum"
-    )
+    return F.cross_entropy(logits.flatten(0, 1).float(), next_labels.flatten(), ignore_index=ignore_index, reduction="sum")
 
 
 def model_inputs(batch: dict, device: torch.device) -> dict:
@@ -259,6 +272,12 @@ def eval_loss(model, loader, cfg: DictConfig, world: World) -> float:
     if dist.get_world_size() > 1:
         dist.all_reduce(totals)
     return (totals[0] / totals[1]).item()
+
+
+def _seconds_since(start: float, world: World) -> float:
+    if world.device.type == "cuda":
+        torch.cuda.synchronize(world.device)  # once per run: the step must really be done
+    return time.perf_counter() - start
 
 
 def _global_sum(value: torch.Tensor) -> list[float]:

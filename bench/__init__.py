@@ -1,0 +1,1 @@
+"""hydralm benchmarks: scripts that print their figures and end with ratio lines (see README)."""
