@@ -81,7 +81,7 @@ def measure(spec: dict) -> dict:
     with distributed(cfg.sharding.backend) as world:
         seed_everything(cfg.train.seed)
         with world.device:  # initialise the weights where they will live
-            model = build_model(cfg.model, load_tokenizer(cfg.model), world.device)
+            model = build_model(cfg.model, load_tokenizer(cfg.model), world)
         params = sum(p.numel() for p in model.parameters())
         model = prepare_model(model, cfg, world)
         optimizer = build_optimizer(model.parameters(), cfg.optimizer)

@@ -34,6 +34,11 @@ python3 -c 'import time; print(time.time())' > "$HYDRALM_BENCH_SUBMITTED"
 echo "Submitted batch job 4242"
 """
 
+# Stands in for SLURM's sinfo (the launcher checks requests against the partition): one node.
+FAKE_SINFO = """#!/bin/sh
+echo 'debug*|n1|16|64000|(null)'
+"""
+
 
 def wall_time(cmd: list[str], cwd: Path, env: dict) -> float:
     start = time.perf_counter()
@@ -75,9 +80,9 @@ def slurm_submission_time(work: Path) -> float:
     """
     bin_dir = work / "fake-slurm"
     bin_dir.mkdir(exist_ok=True)
-    sbatch = bin_dir / "sbatch"
-    sbatch.write_text(FAKE_SBATCH)
-    sbatch.chmod(0o755)
+    for name, script in (("sbatch", FAKE_SBATCH), ("sinfo", FAKE_SINFO)):
+        (bin_dir / name).write_text(script)
+        (bin_dir / name).chmod(0o755)
     marker = work / "submitted-at"
     marker.unlink(missing_ok=True)
     lrs = ",".join(f"{i}e-4" for i in range(1, SWEEP_POINTS + 1))

@@ -62,16 +62,16 @@ def hydralm_overrides(spec: dict) -> list[str]:
 
 def prepare_data(spec: dict) -> None:
     """Pack the pydoc corpus at the benchmark's sequence length; keep exactly the rows needed."""
-    from launcher.corpus import split_pydoc
-    from launcher.data import build_splits
+    import torch
+
+    from launcher.data import prepared_splits
+    from launcher.distributed import World
     from launcher.modeling import load_tokenizer
 
-    cfg = compose(hydralm_overrides(spec))
+    pydoc = [o for o in hydralm_overrides(spec) if not o.startswith(("data=", "data.train_ds", "data.eval_ds"))]
+    cfg = compose(pydoc)
     rows = spec["batch"] * 2 * spec["measured_steps"]
-    # Enough documents for the rows (they average ~1000 tokens), not the whole corpus.
-    documents = max(8, math.ceil(rows * spec["seq_len"] / 500))
-    texts = {name: docs[:documents] for name, docs in split_pydoc(cfg.data.eval_every).items()}
-    splits = build_splits(cfg, load_tokenizer(cfg.model), texts)
+    splits = prepared_splits(cfg, load_tokenizer(cfg.model), World(0, 0, 1, 1, torch.device("cpu")))
     for name, count in (("train", rows), ("eval", spec["batch"])):
         dataset = splits[name].select(range(count))  # full-length rows: only the last one is short
         assert all(len(ids) == spec["seq_len"] for ids in dataset["input_ids"])
@@ -118,12 +118,12 @@ def hydralm_worker(spec: dict) -> dict:
 def _model_and_config(spec: dict):
     import torch
 
-    from launcher.distributed import seed_everything
+    from launcher.distributed import World, seed_everything
     from launcher.modeling import build_model, load_tokenizer
 
     cfg = compose(hydralm_overrides(spec))
     seed_everything(cfg.train.seed)
-    model = build_model(cfg.model, load_tokenizer(cfg.model), torch.device("cpu"))
+    model = build_model(cfg.model, load_tokenizer(cfg.model), World(0, 0, 1, 1, torch.device("cpu")))
     return model.train(), cfg
 
 

@@ -54,14 +54,14 @@ def test_lora_trains_only_adapters_and_its_export_reproduces_the_logits(tmp_path
         optimizer = build_optimizer(trainable_parameters(model), cfg.optimizer)
         assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == trainable
         frozen_name = next(n for n in params if n.endswith("q_proj.base_layer.weight"))
-        frozen_before = params[frozen_name].full_tensor().clone()
+        frozen_before = _full(params[frozen_name]).clone()
 
         batches = iter(loader)
         for _ in range(3):
             _train_step(model, optimizer, [next(batches)], cfg, world)
-        assert torch.equal(params[frozen_name].full_tensor(), frozen_before)
+        assert torch.equal(_full(params[frozen_name]), frozen_before)
         lora_b = next(p for n, p in params.items() if ".lora_B." in n)
-        assert lora_b.full_tensor().abs().sum() > 0  # peft starts B at zero: it trained
+        assert _full(lora_b).abs().sum() > 0  # peft starts B at zero: it trained
 
         probe = next(batches)["input_ids"][:2]
         expected = _logits(model, probe)
@@ -199,3 +199,8 @@ def test_model_flops_count_weight_gradients_only_for_what_trains():
     assert full == 6 * (total - embedding) + attention  # 6N over the matmul weights
     lora = flops_per_token(config, total + 10_000, 10_000, embedding, seq_len=256)
     assert lora == 4 * (total + 10_000 - embedding) + 2 * 10_000 + attention
+
+
+def _full(parameter: torch.Tensor) -> torch.Tensor:
+    """The whole tensor, whether FSDP2 sharded it (DTensor) or not (single-process fp32)."""
+    return parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter.detach()
