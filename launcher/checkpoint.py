@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -84,6 +85,13 @@ def resume_source(resume: str, output_dir: Path) -> Optional[Path]:
 # ---------------------------------------------------------------- compatibility
 
 
+def _state_options(model: torch.nn.Module) -> StateDictOptions:
+    """Frozen parameters (the base model of a LoRA run) are never checkpointed: they are rebuilt
+    from `model.path` (or the seed) on resume, so a checkpoint holds only what trains."""
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+
+
 def config_fingerprint(cfg: DictConfig, tokenizer_id: str, train_sequences: int) -> dict:
     """What a checkpoint's weights and data position mean; all of it must match to resume."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
@@ -91,11 +99,15 @@ def config_fingerprint(cfg: DictConfig, tokenizer_id: str, train_sequences: int)
         "model": {k: model.get(k) for k in ("name", "path", "config", "pad_vocab_to_multiple_of")},
         "tokenizer": tokenizer_id,
         "data": {
-            **{k: cfg.data[k] for k in ("source", "train_ds", "eval_ds", "eval_every", "add_bos_eos_tokens")},
+            **{k: OmegaConf.select(cfg.data, k) for k in (
+                "source", "train_ds", "eval_ds", "load_path", "split", "eval_split", "eval_every", "data_field",
+                "pre_pend", "add_bos_eos_tokens", "separator", "truncate", "packing_type", "overlap",
+                "document_mask")},
             "max_seq_len": cfg.train.max_seq_len,
             "train_sequences": train_sequences,
         },
         "optimizer": cfg.optimizer["_target_"],
+        "peft": OmegaConf.to_container(cfg.peft, resolve=True),
     })
 
 
@@ -147,7 +159,7 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         barrier()
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizer, options=_state_options(model))
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=partial)
         _write_json(partial / f"rank-{self.world.rank}.json", {"rng": _rng_state(), "window": window.tolist()})
         barrier()
@@ -191,10 +203,12 @@ class Checkpointer:
             return False
         state = json.loads((path / TRAINER_STATE).read_text())
         check_compatible(state["fingerprint"], self.fingerprint, path)
-        model_state, optim_state = get_state_dict(model, optimizer)
+        options = _state_options(model)
+        model_state, optim_state = get_state_dict(model, optimizer, options=options)
         loaded = {"model": model_state, "optim": optim_state}
         dcp.load(loaded, checkpoint_id=path)
-        set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+        set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"],
+                       options=options)
         scheduler.load_state_dict(state["scheduler"])
         for key, value in state["progress"].items():
             setattr(progress, key, value)

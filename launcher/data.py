@@ -343,7 +343,14 @@ def train_loader(dataset: Dataset, cfg: DictConfig, world: World, pad_id: int) -
         collate_fn=PadCollator(pad_id, cfg.data.ignore_index, cfg.data.document_mask),
         num_workers=cfg.data.num_workers,
         pin_memory=world.device.type == "cuda",  # lets the step's host-to-device copies run async
+        generator=_own_generator(cfg),
     )
+
+
+def _own_generator(cfg: DictConfig) -> torch.Generator:
+    """Each new iterator draws a worker seed; from its own generator, that draw leaves the global
+    RNG alone, so dropout after a resume sees the same random stream as the uninterrupted run."""
+    return torch.Generator().manual_seed(cfg.train.seed)
 
 
 def eval_loader(dataset: Dataset, cfg: DictConfig, world: World, pad_id: int) -> StatefulDataLoader:
@@ -353,5 +360,6 @@ def eval_loader(dataset: Dataset, cfg: DictConfig, world: World, pad_id: int) ->
         collate_fn=PadCollator(pad_id, cfg.data.ignore_index, cfg.data.document_mask),
         num_workers=cfg.data.num_workers,
         pin_memory=world.device.type == "cuda",  # lets the step's host-to-device copies run async
+        generator=_own_generator(cfg),
     )
 

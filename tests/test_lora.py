@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import QUICK, ROOT, compose_config
+from conftest import QUICK, ROOT, compose_config, run_launcher
 from launcher.app import run_task
 from launcher.errors import ConfigError
 from wandb_records import offline_run
@@ -204,3 +204,28 @@ def test_model_flops_count_weight_gradients_only_for_what_trains():
 def _full(parameter: torch.Tensor) -> torch.Tensor:
     """The whole tensor, whether FSDP2 sharded it (DTensor) or not (single-process fp32)."""
     return parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter.detach()
+
+
+def test_lora_checkpoints_hold_only_adapters_and_a_killed_run_resumes_to_the_same_adapters(tmp_path):
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint import FileSystemReader
+
+    common = ["peft=lora", "train.max_steps=6", "train.logging_steps=2", "train.max_eval_batches=1",
+              "train.checkpointing_enabled=true", "train.save_steps=2", "data.train_bs=4"]
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    assert run_launcher([*common, f"output_dir={reference}"], cwd=tmp_path).returncode == 0
+    killed = run_launcher([*common, f"output_dir={resumed}"], cwd=tmp_path, env={"HYDRALM_TEST_KILL_IN_SAVE": "4"})
+    assert killed.returncode != 0  # killed inside the step-4 save: step 2 is the latest checkpoint
+    again = run_launcher([*common, f"output_dir={resumed}"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stdout and "checkpoint-00000002" in again.stdout
+
+    saved = FileSystemReader(str(reference / "checkpoints" / "checkpoint-00000006")).read_metadata()
+    model_keys = [k for k in saved.state_dict_metadata if k.startswith("model.")]
+    assert model_keys and all(".lora_A." in k or ".lora_B." in k for k in model_keys)  # no base weights
+
+    expected = load_file(reference / "final-model" / "adapter_model.safetensors")
+    actual = load_file(resumed / "final-model" / "adapter_model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name
