@@ -248,11 +248,21 @@ def hf_dir(path: Path) -> Path:
     return Path(path) / HF_DIR
 
 
-def load_checkpoint_weights(model: torch.nn.Module, checkpoint: Optional[str]) -> None:
-    """For evaluate/export: when `checkpoint` is a training checkpoint, its weights replace the
-    random init that launcher.validate.model_config built from its `hf/` config."""
-    if checkpoint is not None and is_complete(Path(checkpoint)):
-        load_model_weights(model, Path(checkpoint))
+def load_task_model(cfg: DictConfig, world: World):
+    """For evaluate/export: (model config, tokenizer, sharded model) of `checkpoint`, or of `model`.
+
+    A training checkpoint's weights replace the random init that launcher.validate.model_config
+    builds from its `hf/` config."""
+    from launcher.modeling import build_model, load_tokenizer
+    from launcher.sharding import prepare_model
+    from launcher.validate import model_config
+
+    model_cfg = model_config(cfg)
+    tokenizer = load_tokenizer(model_cfg)
+    model = prepare_model(build_model(model_cfg, tokenizer, world, cfg.sharding.low_cpu_mem_usage), cfg, world)
+    if cfg.checkpoint is not None and is_complete(Path(cfg.checkpoint)):
+        load_model_weights(model, Path(cfg.checkpoint))
+    return model_cfg, tokenizer, model
 
 
 # ---------------------------------------------------------------- helpers

@@ -5,13 +5,10 @@ import math
 
 from omegaconf import DictConfig
 
-from launcher.checkpoint import load_checkpoint_weights
+from launcher.checkpoint import load_task_model
 from launcher.data import eval_loader, prepared_splits
 from launcher.distributed import distributed, seed_everything
-from launcher.modeling import build_model, load_tokenizer
 from launcher.outputs import resolve_output_dir
-from launcher.sharding import prepare_model
-from launcher.validate import model_config
 from tasks.train import eval_loss
 
 
@@ -19,11 +16,8 @@ def evaluate(cfg: DictConfig) -> dict:
     with distributed(cfg.sharding.backend) as world:
         seed_everything(cfg.train.seed)
         output_dir = resolve_output_dir(cfg, world)
-        model_cfg = model_config(cfg)
-        tokenizer = load_tokenizer(model_cfg)
+        model_cfg, tokenizer, model = load_task_model(cfg, world)
         splits = prepared_splits(cfg, tokenizer, world)
-        model = prepare_model(build_model(model_cfg, tokenizer, world, cfg.sharding.low_cpu_mem_usage), cfg, world)
-        load_checkpoint_weights(model, cfg.checkpoint)
         loss = eval_loss(model, eval_loader(splits["eval"], cfg, world, tokenizer.pad_token_id), cfg, world)
         result = {
             "model": model_cfg.path or model_cfg.name,

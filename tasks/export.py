@@ -9,22 +9,16 @@ a multiple of `model.pad_vocab_to_multiple_of`) and gathered on rank 0.
 
 from omegaconf import DictConfig
 
-from launcher.checkpoint import load_checkpoint_weights
+from launcher.checkpoint import load_task_model
 from launcher.distributed import distributed
 from launcher.export import save_hf_model
-from launcher.modeling import build_model, load_tokenizer
 from launcher.outputs import resolve_output_dir
-from launcher.sharding import prepare_model
-from launcher.validate import model_config
 
 
 def export(cfg: DictConfig) -> dict:
     with distributed(cfg.sharding.backend) as world:
         output_dir = resolve_output_dir(cfg, world)
-        model_cfg = model_config(cfg)
-        tokenizer = load_tokenizer(model_cfg)
-        model = prepare_model(build_model(model_cfg, tokenizer, world, cfg.sharding.low_cpu_mem_usage), cfg, world)
-        load_checkpoint_weights(model, cfg.checkpoint)
+        model_cfg, tokenizer, model = load_task_model(cfg, world)
         target = output_dir / "final-model"
         save_hf_model(model, tokenizer, target, world)
         if world.is_main:

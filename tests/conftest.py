@@ -36,5 +36,17 @@ def run_launcher(args, cwd, timeout=600, env=None):
     )
 
 
+def assert_rejected_before_any_work(overrides, message, tmp_path):
+    """run_task raises one ConfigError containing `message`, and nothing is written."""
+    from launcher.app import run_task
+    from launcher.errors import ConfigError
+
+    cfg = compose_config([*overrides, f"output_dir={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError) as err:
+        run_task(cfg)
+    assert message in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
 # A short schedule for end-to-end runs: few steps, small eval.
 QUICK = ["train.max_steps=4", "train.logging_steps=2", "train.max_eval_batches=2"]

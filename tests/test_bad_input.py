@@ -2,9 +2,7 @@
 
 import pytest
 
-from conftest import compose_config, run_launcher
-from launcher.app import run_task
-from launcher.errors import ConfigError
+from conftest import assert_rejected_before_any_work, compose_config, run_launcher
 
 
 @pytest.mark.parametrize(
@@ -27,11 +25,7 @@ from launcher.errors import ConfigError
     ],
 )
 def test_bad_values_are_named_before_any_work(overrides, message, tmp_path):
-    cfg = compose_config([*overrides, f"output_dir={tmp_path / 'out'}"])
-    with pytest.raises(ConfigError) as err:
-        run_task(cfg)
-    assert message in str(err.value)
-    assert not (tmp_path / "out").exists()
+    assert_rejected_before_any_work(overrides, message, tmp_path)
 
 
 def test_seed_spelling_aliases_are_accepted():

@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import QUICK, ROOT, compose_config, run_launcher
+from conftest import assert_rejected_before_any_work, QUICK, ROOT, compose_config, run_launcher
 from launcher.app import run_task
 from launcher.errors import ConfigError
 from wandb_records import offline_run
@@ -167,11 +167,7 @@ def test_two_process_full_shard_lora_with_wandb_and_tensorboard(tmp_path):
     ],
 )
 def test_bad_peft_and_logger_config_is_named_before_any_work(overrides, message, tmp_path):
-    cfg = compose_config([*overrides, f"output_dir={tmp_path / 'out'}"])
-    with pytest.raises(ConfigError) as err:
-        run_task(cfg)
-    assert message in str(err.value)
-    assert not (tmp_path / "out").exists()
+    assert_rejected_before_any_work(overrides, message, tmp_path)
 
 
 def test_target_modules_error_lists_the_model_modules(tmp_path):
