@@ -2,7 +2,7 @@
 
 A random-init Llama (TinyLlama-1.1B shapes), bf16 compute with fp32 master weights
 (`train.use_mp=true`), seq 2048, `sharding=full_shard` on one GPU, fused AdamW, gradient
-clipping: hydralm's own `prepare_model` and `_train_step`. Variants: sdpa and (if flash_attn is
+clipping: hydralm's own `prepare_model` and `optimizer_step`. Variants: sdpa and (if flash_attn is
 installed) flash_attention_2, each with and without `train.compile` and activation
 checkpointing, each in its own process.
 
@@ -68,14 +68,15 @@ def variant_overrides(variant: str, shape: dict, seq_len: int) -> list[str]:
 
 
 def measure(spec: dict) -> dict:
-    """One variant, in this process: warm-up steps, then timed steps of hydralm's `_train_step`."""
+    """One variant, in this process: warm-up steps, then timed steps of hydralm's `optimizer_step`."""
     import torch
 
     from launcher.distributed import distributed, seed_everything
     from launcher.modeling import build_model, load_tokenizer
     from launcher.optim import build_optimizer
     from launcher.sharding import prepare_model
-    from tasks.train import _train_step
+    from launcher.language_modeling import LanguageModeling
+    from launcher.trainer import optimizer_step
 
     cfg = compose(spec["overrides"])
     with distributed(cfg.sharding.backend) as world:
@@ -87,14 +88,15 @@ def measure(spec: dict) -> dict:
         optimizer = build_optimizer(model.parameters(), cfg.optimizer)
         vocab = cfg.model.config.vocab_size
         shape = (spec["batch"], spec["seq_len"])
-        batches = [{"input_ids": ids, "labels": ids} for ids in
+        task = LanguageModeling(cfg)
+        batches = [{"input_ids": ids, "labels": ids, "input_tokens": torch.tensor(ids.numel())} for ids in
                    (torch.randint(vocab, shape).pin_memory() if world.device.type == "cuda" else torch.randint(vocab, shape)
                     for _ in range(spec["warmup"] + spec["steps"]))]
         for step, batch in enumerate(batches):
             if step == spec["warmup"]:
                 _synchronize(world.device)
                 start = time.perf_counter()
-            _train_step(model, optimizer, [batch], cfg, world)
+            optimizer_step(model, optimizer, [batch], task, world)
         _synchronize(world.device)
         seconds = time.perf_counter() - start
     result = {"params": params, "tokens_per_s": spec["steps"] * shape[0] * shape[1] / seconds,

@@ -36,7 +36,7 @@ from datasets import Dataset, disable_caching, disable_progress_bars, load_from_
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from launcher.corpus import pydoc_documents  # noqa: E402
+from launcher.sources import pydoc_documents  # noqa: E402
 from launcher.modeling import load_tokenizer  # noqa: E402
 
 
@@ -73,15 +73,16 @@ def compose(overrides: list[str]):
 
 
 def hydralm_run(corpus: Path, out: Path, num_proc: int, max_seq_len: int) -> dict:
-    from launcher.corpus import raw_splits
     from launcher.data import build_and_save, preprocess_settings
+    from launcher.sources import source_of
 
     cfg = compose(["task=preprocess", "data=disk", f"data.load_path={corpus}", f"data.num_proc={num_proc}",
                    "data.packing_type=full", f"train.max_seq_len={max_seq_len}", f"data.save_path={out}"])
     start, cpu_start = time.perf_counter(), cpu_seconds()
     tokenizer = load_tokenizer(cfg.model)
-    raw = raw_splits(cfg.data)
-    report = build_and_save(cfg, tokenizer, raw, out, preprocess_settings(cfg, tokenizer, raw))
+    source = source_of(cfg.data)
+    raw = source.splits()
+    report = build_and_save(cfg, tokenizer, raw, out, preprocess_settings(cfg, tokenizer, source, raw, "rows"))
     return {"total": time.perf_counter() - start, "total_cpu": cpu_seconds() - cpu_start,
             "pack": report["seconds"]["pack"], "tokens": report["tokens"]}
 

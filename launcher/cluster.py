@@ -1,18 +1,10 @@
-"""SLURM through hydra-submitit-launcher: rank environment, preemption, checks before submitting.
+"""SLURM through hydra-submitit-launcher: checks of a request before anything is queued.
 
 A job is `cluster.nodes` x `cluster.tasks_per_node` submitit tasks, one per GPU; each task is one
-rank. There is no torchrun inside the job: `submitit_environment` derives torch.distributed's
-variables from submitit's JobEnvironment.
-
-On the signal submitit forwards (USR2, `signal_delay_s` before the time limit, or on preemption)
-every rank finishes its optimizer step, the ranks write a checkpoint together, and rank 0 hands
-over to submitit's own handler, which resubmits the same Hydra job (the plugin's `checkpoint`)
-and requeues it; the requeued job finds the checkpoint in the same output directory
-(`resume=auto`) and continues exactly where it stopped.
+rank (launcher/distributed.py derives the ranks from submitit; launcher/preemption.py handles
+the requeue signal). This module imports no torch: it runs in the submitting process.
 """
 
-import os
-import signal
 import subprocess
 import sys
 from typing import Optional
@@ -23,73 +15,6 @@ from omegaconf import DictConfig
 from launcher.errors import ConfigError
 
 SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-
-
-# ---------------------------------------------------------------- inside the job
-
-
-def in_submitit_job() -> bool:
-    return "SUBMITIT_FOLDER" in os.environ and "SUBMITIT_EXECUTOR" in os.environ
-
-
-def submitit_environment() -> dict[str, str]:
-    """RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT of this submitit task."""
-    import submitit
-
-    job = submitit.JobEnvironment()
-    job_id = int(os.environ.get("SLURM_JOB_ID", "0"))
-    return {
-        "RANK": str(job.global_rank),
-        "LOCAL_RANK": str(job.local_rank),
-        "WORLD_SIZE": str(job.num_tasks),
-        "LOCAL_WORLD_SIZE": str(job.num_tasks // job.num_nodes),
-        "MASTER_ADDR": job.hostnames[0],
-        # One port per job (and per requeue: the previous incarnation's socket may linger).
-        "MASTER_PORT": str(20000 + (job_id * 7 + int(os.environ.get("SLURM_RESTART_COUNT", "0"))) % 20000),
-    }
-
-
-class Preemption:
-    """Turns submitit's requeue signal into a checkpoint at the next step boundary.
-
-    Outside a submitit job it does nothing: `requested()` is always False.
-    """
-
-    def __init__(self, world):
-        self.world = world
-        self.received: Optional[int] = None
-        self.submitit_handler = None
-        if in_submitit_job():
-            import submitit
-
-            signum = submitit.JobEnvironment._usr_sig()
-            self.submitit_handler = signal.getsignal(signum)
-            signal.signal(signum, self._record)
-
-    def _record(self, signum, frame) -> None:
-        self.received = signum
-
-    def requested(self) -> bool:
-        """Collective when active: true on every rank once any rank got the signal."""
-        if self.submitit_handler is None:
-            return False
-        import torch
-        import torch.distributed as dist
-
-        flag = torch.tensor([0 if self.received is None else 1], device=self.world.device)
-        if self.world.size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def requeue(self) -> None:
-        """After the checkpoint: rank 0 lets submitit resubmit the job and requeue it; it exits."""
-        from launcher.distributed import barrier
-
-        barrier()
-        print(f"hydralm: rank {self.world.rank} stopping for requeue after the checkpoint", flush=True)
-        if self.world.is_main:
-            self.submitit_handler(self.received or signal.SIGUSR2, None)  # requeues, then sys.exit
-        sys.exit(-1)
 
 
 # ---------------------------------------------------------------- before submitting

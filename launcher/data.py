@@ -1,43 +1,41 @@
-"""Datasets for training: load a raw corpus, tokenize, pack (cached), and the loaders.
+"""Preprocessing: tokenize and pack a raw corpus into training rows, once, cached.
 
 Tokenizing is a batched, multi-process `datasets.map` that writes token ids straight to Arrow
 (no attention masks, no offsets); packing streams the memory-mapped token column batch by batch
-through `launcher.packing` (numpy), so a corpus bigger than RAM works. The cache key covers the
-corpus, the tokenizer and every preprocessing setting.
+through `launcher.packing` (numpy), so a corpus bigger than RAM works. The cache key is the
+corpus fingerprint, the tokenizer and every setting the schema marks as affecting preprocessing
+(launcher/identity.py).
 """
 
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
-import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import torch
 from datasets import Dataset, Features, List, Value, load_from_disk
 from datasets.arrow_writer import ArrowWriter
-from omegaconf import DictConfig
-from torchdata.stateful_dataloader import StatefulDataLoader
+from omegaconf import DictConfig, open_dict
 from tqdm.auto import tqdm
 
-from launcher.corpus import raw_splits, source_fingerprint
-from launcher.distributed import World, barrier
-from launcher.errors import ConfigError
+from launcher.atomic import atomic_directory, is_complete
+from launcher.distributed import World, on_rank0_then_all
+from launcher.errors import ConfigError, at_least, choice_error
+from launcher.identity import identity
 from launcher.packing import Documents, Packer, PackingSpec
-from launcher.sampler import ResumableDistributedSampler
-
-# torchdata's StatefulDataLoader still calls a deprecated torch API on every construction.
-warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+from launcher.schema import PREPROCESSING
+from launcher.sources import SOURCES, DataSource, source_of
 
 log = logging.getLogger("hydralm")
 
-PREPROCESS_VERSION = 2
-COMPLETE_MARKER = "COMPLETE"
+PACKING_TYPES = ("full", "partial")
+
+PREPROCESS_VERSION = 3
 TOKENIZE_BATCH = 1000  # documents per tokenizer call
 PACK_BATCH = 20_000  # documents per packing step (bounds memory, not speed)
 ROW_FEATURES = Features({
@@ -52,6 +50,9 @@ TOKEN_FEATURES = Features({
     "source_index": Value("int64"),
 })
 
+# build(cfg, tokenizer, raw splits, staging dir) -> report: writes {train,eval}/ into the staging dir.
+Builder = Callable[[DictConfig, object, dict, Path], dict]
+
 
 def cache_root(data_cfg: DictConfig) -> Path:
     default = os.environ.get("HYDRALM_CACHE", Path.home() / ".cache" / "hydralm")
@@ -60,43 +61,98 @@ def cache_root(data_cfg: DictConfig) -> Path:
 
 def tokenizer_fingerprint(tokenizer) -> str:
     spec = tokenizer.backend_tokenizer.to_str() + json.dumps(tokenizer.special_tokens_map, sort_keys=True)
+    spec += str(getattr(tokenizer, "chat_template", None))
     return hashlib.sha256(spec.encode()).hexdigest()
 
 
 def prepared_splits(cfg: DictConfig, tokenizer, world: World) -> dict[str, Dataset]:
-    """{"train", "eval"} token datasets: read from disk, or preprocessed once (rank 0) and cached."""
-    data = cfg.data
-    if data.source == "preprocessed":
-        return {"train": _load(data.train_ds, "data.train_ds"), "eval": _load(data.eval_ds, "data.eval_ds")}
-    raw = raw_splits(data)
-    settings = preprocess_settings(cfg, tokenizer, raw)
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_root(data) / data.source / key
-    if world.is_main and not is_up_to_date(path, settings):
-        build_and_save(cfg, tokenizer, raw, path, settings)
-    barrier()
+    """{"train", "eval"} rows for language modelling: read as they are (data.source=preprocessed),
+    or preprocessed once and cached."""
+    source = source_of(cfg.data)
+    if source.tokenized:
+        return source.splits()
+    return cached_splits(cfg, tokenizer, world, source, "rows", build_rows)
+
+
+def cached_splits(cfg: DictConfig, tokenizer, world: World, source: DataSource, kind: str,
+                  build: Builder) -> dict[str, Dataset]:
+    """Rank 0 finds or builds the cache entry of `kind` (rows, pairs, ...); every rank then reads
+    it. A ConfigError on rank 0 reaches every rank, so no rank waits for one that gave up."""
+
+    def find_or_build() -> str:
+        raw = source.splits()
+        settings = preprocess_settings(cfg, tokenizer, source, raw, kind)
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        path = cache_root(cfg.data) / str(cfg.data.source) / key
+        if not is_up_to_date(path, settings):
+            build_and_save(cfg, tokenizer, raw, path, settings, build)
+        return str(path)
+
+    path = Path(on_rank0_then_all(find_or_build, world))
     return {name: load_from_disk(str(path / name)) for name in ("train", "eval")}
 
 
-def preprocess_settings(cfg: DictConfig, tokenizer, raw: dict[str, Dataset | None]) -> dict:
-    """Everything the packed result depends on: the cache key, and a record next to the data."""
-    data = cfg.data
+def preprocess_settings(cfg: DictConfig, tokenizer, source: DataSource, raw: dict, kind: str) -> dict:
+    """Everything the preprocessed result depends on: the cache key, and a record next to the data."""
     return {
         "version": PREPROCESS_VERSION,
-        "source": data.source,
-        "corpus": {name: source_fingerprint(data, dataset) for name, dataset in raw.items()},
+        "kind": kind,
+        "corpus": source.fingerprint(raw),
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "max_seq_len": cfg.train.max_seq_len,
-        **{key: data[key] for key in (
-            "data_field", "pre_pend", "add_bos_eos_tokens", "separator", "truncate", "packing_type",
-            "overlap", "ignore_index", "eval_every", "eval_split", "split")},
+        **{key.removeprefix("data."): value for key, value in identity(cfg, PREPROCESSING).items()},
     }
 
 
 def is_up_to_date(path: Path, settings: dict) -> bool:
     """A complete result of exactly these settings is already at `path`."""
     record = path / "settings.json"
-    return (path / COMPLETE_MARKER).exists() and record.exists() and json.loads(record.read_text()) == settings
+    return is_complete(path) and record.is_file() and json.loads(record.read_text()) == settings
+
+
+def check_data(cfg: DictConfig) -> None:
+    """Before any loading: batch sizes, the source's own keys, then preprocessing."""
+    data = cfg.data
+    at_least(data.train_bs, 1, "data.train_bs")
+    at_least(data.eval_bs, 1, "data.eval_bs")
+    at_least(data.eval_every, 2, "data.eval_every")
+    at_least(data.num_proc, 1, "data.num_proc")
+    source = SOURCES.get(data.source)
+    source.check(data)
+    if not source.tokenized:
+        check_preprocessing(data, cfg.train.max_seq_len)
+
+
+def check_preprocessing(data: DictConfig, max_seq_len: int) -> None:
+    """The preprocessing keys and their combinations (VectorLM's `seperator` spelling accepted)."""
+    with open_dict(data):
+        if data.seperator is not None:  # VectorLM's spelling
+            if data.separator is not None and data.separator != data.seperator:
+                raise ConfigError(f"data.separator={data.separator!r} and its alias data.seperator={data.seperator!r} differ")
+            data.separator = data.seperator
+    if data.separator == "":
+        raise ConfigError("data.separator must not be empty")
+    if not data.data_field:
+        raise ConfigError("data.data_field must name the text column")
+    if data.dataset_format != "hf":
+        raise choice_error("data.dataset_format", data.dataset_format, ("hf",))
+    if data.packing_type is not None and data.packing_type not in PACKING_TYPES:
+        raise choice_error("data.packing_type", data.packing_type, PACKING_TYPES)
+    if data.truncate and data.packing_type is not None:
+        raise ConfigError(
+            f"data.truncate=true and data.packing_type={data.packing_type} exclude each other: "
+            "truncate cuts each example to one row, packing chunks them"
+        )
+    at_least(data.overlap, 0, "data.overlap")
+    if data.overlap and data.packing_type is None:
+        raise ConfigError(f"data.overlap={data.overlap} needs data.packing_type (full or partial)")
+    chunk = max_seq_len - 2 if data.add_bos_eos_tokens else max_seq_len
+    if data.overlap >= chunk:
+        raise ConfigError(
+            f"data.overlap={data.overlap} must be smaller than the chunk size {chunk} "
+            f"(train.max_seq_len{' - 2 for BOS/EOS' if data.add_bos_eos_tokens else ''})"
+        )
+    if data.document_mask and data.packing_type != "full":
+        raise ConfigError("data.document_mask=true needs data.packing_type=full (only full packing puts several documents in a row)")
 
 
 def packing_spec(cfg: DictConfig, tokenizer) -> PackingSpec:
@@ -113,30 +169,30 @@ def packing_spec(cfg: DictConfig, tokenizer) -> PackingSpec:
     return PackingSpec(mode, cfg.train.max_seq_len, data.overlap, bos_eos, data.ignore_index)
 
 
-def build_and_save(cfg: DictConfig, tokenizer, raw: dict[str, Dataset | None], path: Path, settings: dict) -> dict:
-    """Tokenize and pack into `path` ({train,eval}/, settings.json, report.json). Everything is
-    written next to the target and renamed, so a failure never leaves a half-written dataset."""
+def build_and_save(cfg: DictConfig, tokenizer, raw: dict, path: Path, settings: dict,
+                   build: Builder = None) -> dict:
+    """Preprocess into `path` ({train,eval}/, settings.json, report.json), atomically: a failure
+    never leaves a half-written dataset."""
+    build = build or build_rows
+    with atomic_directory(path) as staging:
+        clock = time.perf_counter()
+        report = build(cfg, tokenizer, raw, staging)
+        report.setdefault("seconds", {})["total"] = time.perf_counter() - clock
+        (staging / "settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True))
+        (staging / "report.json").write_text(json.dumps(report, indent=2))
+    _warn_about(report, cfg)
+    return report
+
+
+def build_rows(cfg: DictConfig, tokenizer, raw: dict, out: Path) -> dict:
+    """Language-modelling rows: tokenize, pack, save {train,eval} under `out`."""
     spec = packing_spec(cfg, tokenizer)
     data = cfg.data
     for dataset in raw.values():
         if dataset is not None and data.data_field not in dataset.column_names:
             raise ConfigError(f"data.data_field={data.data_field} is not a column of the dataset; "
                               f"columns: {', '.join(dataset.column_names)}")
-    partial = path.with_name(path.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        report = _build(raw, tokenizer, spec, data, partial)
-        (partial / "settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True))
-        (partial / "report.json").write_text(json.dumps(report, indent=2))
-        (partial / COMPLETE_MARKER).touch()
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    shutil.rmtree(path, ignore_errors=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(partial, path)
-    _warn_about(report, cfg)
-    return report
+    return _build(raw, tokenizer, spec, data, out)
 
 
 def _build(raw: dict[str, Dataset | None], tokenizer, spec: PackingSpec, data: DictConfig, out: Path) -> dict:
@@ -277,89 +333,3 @@ def _warn_about(report: dict, cfg: DictConfig) -> None:
             "set data.packing_type or data.truncate=true to cut them",
             report["longer_than_max_seq_len"], report["examples"], cfg.train.max_seq_len,
         )
-
-
-def _load(path: str, key: str) -> Dataset:
-    dataset = load_from_disk(path)
-    if not isinstance(dataset, Dataset) or "input_ids" not in dataset.column_names:
-        raise ConfigError(f"{key}={path} is not a preprocessed dataset with an input_ids column")
-    return dataset
-
-
-class PadCollator:
-    """Right-pads a list of rows into tensors; padded labels are ignored by the loss.
-
-    With `document_mask`, the batch carries the rows' per-document `position_ids` (the model then
-    keeps packed documents apart, see `tasks.train.model_inputs`) and the first token of every
-    document is not a target: predicting it would need the previous document.
-    """
-
-    def __init__(self, pad_id: int, ignore_index: int, document_mask: bool = False):
-        self.pad_id, self.ignore_index, self.document_mask = pad_id, ignore_index, document_mask
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(row["input_ids"]) for row in rows)
-        input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
-        labels = np.full((len(rows), width), self.ignore_index, dtype=np.int64)
-        position_ids = np.zeros((len(rows), width), dtype=np.int64)
-        for i, row in enumerate(rows):
-            n = len(row["input_ids"])
-            input_ids[i, :n], labels[i, :n] = row["input_ids"], row["labels"]
-            position_ids[i, :n] = row["position_ids"] if "position_ids" in row else np.arange(n)
-        batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
-        if self.document_mask:
-            labels[position_ids == 0] = self.ignore_index
-            batch["position_ids"] = torch.from_numpy(position_ids)
-        return batch
-
-
-class EvenShard(torch.utils.data.Dataset):
-    """This rank's strided share of an eval set, padded so every rank runs the same number of
-    forward passes (FSDP collectives must match); padding rows carry only ignored labels."""
-
-    def __init__(self, dataset: Dataset, world: World, ignore_index: int):
-        self.dataset, self.world, self.ignore_index = dataset, world, ignore_index
-        self.length = math.ceil(len(dataset) / world.size)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int) -> dict:
-        index = self.world.rank + i * self.world.size
-        if index < len(self.dataset):
-            return self.dataset[index]
-        row = dict(self.dataset[0])
-        row["labels"] = np.full(len(row["labels"]), self.ignore_index)
-        return row
-
-
-def train_loader(dataset: Dataset, cfg: DictConfig, world: World, pad_id: int) -> StatefulDataLoader:
-    sampler = ResumableDistributedSampler(len(dataset), world.size, world.rank, cfg.train.seed)
-    return StatefulDataLoader(
-        dataset.with_format("numpy"),
-        batch_size=cfg.data.train_bs,
-        sampler=sampler,
-        drop_last=True,
-        collate_fn=PadCollator(pad_id, cfg.data.ignore_index, cfg.data.document_mask),
-        num_workers=cfg.data.num_workers,
-        pin_memory=world.device.type == "cuda",  # lets the step's host-to-device copies run async
-        generator=_own_generator(cfg),
-    )
-
-
-def _own_generator(cfg: DictConfig) -> torch.Generator:
-    """Each new iterator draws a worker seed; from its own generator, that draw leaves the global
-    RNG alone, so dropout after a resume sees the same random stream as the uninterrupted run."""
-    return torch.Generator().manual_seed(cfg.train.seed)
-
-
-def eval_loader(dataset: Dataset, cfg: DictConfig, world: World, pad_id: int) -> StatefulDataLoader:
-    return StatefulDataLoader(
-        EvenShard(dataset.with_format("numpy"), world, cfg.data.ignore_index),
-        batch_size=cfg.data.eval_bs,
-        collate_fn=PadCollator(pad_id, cfg.data.ignore_index, cfg.data.document_mask),
-        num_workers=cfg.data.num_workers,
-        pin_memory=world.device.type == "cuda",  # lets the step's host-to-device copies run async
-        generator=_own_generator(cfg),
-    )
-

@@ -1,14 +1,19 @@
-"""The process group every task runs in: world size 1 when started plainly, torchrun's otherwise."""
+"""The process group every task runs in: world size 1 when started plainly, torchrun's or a
+SLURM job's (through submitit) otherwise."""
 
 import os
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from launcher.errors import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -31,8 +36,6 @@ def _env_int(name: str, default: int) -> int:
 @contextmanager
 def distributed(backend: str = "auto") -> Iterator[World]:
     """Join (or create) the default process group and tear it down afterwards."""
-    from launcher.cluster import in_submitit_job, submitit_environment
-
     if "RANK" not in os.environ and in_submitit_job():  # a SLURM task: no torchrun, submitit knows the ranks
         os.environ.update(submitit_environment())
     launched = "RANK" in os.environ
@@ -69,3 +72,52 @@ def seed_everything(seed: int) -> None:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def on_rank0_then_all(work: Callable[[], T], world: World) -> T:
+    """Run `work` on rank 0 alone and hand its result to every rank. A ConfigError on rank 0 is
+    raised on every rank (each prints its one line and exits), so no rank waits for a rank 0
+    that gave up."""
+    if world.size == 1:
+        return work()
+    outcome = [None]
+    if world.is_main:
+        try:
+            outcome = [("ok", work())]
+        except ConfigError as err:
+            outcome = [("config_error", str(err))]
+        except BaseException as err:
+            dist.broadcast_object_list([("crash", f"{type(err).__name__}: {err}")], src=0)
+            raise
+    dist.broadcast_object_list(outcome, src=0)
+    status, value = outcome[0]
+    if status == "config_error":
+        raise ConfigError(value)
+    if status == "crash":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
+
+
+# ---------------------------------------------------------------- ranks of a SLURM job (submitit)
+
+
+def in_submitit_job() -> bool:
+    return "SUBMITIT_FOLDER" in os.environ and "SUBMITIT_EXECUTOR" in os.environ
+
+
+def submitit_environment() -> dict[str, str]:
+    """RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT of this submitit task:
+    there is no torchrun inside a SLURM job, submitit's JobEnvironment knows the ranks."""
+    import submitit
+
+    job = submitit.JobEnvironment()
+    job_id = int(os.environ.get("SLURM_JOB_ID", "0"))
+    return {
+        "RANK": str(job.global_rank),
+        "LOCAL_RANK": str(job.local_rank),
+        "WORLD_SIZE": str(job.num_tasks),
+        "LOCAL_WORLD_SIZE": str(job.num_tasks // job.num_nodes),
+        "MASTER_ADDR": job.hostnames[0],
+        # One port per job (and per requeue: the previous incarnation's socket may linger).
+        "MASTER_PORT": str(20000 + (job_id * 7 + int(os.environ.get("SLURM_RESTART_COUNT", "0"))) % 20000),
+    }

@@ -1,4 +1,7 @@
-"""The one exception type for bad input: the entry point prints it as a single line."""
+"""The one exception type for bad input (the entry point prints it as a single line), and the
+small checks that raise it."""
+
+import inspect
 
 
 class ConfigError(ValueError):
@@ -8,3 +11,20 @@ class ConfigError(ValueError):
 def choice_error(key: str, value: object, choices) -> ConfigError:
     listed = ", ".join(str(c) for c in choices)
     return ConfigError(f"{key}={value!r} is not valid; choose one of: {listed}")
+
+
+def at_least(value, minimum, key: str) -> None:
+    if value is not None and value < minimum:
+        raise ConfigError(f"{key}={value} must be >= {minimum}")
+
+
+def check_arguments(key: str, options, function, name: str, reserved=(), noun: str = "argument") -> None:
+    """Every key of `options` is a keyword argument of `function` (called `name` in messages);
+    `reserved` arguments are set by hydralm, not by the config."""
+    valid = [p for p in inspect.signature(function).parameters if p not in reserved]
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        article = "an" if noun[0] in "aeiou" else "a"
+        raise ConfigError(f"{key}.{unknown[0]} is not {article} {noun} of {name}"
+                          + (" (hydralm sets it)" if unknown[0] in reserved else "")
+                          + f"; valid {noun}s: {', '.join(valid)}")

@@ -9,16 +9,16 @@ gathered weights beyond its own shard of the model (the other ranks: one tensor)
 
 import json
 import os
-import shutil
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.tensor import DTensor
 
+from launcher.atomic import atomic_directory, begin, commit
 from launcher.distributed import World, barrier
+from launcher.lora import is_lora_model, reload_lora_model, trainable_state_dict
 from launcher.modeling import base_model_class
 
 MERGED_SUFFIX = "-merged"
@@ -26,45 +26,40 @@ MAX_SHARD_BYTES = 2 * 1024**3
 INDEX_FILE = "model.safetensors.index.json"
 
 
+def save_final_model(model: torch.nn.Module, tokenizer, out_dir: Path, world: World, merge_lora: bool) -> None:
+    """Collective: the model a training run ends with, as HF weights or (peft=lora) adapters."""
+    if is_lora_model(model):
+        save_lora_adapter(model, tokenizer, out_dir, world, merge=merge_lora)
+    else:
+        save_hf_model(model, tokenizer, out_dir, world)
+
+
 def save_hf_model(
     model: torch.nn.Module, tokenizer, out_dir: Path, world: World, max_shard_bytes: int = MAX_SHARD_BYTES
 ) -> None:
-    """Collective: every rank calls it; rank 0 writes `out_dir` atomically (tmp dir + rename)."""
-    partial = out_dir.with_name(out_dir.name + ".partial")
+    """Collective: every rank calls it; rank 0 writes `out_dir` atomically (launcher/atomic.py)."""
+    staging = begin(out_dir) if world.is_main else None
     if world.is_main:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        save_hf_metadata(model, tokenizer, partial)
-    _write_weight_shards(model, partial, world, max_shard_bytes)
+        save_hf_metadata(model, tokenizer, staging)
+    _write_weight_shards(model, staging, world, max_shard_bytes)
     if world.is_main:
-        previous = out_dir.with_name(out_dir.name + ".previous")
-        if out_dir.exists():
-            os.replace(out_dir, previous)
-        os.replace(partial, out_dir)
-        shutil.rmtree(previous, ignore_errors=True)
+        commit(staging, out_dir)
     barrier()
 
 
 def save_lora_adapter(model: torch.nn.Module, tokenizer, out_dir: Path, world: World, merge: bool) -> None:
     """Collective. `out_dir`: the adapters only (`PeftModel.from_pretrained(base, out_dir)`; the
     base is recorded in adapter_config.json). merge: also `<out_dir>-merged`, a plain HF model."""
-    from launcher.lora import reload_lora_model, trainable_state_dict
-
     state = trainable_state_dict(model)
     if world.is_main:
 
-        def write(directory: Path) -> None:
-            model.save_pretrained(directory, state_dict=state)  # peft keeps the adapter keys
-            tokenizer.save_pretrained(directory)
-
-        _write_atomically(out_dir, write)
+        with atomic_directory(out_dir) as staging:
+            model.save_pretrained(staging, state_dict=state)  # peft keeps the adapter keys
+            tokenizer.save_pretrained(staging)
         if merge:  # the researcher's reload path, so the merged model is what the adapters give
-
-            def write_merged(directory: Path) -> None:
-                reload_lora_model(out_dir).merge_and_unload().save_pretrained(directory)
-                tokenizer.save_pretrained(directory)
-
-            _write_atomically(merged_dir(out_dir), write_merged)
+            with atomic_directory(merged_dir(out_dir)) as staging:
+                reload_lora_model(out_dir).merge_and_unload().save_pretrained(staging)
+                tokenizer.save_pretrained(staging)
     barrier()
 
 
@@ -74,23 +69,9 @@ def merged_dir(adapter_dir: Path) -> Path:
 
 def save_base_model(model: torch.nn.Module, tokenizer, out_dir: Path) -> None:
     """The unwrapped model as it is now (before adapters and sharding), for adapters to apply to."""
-    def write(directory: Path) -> None:
-        model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-
-    _write_atomically(out_dir, write)
-
-
-def _write_atomically(out_dir: Path, write: Callable[[Path], None]) -> None:
-    """`write` fills a temporary sibling directory, which then replaces `out_dir`."""
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    write(partial)
-    previous = out_dir.with_name(out_dir.name + ".previous")
-    if out_dir.exists():
-        os.replace(out_dir, previous)
-    os.replace(partial, out_dir)
-    shutil.rmtree(previous, ignore_errors=True)
+    with atomic_directory(out_dir) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
 
 
 def save_hf_metadata(model: torch.nn.Module, tokenizer, directory: Path) -> None:

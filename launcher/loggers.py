@@ -1,7 +1,9 @@
 """Where metric rows go besides metrics.jsonl (the `logger` group): wandb and TensorBoard.
 
-Loggers live on rank 0 only and see a row only when metrics.jsonl does, once per logging interval,
-so they add nothing to the training step. Everything hydralm writes about the config (the run
+Each `logger.<name>` node names its class with `_target_`; its other keys are the class's
+keyword arguments. A logger of your own is one class (subclass Logger) and one YAML file in
+conf/logger/. Loggers live on rank 0 only and see a row only when metrics.jsonl does, once per
+logging interval, so they add nothing to the training step. Everything hydralm writes about the config (the run
 config of the loggers, Hydra's .hydra/ dumps) passes through `scrub` first: values of keys named
 like a secret (`api_key`, `hf_token`, `password`, `client_secret`, ...) are replaced by `***`.
 """
@@ -13,7 +15,10 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
+
+from launcher.errors import ConfigError, check_arguments
 
 REDACTED = "***"
 _SECRET_NAME = re.compile(r"(^|[_\-])(api_?key|key|token|password|passwd|secret)$", re.IGNORECASE)
@@ -83,26 +88,65 @@ def scrub_hydra_outputs() -> None:
 def open_loggers(cfg: DictConfig, output_dir: Path) -> list:
     """The loggers `cfg.logger` selects (call on rank 0 only)."""
     loggers = []
-    if cfg.logger.wandb is not None:
-        loggers.append(WandbLogger(cfg, output_dir))
-    if cfg.logger.tensorboard is not None:
-        loggers.append(TensorboardLogger(cfg, output_dir))
+    for node in cfg.logger.values():
+        options = OmegaConf.to_container(node, resolve=True)
+        loggers.append(get_class(options.pop("_target_"))(cfg, output_dir, **options))
     return loggers
+
+
+def check_loggers(logger: DictConfig) -> None:
+    """Each logger's class imports and takes its keys; before any work."""
+    for name, node in logger.items():
+        target = node.get("_target_") if OmegaConf.is_dict(node) else None
+        if target is None:
+            raise ConfigError(f"logger.{name}._target_ must name a logger class, e.g. launcher.loggers.WandbLogger")
+        try:
+            logger_class = get_class(target)
+        except Exception as err:  # noqa: BLE001 (any import failure is the user's path)
+            raise ConfigError(f"logger.{name}._target_={target} cannot be imported: {err}") from None
+        logger_class.check(name, {k: v for k, v in node.items() if k != "_target_"})
+
+
+class Logger:
+    """A destination for metric rows besides metrics.jsonl."""
+
+    def __init__(self, cfg: DictConfig, output_dir: Path):
+        self.cfg, self.output_dir = cfg, output_dir
+
+    @classmethod
+    def check(cls, name: str, options: dict) -> None:
+        """Before any work: `options` are keyword arguments of this class."""
+        check_arguments(f"logger.{name}", options, cls.__init__, cls.__name__, ("self", "cfg", "output_dir"))
+
+    def log(self, row: dict) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
 
 
 def _numbers(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
 
 
-class WandbLogger:
+class WandbLogger(Logger):
     """One wandb run per output directory: its id is kept in `<output_dir>/wandb_run_id`, so a
-    resumed or requeued job (same output_dir) continues the same run."""
+    resumed or requeued job (same output_dir) continues the same run. Every option is passed to
+    wandb.init (VectorLM's `wandb_config`)."""
 
-    def __init__(self, cfg: DictConfig, output_dir: Path):
+    def __init__(self, cfg: DictConfig, output_dir: Path, **init_options):
         import wandb
 
+        super().__init__(cfg, output_dir)
         with _scrubbed_argv():  # wandb records the command line with the run
             self.run = wandb.init(**wandb_init_kwargs(cfg, output_dir))
+
+    @classmethod
+    def check(cls, name: str, options: dict) -> None:
+        import wandb
+
+        check_arguments(f"logger.{name}", options, wandb.init, "wandb.init", WANDB_RESERVED)
 
     def log(self, row: dict) -> None:
         self.run.log(_numbers(row), step=row["step"])
@@ -125,6 +169,7 @@ def wandb_init_kwargs(cfg: DictConfig, output_dir: Path) -> dict:
     """hydralm's defaults, then `logger.wandb` (the user's keys win), then the composed config."""
     defaults = {"dir": str(output_dir), "id": wandb_run_id(output_dir), "resume": "allow", **_sweep_grouping()}
     user = OmegaConf.to_container(cfg.logger.wandb, resolve=True)
+    user.pop("_target_", None)
     return {**defaults, **user, "config": scrubbed_config(cfg)}
 
 
@@ -148,13 +193,15 @@ def _sweep_grouping() -> dict:
     return {"group": str(hydra_cfg.sweep.dir), "name": scrub(hydra_cfg.job.override_dirname) or f"job{hydra_cfg.job.num}"}
 
 
-class TensorboardLogger:
-    """Scalars under their metrics.jsonl names at the optimizer step; the config as text."""
+class TensorboardLogger(Logger):
+    """Scalars under their metrics.jsonl names at the optimizer step; the config as text.
+    Event files go to `log_dir` (default <output_dir>/tensorboard)."""
 
-    def __init__(self, cfg: DictConfig, output_dir: Path):
+    def __init__(self, cfg: DictConfig, output_dir: Path, log_dir: str | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(cfg.logger.tensorboard.log_dir or str(output_dir / "tensorboard"))
+        super().__init__(cfg, output_dir)
+        self.writer = SummaryWriter(log_dir or str(output_dir / "tensorboard"))
         config_yaml = OmegaConf.to_yaml(OmegaConf.create(scrubbed_config(cfg)))
         self.writer.add_text("config", "```\n" + config_yaml + "\n```")
 
@@ -165,3 +212,4 @@ class TensorboardLogger:
 
     def close(self) -> None:
         self.writer.close()
+

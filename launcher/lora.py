@@ -24,6 +24,11 @@ def lora_enabled(peft_cfg: DictConfig) -> bool:
     return peft_cfg.name == "lora"
 
 
+def is_lora_model(model: torch.nn.Module) -> bool:
+    """A PeftModel (also under FSDP2's wrapper class)."""
+    return hasattr(model, "peft_config")
+
+
 def lora_config(peft_cfg: DictConfig):
     from peft import LoraConfig
 

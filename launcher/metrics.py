@@ -1,7 +1,6 @@
-"""What rank 0 shows and records while a run goes: a tqdm bar, metrics.jsonl and the loggers.
-
-Also the derived numbers of a log row: model FLOPs per token, MFU against the device's peak, and
-peak memory.
+"""What a run measures and records: metric sums kept on the device between log points (Window),
+the rows rank 0 shows and writes (a tqdm bar, metrics.jsonl and the loggers), and the derived
+numbers of a row: model FLOPs per token, MFU against the device's peak, and peak memory.
 """
 
 import json
@@ -11,7 +10,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
+
+from launcher.run_dir import METRICS
 
 # Dense (no sparsity) bf16 tensor-core peak FLOP/s per device, matched as substrings of
 # torch.cuda.get_device_name(), most specific first. `train.peak_flops_per_device` overrides.
@@ -35,6 +37,59 @@ PEAK_BF16_FLOPS = (
 )
 
 
+class Window:
+    """Named sums since the last log point, on this rank and on the device: adding a step's
+    values never waits for the device; `global_sums` (one all-reduce, one host read) does."""
+
+    def __init__(self, names, device: torch.device):
+        self.names = list(names)
+        self.values = torch.zeros(len(self.names), dtype=torch.float64, device=device)
+
+    def add(self, **values: torch.Tensor) -> None:
+        self.values += torch.stack([values[name].detach().to(torch.float64) for name in self.names])
+
+    def global_sums(self) -> dict[str, float]:
+        """Sums over all ranks, read on the host."""
+        values = self.values
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            values = values.clone()
+            dist.all_reduce(values)
+        return dict(zip(self.names, values.tolist()))
+
+    def reset(self) -> None:
+        self.values.zero_()
+
+    def state_dict(self) -> dict[str, float]:
+        return dict(zip(self.names, self.values.tolist()))
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.reset()
+        self.add_state_dict(state)
+
+    def add_state_dict(self, state: dict[str, float]) -> None:
+        extra = torch.tensor([state.get(name, 0.0) for name in self.names], dtype=torch.float64)
+        self.values += extra.to(self.values.device)
+
+
+class Throughput:
+    """tokens/s (input tokens, padding excluded), per device, MFU (when the device's peak FLOP/s
+    is known) and peak memory, for a train row."""
+
+    def __init__(self, model, trainable: int, total: int, seq_len: int, world, peak_flops: Optional[float]):
+        embedding = model.get_input_embeddings().weight.numel()
+        self.flops_per_token = flops_per_token(model.config, total, trainable, embedding, seq_len)
+        self.peak_flops = peak_flops_per_device(world.device, peak_flops)
+        self.world = world
+
+    def row(self, tokens: float, seconds: float) -> dict:
+        per_device = tokens / seconds / self.world.size
+        row = {"tokens_per_s": tokens / seconds, "tokens_per_s_per_device": per_device}
+        if self.peak_flops:
+            row["mfu"] = per_device * self.flops_per_token / self.peak_flops
+        row["peak_mem_gib"] = peak_memory_gib(self.world.device)
+        return row
+
+
 class RunLog:
     """Rank 0 writes; on other ranks every method is a no-op.
 
@@ -44,7 +99,7 @@ class RunLog:
     def __init__(self, output_dir: Path, total_steps: int, enabled: bool, loggers=(), description: str = "train"):
         self.enabled = enabled
         self.loggers = list(loggers)
-        self.file = open(output_dir / "metrics.jsonl", "a") if enabled else None
+        self.file = open(output_dir / METRICS, "a") if enabled else None
         self.bar = tqdm(total=total_steps, desc=description, unit="step", disable=not enabled, dynamic_ncols=True)
 
     def advance(self) -> None:

@@ -1,13 +1,18 @@
 """Tokenizer and model construction: a local HF checkpoint, or a random init from a config."""
 
 import importlib.util
+import json
 import math
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from launcher.distributed import World
+from launcher.errors import ConfigError, choice_error
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 
 
 def load_tokenizer(model_cfg: DictConfig) -> PreTrainedTokenizerBase:
@@ -80,3 +85,43 @@ def base_model_class(model: torch.nn.Module) -> type:
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     return next(c for c in type(model).__mro__ if issubclass(c, PreTrainedModel) and not c.__name__.startswith("FSDP"))
+
+
+def check_model(model: DictConfig, max_seq_len: int) -> dict:
+    """The model exists where it is said to be and fits `train.max_seq_len`; its HF config."""
+    if model.attention not in ATTENTION_IMPLEMENTATIONS:
+        raise choice_error("model.attention", model.attention, ATTENTION_IMPLEMENTATIONS)
+    if model.attention == "flash_attention_2" and not (torch.cuda.is_available() and importlib.util.find_spec("flash_attn")):
+        raise ConfigError(
+            "model.attention=flash_attention_2 needs a CUDA device and the flash_attn package "
+            "(pip install 'hydralm[flash]'); use model.attention=sdpa or auto"
+        )
+    if model.path is None and model.config is None:
+        raise ConfigError("model.path (a local HF checkpoint) or model.config (random init) must be set")
+    if model.path is not None:
+        hf_config = read_hf_config(model.path, "model.path")
+    else:
+        hf_config = dict(model.config)
+    tokenizer = model.tokenizer or model.path
+    if tokenizer is None or not Path(tokenizer).is_dir():
+        raise ConfigError(f"model.tokenizer={tokenizer} does not exist (a directory with a HF tokenizer)")
+    max_positions = hf_config.get("max_position_embeddings")
+    if max_positions is not None and max_seq_len > max_positions:
+        raise ConfigError(
+            f"train.max_seq_len={max_seq_len} exceeds the model's max_position_embeddings={max_positions}"
+        )
+    return hf_config
+
+
+def read_hf_config(path: str, key: str) -> dict:
+    if not Path(path).is_dir():
+        raise ConfigError(f"{key}={path} does not exist (a directory with HF weights and tokenizer)")
+    config_file = Path(path) / "config.json"
+    if (Path(path) / "adapter_config.json").is_file() and not config_file.is_file():
+        raise ConfigError(
+            f"{key}={path} is a LoRA adapter directory, not a model; use the merged model that "
+            "export.merge_lora=true writes next to it (final-model-merged)"
+        )
+    if not config_file.is_file():
+        raise ConfigError(f"{key}={path} has no config.json: not a HuggingFace model directory")
+    return json.loads(config_file.read_text())

@@ -7,13 +7,15 @@ step, `observe_eval(loss)` after each evaluation, `get_last_lr()`, and state_dic
 import math
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
-from launcher.errors import ConfigError
+from launcher.errors import ConfigError, check_arguments, choice_error
 
 PLATEAU_WITH_WARMUP = "plateau_with_warmup"
+# VectorLM's spellings.
+SCHEDULER_ALIASES = {"plataeu-with-warmup": PLATEAU_WITH_WARMUP, "plateau-with-warmup": PLATEAU_WITH_WARMUP}
 EVAL_DRIVEN = ("reduce_lr_on_plateau", "greedy")  # transformers' schedulers stepped with a metric
 
 
@@ -97,6 +99,33 @@ def build_scheduler(optimizer: torch.optim.Optimizer, scheduler_cfg: DictConfig,
     return StepSchedule(scheduler)
 
 
+def scheduler_names() -> list[str]:
+    from transformers import SchedulerType
+
+    return [s.value for s in SchedulerType] + [PLATEAU_WITH_WARMUP]
+
+
 def check_scheduler(scheduler_cfg: DictConfig) -> None:
-    """Build the schedule on a throwaway parameter so bad kwargs fail before any model loads."""
+    """Accept VectorLM's spelling, check the name and ratio, then build the schedule on a
+    throwaway parameter so bad kwargs fail before any model loads."""
+    with open_dict(scheduler_cfg):
+        scheduler_cfg.name = SCHEDULER_ALIASES.get(scheduler_cfg.name, scheduler_cfg.name)
+    if not 0 <= scheduler_cfg.warmup_ratio <= 1:
+        raise ConfigError(f"scheduler.warmup_ratio={scheduler_cfg.warmup_ratio} must be in [0, 1]")
+    names = scheduler_names()
+    if scheduler_cfg.name not in names:
+        raise choice_error("scheduler.name", scheduler_cfg.name, names)
     build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), scheduler_cfg, total_steps=100)
+
+
+def check_optimizer(optimizer_cfg: DictConfig) -> None:
+    """`_target_` imports and every other key is a parameter of it (spell-sensitive)."""
+    target = optimizer_cfg.get("_target_")
+    if target is None:
+        raise ConfigError("optimizer._target_ must name an optimizer class, e.g. torch.optim.AdamW")
+    try:
+        optimizer_class = get_class(target)
+    except Exception as err:  # noqa: BLE001 (any import failure is the user's path)
+        raise ConfigError(f"optimizer._target_={target} cannot be imported: {err}") from None
+    options = [k for k in optimizer_cfg if k != "_target_"]
+    check_arguments("optimizer", options, optimizer_class, target, ("self", "params"), noun="parameter")

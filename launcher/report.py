@@ -18,6 +18,8 @@ from typing import Optional
 
 import yaml
 
+from launcher.errors import ConfigError
+
 BEST_MARK = "★ best"
 
 
@@ -153,6 +155,17 @@ def write_report(directory: Path, out_dir: Optional[Path] = None) -> dict:
     losses = [(run.final_eval_loss, run.name) for run in runs if run.final_eval_loss is not None]
     return {"report": str(report), "plots": [str(out_dir / n) for n in plots], "table": table,
             "best_run": min(losses)[1] if losses else None}
+
+
+def check_report(cfg) -> None:
+    """task=report's check: `report.dir` holds runs."""
+    report = cfg.report
+    if report.dir is None:
+        raise ConfigError("report.dir must be set: a run directory or a multirun sweep directory")
+    if not Path(report.dir).is_dir():
+        raise ConfigError(f"report.dir={report.dir} does not exist")
+    if not find_runs(Path(report.dir)):
+        raise ConfigError(f"report.dir={report.dir} holds no metrics.jsonl (neither a run nor a sweep of runs)")
 
 
 def main(argv=None) -> None:

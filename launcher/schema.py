@@ -14,10 +14,22 @@ from omegaconf import MISSING, OmegaConf
 
 ASSETS_DIR = Path(__file__).parent / "assets"
 
+# What a setting affects, for launcher/identity.py: the preprocessed data (the cache key) and the
+# training run (what `resume` must match). A field without `affects` inherits its group's, so a
+# new key counts everywhere its group does until someone decides otherwise.
+PREPROCESSING, RUN = "preprocessing", "run"
+
+
+def affects(*purposes: str, default: Any = MISSING, factory: Any = None) -> Any:
+    metadata = {"affects": frozenset(purposes)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING
+    name: str = affects()
     # Local directory with HF weights + tokenizer (VectorLM's `model:`). None: random init from `config`.
     path: Optional[str] = None
     # HF config kwargs (must include `model_type`) for a randomly initialised model.
@@ -25,22 +37,22 @@ class ModelConfig:
     # Tokenizer directory; defaults to `path`.
     tokenizer: Optional[str] = None
     # auto | flash_attention_2 | sdpa | eager (transformers' attn_implementation).
-    attention: str = "auto"
+    attention: str = affects(default="auto")
     # Embedding rows are padded to a multiple of this (tensor-core friendly shapes).
     pad_vocab_to_multiple_of: int = 64
 
 
 @dataclass
 class DataConfig:
-    name: str = MISSING
+    name: str = affects()
     # Where the text comes from (docs/config.md, data section): pydoc (embedded corpus) | disk
     # (datasets.load_from_disk) | files (json/jsonl/csv/parquet/txt) | hub (datasets.load_dataset)
     # | preprocessed (`train_ds`/`eval_ds` already written by task=preprocess or VectorLM).
     source: str = "pydoc"
-    train_ds: Optional[str] = None
-    eval_ds: Optional[str] = None
-    train_bs: int = 8
-    eval_bs: int = 8
+    train_ds: Optional[str] = affects(RUN, default=None)
+    eval_ds: Optional[str] = affects(RUN, default=None)
+    train_bs: int = affects(RUN, default=8)
+    eval_bs: int = affects(default=8)
     ignore_index: int = -100
     # disk: the dataset directory; files: a file or glob; hub: the dataset name.
     load_path: Optional[str] = None
@@ -65,15 +77,15 @@ class DataConfig:
     # Tokens shared by consecutive chunks of one stream.
     overlap: int = 0
     # Packed documents do not attend to each other (per-document position_ids in training).
-    document_mask: bool = False
+    document_mask: bool = affects(RUN, default=False)
     # Accepted for VectorLM compatibility; `hf` is the only format.
     dataset_format: str = "hf"
     # task=preprocess writes {train,eval} datasets here (default: <output_dir>/data).
-    save_path: Optional[str] = None
+    save_path: Optional[str] = affects(default=None)
     # Where preprocessed datasets are cached; default $HYDRALM_CACHE or ~/.cache/hydralm.
-    cache_dir: Optional[str] = None
-    num_proc: Optional[int] = None
-    num_workers: int = 0
+    cache_dir: Optional[str] = affects(default=None)
+    num_proc: Optional[int] = affects(default=None)
+    num_workers: int = affects(default=0)
 
 
 @dataclass
@@ -105,28 +117,28 @@ class TrainConfig:
     # Cap on optimizer steps (None: run all epochs).
     max_steps: Optional[int] = None
     seed: int = 11
-    max_seq_len: int = 256
+    max_seq_len: int = affects(PREPROCESSING, RUN, default=256)
     gradient_accumulation_steps: int = 1
     # None disables clipping.
     max_grad_norm: Optional[float] = 1.0
     use_mp: bool = False
-    use_activation_checkpointing: bool = False
+    use_activation_checkpointing: bool = affects(default=False)
     # Checkpoint every k-th decoder layer (1: all; 2: half of them, trading memory for speed).
-    activation_checkpointing_every: int = 1
-    compile: bool = False
+    activation_checkpointing_every: int = affects(default=1)
+    compile: bool = affects(default=False)
     # Evaluate and log every `logging_steps` optimizer steps (VectorLM semantics).
-    logging_steps: int = 20
+    logging_steps: int = affects(default=20)
     # Cap on eval batches per evaluation (None: the whole eval set).
-    max_eval_batches: Optional[int] = None
+    max_eval_batches: Optional[int] = affects(default=None)
     # Dense bf16 FLOP/s of one device for the `mfu` metric; None: looked up from the device name.
-    peak_flops_per_device: Optional[float] = None
-    checkpointing_enabled: bool = False
+    peak_flops_per_device: Optional[float] = affects(default=None)
+    checkpointing_enabled: bool = affects(default=False)
     # Fraction of an epoch between checkpoints, in (0, 1].
-    save_frequency: float = 0.25
+    save_frequency: float = affects(default=0.25)
     # Optimizer steps between checkpoints; overrides save_frequency when set.
-    save_steps: Optional[int] = None
+    save_steps: Optional[int] = affects(default=None)
     # Complete checkpoints kept on disk (oldest deleted first); None keeps all.
-    keep_last_n: Optional[int] = 2
+    keep_last_n: Optional[int] = affects(default=2)
 
 
 @dataclass
@@ -134,6 +146,10 @@ class TaskConfig:
     name: str = MISSING
     # Dotted path of the task function; it receives the composed config.
     fn: str = MISSING
+    # Whether the task loads a model and data: then every group is checked before it starts.
+    uses_model: bool = True
+    # Dotted path of the task's own check (it receives the composed config), run before any work.
+    check: Optional[str] = None
 
 
 @dataclass
@@ -148,20 +164,6 @@ class PeftConfig:
     # Module names (or suffixes) to adapt, or "all-linear"; None: peft's default for the architecture.
     target_modules: Optional[Any] = None
     inference_mode: bool = False
-
-
-@dataclass
-class TensorboardConfig:
-    # Event files go here; default <output_dir>/tensorboard.
-    log_dir: Optional[str] = None
-
-
-@dataclass
-class LoggerConfig:
-    # Each logger is on when its node is set (logger=wandb, logger=[wandb,tensorboard]).
-    # wandb: keyword arguments passed straight to wandb.init (VectorLM's `wandb_config`).
-    wandb: Optional[Dict[str, Any]] = None
-    tensorboard: Optional[TensorboardConfig] = None
 
 
 @dataclass
@@ -203,28 +205,30 @@ class ClusterConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig = MISSING
-    data: DataConfig = MISSING
+    model: ModelConfig = affects(RUN)
+    data: DataConfig = affects(PREPROCESSING, RUN)
     # `_target_` plus keyword arguments passed straight to the optimizer (spell-sensitive).
-    optimizer: Dict[str, Any] = MISSING
-    scheduler: SchedulerConfig = MISSING
-    sharding: ShardingConfig = MISSING
-    task: TaskConfig = MISSING
-    train: TrainConfig = field(default_factory=TrainConfig)
-    peft: PeftConfig = field(default_factory=PeftConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
+    optimizer: Dict[str, Any] = affects(RUN)
+    scheduler: SchedulerConfig = affects(RUN)
+    sharding: ShardingConfig = affects()
+    task: TaskConfig = affects(RUN)
+    train: TrainConfig = affects(RUN, factory=TrainConfig)
+    peft: PeftConfig = affects(RUN, factory=PeftConfig)
+    # name -> {_target_: logger class, its keyword arguments} (conf/logger/); {} logs to
+    # metrics.jsonl and the progress bar only.
+    logger: Dict[str, Any] = affects(factory=dict)
+    export: ExportConfig = affects(factory=ExportConfig)
+    report: ReportConfig = affects(factory=ReportConfig)
     # SLURM site preset; null runs locally.
-    cluster: Optional[ClusterConfig] = None
+    cluster: Optional[ClusterConfig] = affects(default=None)
     # Defaults to the Hydra run/sweep directory of the job.
-    output_dir: Optional[str] = None
+    output_dir: Optional[str] = affects(default=None)
     # Model checkpoint for evaluate/export: an exported HF directory or a training checkpoint.
-    checkpoint: Optional[str] = None
+    checkpoint: Optional[str] = affects(default=None)
     # train: auto (the latest complete checkpoint in output_dir, if any), never, or a checkpoint path.
-    resume: str = "auto"
+    resume: str = affects(default="auto")
     # Free-form tags that experiment presets set (shown in `--cfg job`).
-    tags: List[str] = field(default_factory=list)
+    tags: List[str] = affects(factory=list)
 
 
 def register() -> None:

@@ -1,60 +1,146 @@
-"""FSDP2 wrapping: one DeviceMesh per strategy, one FSDP unit per decoder layer."""
+"""FSDP2 wrapping: one DeviceMesh per strategy, one FSDP unit per decoder layer.
+
+A sharding strategy is a small class registered under its `sharding.strategy` name; a strategy
+of your own is one class (subclass ShardingStrategy) and one YAML file in conf/sharding/ naming
+it by its dotted path.
+"""
+
+import logging
+import os
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from launcher.distributed import World
-from launcher.errors import ConfigError
+from launcher.errors import ConfigError, at_least, choice_error
 from launcher.modeling import decoder_layers
+from launcher.registry import Registry
+
+log = logging.getLogger("hydralm")
 
 MESH_DIMS = ("replicate", "shard")
 
+STRATEGIES: Registry["ShardingStrategy"] = Registry("sharding.strategy", normalise=str.upper)
 
-def build_mesh(sharding: DictConfig, world: World) -> DeviceMesh:
-    """NO_SHARD: (world, 1). FULL_SHARD/SHARD_GRAD_OP: (1, world). HYBRID_SHARD: (nodes, node size)."""
-    strategy = sharding.strategy
-    if strategy == "NO_SHARD":
-        shape = (world.size, 1)
-    elif strategy == "HYBRID_SHARD":
-        group = sharding.shard_group_size or world.local_size
-        if world.size % group:
+
+class ShardingStrategy:
+    """How FSDP2 spreads the model over the ranks: a 2-D (replicate, shard) DeviceMesh and
+    whether parameters are resharded after the forward. One class per `sharding.strategy`."""
+
+    reshard_after_forward = True
+
+    def __init__(self, sharding: DictConfig, world: World):
+        self.sharding, self.world = sharding, world
+
+    @classmethod
+    def check(cls, sharding: DictConfig, world_size: int) -> None:
+        """What this strategy needs of the launch, before the process group forms."""
+
+    def mesh_shape(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def layer_mesh(self, mesh: DeviceMesh) -> DeviceMesh:
+        """The mesh `fully_shard` gets (plain FSDP has no replicate dimension to all-reduce over)."""
+        return mesh
+
+    def needs_fsdp(self, cfg: DictConfig) -> bool:
+        return True
+
+
+@STRATEGIES.register("NO_SHARD")
+class NoShard(ShardingStrategy):
+    """Replicated parameters, all-reduced gradients (DDP semantics)."""
+
+    def mesh_shape(self) -> tuple[int, int]:
+        return (self.world.size, 1)
+
+    def needs_fsdp(self, cfg: DictConfig) -> bool:
+        """A single fp32 process has nothing to shard, reduce or cast: FSDP2 there only adds
+        per-layer copy-in/copy-out and DTensor dispatch in the optimizer (~15% of a CPU step)."""
+        return self.world.size > 1 or cfg.train.use_mp or cfg.sharding.cpu_offload
+
+
+@STRATEGIES.register("FULL_SHARD")
+class FullShard(ShardingStrategy):
+    """Parameters, gradients and optimizer state sharded over all ranks (ZeRO-3-like)."""
+
+    def mesh_shape(self) -> tuple[int, int]:
+        return (1, self.world.size)
+
+    def layer_mesh(self, mesh: DeviceMesh) -> DeviceMesh:
+        return mesh["shard"]
+
+
+@STRATEGIES.register("SHARD_GRAD_OP")
+class ShardGradOp(FullShard):
+    """Parameters stay gathered between forward and backward (ZeRO-2-like)."""
+
+    reshard_after_forward = False
+
+
+@STRATEGIES.register("HYBRID_SHARD")
+class HybridShard(ShardingStrategy):
+    """full_shard inside a shard group (default: a node), replication across groups."""
+
+    @classmethod
+    def check(cls, sharding: DictConfig, world_size: int) -> None:
+        group = sharding.shard_group_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        if world_size % group:
             raise ConfigError(
-                f"sharding.strategy=HYBRID_SHARD needs the world size ({world.size}) to be divisible by "
-                f"sharding.shard_group_size ({group}, ranks per node unless set)"
+                f"sharding.strategy=HYBRID_SHARD needs the world size ({world_size}) to be divisible by "
+                f"sharding.shard_group_size ({group}; default: ranks per node)"
             )
-        shape = (world.size // group, group)
-    else:
-        shape = (1, world.size)
-    return init_device_mesh(world.device.type, shape, mesh_dim_names=MESH_DIMS)
+
+    def mesh_shape(self) -> tuple[int, int]:
+        group = self.sharding.shard_group_size or self.world.local_size
+        self.check(self.sharding, self.world.size)
+        return (self.world.size // group, group)
 
 
-def shard_model(model: torch.nn.Module, mesh: DeviceMesh, sharding: DictConfig, use_mp: bool) -> torch.nn.Module:
+def strategy_of(cfg: DictConfig, world: World) -> ShardingStrategy:
+    return STRATEGIES.get(cfg.sharding.strategy)(cfg.sharding, world)
+
+
+def check_sharding(cfg: DictConfig) -> None:
+    """Before any work: the strategy exists (VectorLM's upper-case names are the canonical ones)
+    and fits this launch (world size from torchrun/SLURM, CUDA for what needs it)."""
+    import torch
+
+    sharding = cfg.sharding
+    with open_dict(sharding):
+        sharding.strategy = str(sharding.strategy).upper() if "." not in str(sharding.strategy) else sharding.strategy
+    at_least(sharding.shard_group_size, 1, "sharding.shard_group_size")
+    if sharding.backend not in ("auto", "gloo", "nccl"):
+        raise choice_error("sharding.backend", sharding.backend, ("auto", "gloo", "nccl"))
+    STRATEGIES.get(sharding.strategy).check(sharding, int(os.environ.get("WORLD_SIZE", 1)))
+    cuda = torch.cuda.is_available()
+    if sharding.backend == "nccl" and not cuda:
+        raise ConfigError("sharding.backend=nccl needs CUDA devices; use sharding.backend=gloo (or auto) on CPU")
+    if sharding.cpu_offload and not cuda:
+        raise ConfigError("sharding.cpu_offload=true offloads GPU memory to the host; it needs CUDA devices")
+    if cfg.train.use_mp and not cuda:
+        log.warning("train.use_mp=true on CPU: bf16 without hardware support is much slower than fp32 here")
+
+
+def shard_model(model: torch.nn.Module, strategy: ShardingStrategy, cfg: DictConfig) -> torch.nn.Module:
     """Apply fully_shard bottom-up: each decoder layer, then the root (embeddings, norm, head)."""
-    if sharding.strategy in ("FULL_SHARD", "SHARD_GRAD_OP"):
-        mesh = mesh["shard"]  # plain FSDP: no replicate dimension to all-reduce over
+    mesh = init_device_mesh(strategy.world.device.type, strategy.mesh_shape(), mesh_dim_names=MESH_DIMS)
     options = dict(
-        mesh=mesh,
-        reshard_after_forward=sharding.strategy in ("FULL_SHARD", "HYBRID_SHARD"),
+        mesh=strategy.layer_mesh(mesh),
+        reshard_after_forward=strategy.reshard_after_forward,
         mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if use_mp
+        if cfg.train.use_mp
         else MixedPrecisionPolicy(),
-        offload_policy=CPUOffloadPolicy() if sharding.cpu_offload else OffloadPolicy(),
+        offload_policy=CPUOffloadPolicy() if cfg.sharding.cpu_offload else OffloadPolicy(),
     )
     for layer in decoder_layers(model):
         fully_shard(layer, **options)
     fully_shard(model, **options)
     return model
-
-
-def needs_fsdp(cfg: DictConfig, world: World) -> bool:
-    """A single fp32 NO_SHARD process has nothing to shard, reduce or cast: FSDP2 there only adds
-    per-layer copy-in/copy-out and DTensor dispatch in the optimizer (~15% of a CPU step)."""
-    single = world.size == 1 and cfg.sharding.strategy == "NO_SHARD"
-    return not single or cfg.train.use_mp or cfg.sharding.cpu_offload
 
 
 def prepare_model(model: torch.nn.Module, cfg: DictConfig, world: World) -> torch.nn.Module:
@@ -68,8 +154,9 @@ def prepare_model(model: torch.nn.Module, cfg: DictConfig, world: World) -> torc
     if cfg.train.compile:
         for layer in decoder_layers(model):
             layer.compile()
-    if needs_fsdp(cfg, world):
-        model = shard_model(model, build_mesh(cfg.sharding, world), cfg.sharding, cfg.train.use_mp)
+    strategy = strategy_of(cfg, world)
+    if strategy.needs_fsdp(cfg):
+        model = shard_model(model, strategy, cfg)
     home = torch.device("cpu") if cfg.sharding.cpu_offload else world.device
     if scatter:
         if world.is_main:

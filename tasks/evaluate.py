@@ -1,15 +1,17 @@
-"""The `evaluate` task: eval loss and perplexity of `checkpoint` (an exported model) or `model`."""
+"""The `evaluate` task: eval loss and perplexity of `checkpoint` (an exported model or a
+training checkpoint) or `model`, on the eval split of `data`."""
 
-import json
 import math
 
 from omegaconf import DictConfig
 
-from launcher.checkpoint import load_task_model
-from launcher.data import eval_loader, prepared_splits
+from launcher.atomic import write_json
 from launcher.distributed import distributed, seed_everything
+from launcher.language_modeling import LanguageModeling
+from launcher.loaders import eval_loader
 from launcher.outputs import resolve_output_dir
-from tasks.train import eval_loss
+from launcher.task_model import load_task_model
+from launcher.trainer import evaluate as evaluate_loss
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -17,15 +19,17 @@ def evaluate(cfg: DictConfig) -> dict:
         seed_everything(cfg.train.seed)
         output_dir = resolve_output_dir(cfg, world)
         model_cfg, tokenizer, model = load_task_model(cfg, world)
-        splits = prepared_splits(cfg, tokenizer, world)
-        loss = eval_loss(model, eval_loader(splits["eval"], cfg, world, tokenizer.pad_token_id), cfg, world)
+        task = LanguageModeling(cfg)
+        split = task.datasets(tokenizer, world)["eval"]
+        loader = eval_loader(split, cfg, world, task.collator(tokenizer))
+        loss = evaluate_loss(model, loader, task, world, cfg.train.max_eval_batches)["eval_loss"]
         result = {
             "model": model_cfg.path or model_cfg.name,
             "eval_loss": loss,
             "perplexity": math.exp(loss),
-            "eval_sequences": len(splits["eval"]),
+            "eval_sequences": len(split),
         }
         if world.is_main:
-            (output_dir / "eval.json").write_text(json.dumps(result, indent=2))
+            write_json(output_dir / "eval.json", result)
             print(f"hydralm: eval loss {loss:.4f} (perplexity {result['perplexity']:.2f}) -> {output_dir / 'eval.json'}")
         return result

@@ -9,17 +9,18 @@ a multiple of `model.pad_vocab_to_multiple_of`) and gathered on rank 0.
 
 from omegaconf import DictConfig
 
-from launcher.checkpoint import load_task_model
 from launcher.distributed import distributed
 from launcher.export import save_hf_model
 from launcher.outputs import resolve_output_dir
+from launcher.run_dir import FINAL_MODEL
+from launcher.task_model import load_task_model
 
 
 def export(cfg: DictConfig) -> dict:
     with distributed(cfg.sharding.backend) as world:
         output_dir = resolve_output_dir(cfg, world)
         model_cfg, tokenizer, model = load_task_model(cfg, world)
-        target = output_dir / "final-model"
+        target = output_dir / FINAL_MODEL
         save_hf_model(model, tokenizer, target, world)
         if world.is_main:
             print(f"hydralm: exported {model_cfg.path or model_cfg.name} -> {target}")

@@ -9,25 +9,26 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from launcher.corpus import raw_splits
 from launcher.data import build_and_save, is_up_to_date, packing_spec, preprocess_settings
 from launcher.distributed import World
 from launcher.errors import ConfigError
 from launcher.modeling import load_tokenizer
 from launcher.outputs import resolve_output_dir
-from launcher.validate import model_config
+from launcher.sources import source_of
+from launcher.task_model import model_config
 
 SINGLE_PROCESS = World(rank=0, local_rank=0, size=1, local_size=1, device=None)
 
 
 def preprocess(cfg: DictConfig) -> dict:
-    if cfg.data.source == "preprocessed":
-        raise ConfigError("task=preprocess needs a raw corpus; data.source=preprocessed is already preprocessed")
+    source = source_of(cfg.data)
+    if source.tokenized:
+        raise ConfigError(f"task=preprocess needs a raw corpus; data.source={cfg.data.source} is already preprocessed")
     tokenizer = load_tokenizer(model_config(cfg))
     packing_spec(cfg, tokenizer)  # tokenizer-dependent checks before any loading
-    raw = raw_splits(cfg.data)
+    raw = source.splits()
     save_path = Path(cfg.data.save_path or resolve_output_dir(cfg, SINGLE_PROCESS) / "data")
-    settings = preprocess_settings(cfg, tokenizer, raw)
+    settings = preprocess_settings(cfg, tokenizer, source, raw, "rows")
     if is_up_to_date(save_path, settings):
         report = json.loads((save_path / "report.json").read_text())
         print(f"hydralm: {save_path} is up to date (same corpus, tokenizer and settings); nothing to do")

@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, compose_config, run_launcher
 from launcher.app import run_task
-from launcher.checkpoint import KILL_HOOK, latest_checkpoint
+from launcher.checkpoint import KILL_HOOK
+from launcher.run_dir import latest_checkpoint
 from launcher.errors import ConfigError
 from launcher.sampler import ResumableDistributedSampler
 
@@ -168,7 +169,7 @@ def test_export_of_training_checkpoints_reloads_with_the_trained_logits(tmp_path
     from launcher.distributed import distributed
     from launcher.export import save_hf_model
     from launcher.modeling import load_tokenizer
-    from tasks.train import _setup_model
+    from launcher.trainer import build_training_model
 
     # The last checkpoint (step 6) holds the final weights: its export equals final-model.
     run_task(compose_config(["task=export", f"checkpoint={checkpoint(reference, 6)}", f"output_dir={tmp_path / 'last'}"]))
@@ -179,7 +180,7 @@ def test_export_of_training_checkpoints_reloads_with_the_trained_logits(tmp_path
     probe = torch.randint(0, 4000, (2, 32), generator=torch.Generator().manual_seed(0))
     with distributed() as world:
         tokenizer = load_tokenizer(cfg.model)
-        model = _setup_model(cfg, tokenizer, world)
+        model = build_training_model(cfg, tokenizer, world)
         load_model_weights(model, checkpoint(reference, 4))
         model.eval()
         with torch.no_grad():

@@ -128,22 +128,9 @@ def test_accumulation_and_checkpointing_change_nothing_but_cost(overrides, refer
 def test_bad_combination_fails_on_every_rank_without_hanging(tmp_path):
     """Checks run before the process group forms, so no rank waits for another."""
     args = ["sharding=hybrid_shard", "sharding.shard_group_size=2", f"output_dir={tmp_path / 'out'}"]
-    port = str(_free_port())
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, "-m", "launcher", *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "RANK": str(rank), "LOCAL_RANK": str(rank),
-                            "WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
-        )
-        for rank in range(3)
-    ]
-    try:
-        errors = [rank.communicate(timeout=180)[1] for rank in ranks]
-    finally:
-        for rank in ranks:
-            rank.kill()
+    codes, errors = _run_ranks(3, args, tmp_path, timeout=180)
     message = "sharding.strategy=HYBRID_SHARD needs the world size (3) to be divisible by sharding.shard_group_size (2"
-    assert [rank.returncode for rank in ranks] == [2, 2, 2]
+    assert codes == [2, 2, 2]
     assert f"hydralm: error: {message}" in errors[0]
     for rank in (1, 2):
         assert f"hydralm: error (rank {rank}): {message}" in errors[rank]
@@ -151,3 +138,38 @@ def test_bad_combination_fails_on_every_rank_without_hanging(tmp_path):
 
     [(code, _, err)] = _torchrun(3, args, cwd=tmp_path, timeout=180)  # and torchrun reports it
     assert code != 0 and message in err
+
+
+def test_an_error_found_by_rank_0_while_preprocessing_reaches_every_rank(tmp_path):
+    """Only rank 0 preprocesses; a bad file it finds is every rank's one-line error, not a hang."""
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(20)))
+    args = ["data=files", f"data.load_path={data}", f"data.cache_dir={tmp_path / 'cache'}",
+            f"output_dir={tmp_path / 'out'}"]
+    codes, errors = _run_ranks(2, args, tmp_path, timeout=240)
+    message = "data.data_field=text is not a column of the dataset; columns: question, answer"
+    assert codes == [2, 2], errors
+    assert f"hydralm: error: {message}" in errors[0]
+    assert f"hydralm: error (rank 1): {message}" in errors[1]
+    assert "Traceback" not in errors[0] + errors[1]
+
+
+def _run_ranks(world_size, args, cwd, timeout):
+    """`world_size` ranks of `python -m launcher ARGS`, started directly (no torchrun); their exit
+    codes and stderr."""
+    port = str(_free_port())
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-m", "launcher", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RANK": str(rank),
+                            "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                            "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+        )
+        for rank in range(world_size)
+    ]
+    try:
+        errors = [rank.communicate(timeout=timeout)[1] for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    return [rank.returncode for rank in ranks], errors

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from conftest import compose_config
-from launcher.data import PadCollator
+from launcher.loaders import PadCollator
 from launcher.distributed import World
 from launcher.modeling import build_model, load_tokenizer
 from launcher.packing import Documents, PackingSpec, pack
-from tasks.train import _token_loss_sum
+from launcher.losses import token_loss_sum as _token_loss_sum
 
 IGNORE = -100
 

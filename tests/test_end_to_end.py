@@ -43,23 +43,25 @@ def test_launcher_trains_learns_and_exports_a_reloadable_model(tmp_path):
 
 
 def test_exported_model_gives_the_in_memory_logits(tmp_path):
-    from launcher.data import prepared_splits, train_loader
+    from launcher.language_modeling import LanguageModeling
+    from launcher.loaders import train_loader
     from launcher.distributed import distributed, seed_everything
     from launcher.export import save_hf_model
     from launcher.modeling import load_tokenizer
     from launcher.optim import build_optimizer
-    from tasks.train import _setup_model, _train_step
+    from launcher.trainer import build_training_model, optimizer_step
 
     cfg = compose_config([f"output_dir={tmp_path}"])
     with distributed() as world:
         seed_everything(cfg.train.seed)
         tokenizer = load_tokenizer(cfg.model)
-        loader = train_loader(prepared_splits(cfg, tokenizer, world)["train"], cfg, world, tokenizer.pad_token_id)
-        model = _setup_model(cfg, tokenizer, world)
+        task = LanguageModeling(cfg)
+        loader = train_loader(task.datasets(tokenizer, world)["train"], cfg, world, task.collator(tokenizer))
+        model = build_training_model(cfg, tokenizer, world)
         optimizer = build_optimizer(model.parameters(), cfg.optimizer)
         batches = iter(loader)
         for _ in range(2):
-            _train_step(model, optimizer, [next(batches)], cfg, world)
+            optimizer_step(model, optimizer, [next(batches)], task, world)
         probe = next(batches)["input_ids"]
         model.eval()
         with torch.no_grad():

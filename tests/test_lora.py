@@ -26,7 +26,8 @@ def _logits(model, probe):
 
 
 def test_lora_trains_only_adapters_and_its_export_reproduces_the_logits(tmp_path):
-    from launcher.data import prepared_splits, train_loader
+    from launcher.language_modeling import LanguageModeling
+    from launcher.loaders import train_loader
     from launcher.distributed import distributed, seed_everything
     from launcher.export import merged_dir, save_lora_adapter
     from launcher.lora import (load_trainable_state_dict, parameter_counts, reload_lora_model,
@@ -34,7 +35,7 @@ def test_lora_trains_only_adapters_and_its_export_reproduces_the_logits(tmp_path
     from launcher.modeling import load_tokenizer
     from launcher.optim import build_optimizer
     from launcher.validate import check_config
-    from tasks.train import _setup_model, _train_step
+    from launcher.trainer import build_training_model, optimizer_step
 
     cfg = compose_config(["peft=lora", "peft.r=4", "peft.target_modules=[q_proj,v_proj,down_proj]",
                           "export.merge_lora=true", f"output_dir={tmp_path}"])
@@ -42,8 +43,9 @@ def test_lora_trains_only_adapters_and_its_export_reproduces_the_logits(tmp_path
     with distributed() as world:
         seed_everything(cfg.train.seed)
         tokenizer = load_tokenizer(cfg.model)
-        loader = train_loader(prepared_splits(cfg, tokenizer, world)["train"], cfg, world, tokenizer.pad_token_id)
-        model = _setup_model(cfg, tokenizer, world, tmp_path)
+        task = LanguageModeling(cfg)
+        loader = train_loader(task.datasets(tokenizer, world)["train"], cfg, world, task.collator(tokenizer))
+        model = build_training_model(cfg, tokenizer, world, tmp_path)
         trainable, total = parameter_counts(model)
         assert 0 < trainable < 0.02 * total
         # 4 layers x (q, v: 4x(192+192); down: 4x(512+192)) adapter weights
@@ -58,7 +60,7 @@ def test_lora_trains_only_adapters_and_its_export_reproduces_the_logits(tmp_path
 
         batches = iter(loader)
         for _ in range(3):
-            _train_step(model, optimizer, [next(batches)], cfg, world)
+            optimizer_step(model, optimizer, [next(batches)], task, world)
         assert torch.equal(_full(params[frozen_name]), frozen_before)
         lora_b = next(p for n, p in params.items() if ".lora_B." in n)
         assert _full(lora_b).abs().sum() > 0  # peft starts B at zero: it trained

@@ -6,7 +6,7 @@ import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from launcher.data import PadCollator
+from launcher.loaders import PadCollator
 from launcher.packing import Documents, Packer, PackingSpec, pack
 
 BOS, EOS, IGNORE = 0, 1, -100

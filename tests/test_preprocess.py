@@ -16,7 +16,7 @@ from datasets import Dataset, DatasetDict, load_from_disk
 from conftest import ROOT, compose_config
 from launcher import data as data_module
 from launcher.app import run_task
-from launcher.corpus import pydoc_documents, raw_splits
+from launcher.sources import pydoc_documents, source_of
 from launcher.data import Tokenize, prepared_splits
 from launcher.distributed import World
 from launcher.errors import ConfigError
@@ -105,14 +105,14 @@ def test_files_source_reads_every_format(tmp_path, suffix):
     else:
         path.write_text("\n".join(texts) + "\n")
     cfg = compose_config(["data=files", f"data.load_path={tmp_path}/part-*.{suffix}"])
-    assert raw_splits(cfg.data)["train"]["text"] == texts
+    assert source_of(cfg.data).splits()["train"]["text"] == texts
 
 
 def test_files_source_takes_eval_examples_from_eval_split_files(tmp_path):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     (tmp_path / "val.jsonl").write_text(json.dumps({"text": TEXTS[0]}) + "\n")
     cfg = compose_config(["data=files", f"data.load_path={tmp_path}/train.jsonl", f"data.eval_split={tmp_path}/val.jsonl"])
-    splits = raw_splits(cfg.data)
+    splits = source_of(cfg.data).splits()
     assert splits["train"]["text"] == TEXTS and splits["eval"]["text"] == TEXTS[:1]
 
 
@@ -130,7 +130,7 @@ def test_files_source_packs_partially_with_a_pre_pend_and_held_out_eval(tmp_path
 
 
 def test_hub_without_network_fails_fast_with_a_clear_message(tmp_path, monkeypatch):
-    monkeypatch.setattr("launcher.corpus._hub_reachable", lambda: False)
+    monkeypatch.setattr("launcher.sources._hub_reachable", lambda: False)
     start = time.perf_counter()
     with pytest.raises(ConfigError, match="data.source=hub cannot load data.load_path=nobody/nothing split=train: "
                                           "the Hub is unreachable"):
@@ -140,7 +140,7 @@ def test_hub_without_network_fails_fast_with_a_clear_message(tmp_path, monkeypat
 
 
 def test_hub_reachability_probe_is_bounded():
-    from launcher.corpus import HUB_PROBE_TIMEOUT_S, _hub_reachable
+    from launcher.sources import HUB_PROBE_TIMEOUT_S, _hub_reachable
 
     start = time.perf_counter()
     _hub_reachable()

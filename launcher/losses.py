@@ -1,0 +1,33 @@
+"""Losses of a micro-batch, summed (the run skeleton divides by the global batch's weight)."""
+
+import torch
+import torch.nn.functional as F
+
+
+def model_inputs(batch: dict, device: torch.device) -> dict:
+    """The model's keyword arguments for a batch. With `data.document_mask`, the batch carries
+    per-document `position_ids`: transformers then treats each document of a packed row as its
+    own sequence (block-diagonal causal mask for sdpa/eager/flex, varlen kernels for flash
+    attention), which it does only without an attention mask and without a KV cache."""
+    inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True), "use_cache": False}
+    if "position_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"].to(device, non_blocking=True)
+    return inputs
+
+
+def token_loss_sum(model, batch: dict, ignore_index: int, device: torch.device) -> torch.Tensor:
+    """Next-token cross-entropy summed over trained tokens (fp32 logits).
+
+    The labels are shifted rather than the logits, so the (batch, seq, vocab) logits are never
+    sliced into a copy; the upcast is a no-op unless the model computes in bf16.
+    """
+    labels = batch["labels"].to(device, non_blocking=True)
+    next_labels = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+    logits = model(**model_inputs(batch, device)).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), next_labels.flatten(), ignore_index=ignore_index,
+                           reduction="sum")
+
+
+def trained_tokens(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Tokens with a next-token target (a row's first token is never one)."""
+    return (labels[:, 1:] != ignore_index).sum()

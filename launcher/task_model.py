@@ -1,0 +1,43 @@
+"""The model task=evaluate and task=export load: `checkpoint` (an exported HF directory or a
+training checkpoint), else `model`."""
+
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, open_dict
+
+from launcher.run_dir import hf_dir, is_training_checkpoint
+
+
+def model_config(cfg: DictConfig) -> DictConfig:
+    """`model` with `checkpoint` in its place. An exported HF directory is loaded as it is; a
+    training checkpoint gives the architecture (its `hf/` config, random init: the task then loads
+    the weights) and the tokenizer."""
+    if cfg.checkpoint is None:
+        return cfg.model
+    model = cfg.model.copy()
+    with open_dict(model):
+        if is_training_checkpoint(Path(cfg.checkpoint)):
+            directory = hf_dir(Path(cfg.checkpoint))
+            hf_config = json.loads((directory / "config.json").read_text())
+            for key in ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+                hf_config.pop(key, None)
+            model.path, model.tokenizer, model.config = None, str(directory), hf_config
+        else:
+            model.path = model.tokenizer = cfg.checkpoint
+            model.config = None
+    return model
+
+
+def load_task_model(cfg: DictConfig, world):
+    """(model config, tokenizer, sharded model) of `checkpoint`, or of `model` (collective)."""
+    from launcher.checkpoint import load_model_weights
+    from launcher.modeling import build_model, load_tokenizer
+    from launcher.sharding import prepare_model
+
+    model_cfg = model_config(cfg)
+    tokenizer = load_tokenizer(model_cfg)
+    model = prepare_model(build_model(model_cfg, tokenizer, world, cfg.sharding.low_cpu_mem_usage), cfg, world)
+    if cfg.checkpoint is not None and is_training_checkpoint(Path(cfg.checkpoint)):
+        load_model_weights(model, Path(cfg.checkpoint))
+    return model_cfg, tokenizer, model

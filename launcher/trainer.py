@@ -1,0 +1,411 @@
+"""The run skeleton: everything a training run does, for any training task.
+
+A training task (tasks/train.py, tasks/dpo.py) supplies a `TrainingTask`: its datasets, how rows
+become batches, and a micro-batch's loss and metrics. `Trainer(cfg, task).run()` does the rest,
+read top to bottom:
+
+    setup    process group, seed, output directory, tokenizer, data, model (LoRA, FSDP2),
+             optimizer and schedule, checkpoint restore, the task's own setup, loggers
+    loop     `optimizer_step` over `train.gradient_accumulation_steps` micro-batches; every
+             `train.logging_steps` a train row and an eval row; checkpoints; preemption
+    finish   the final model, summary.json and the printed summary
+"""
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from datasets import Dataset
+from omegaconf import DictConfig
+from torch.distributed.tensor import DTensor
+
+from launcher import atomic, run_dir
+from launcher.checkpoint import Checkpointer, Progress
+from launcher.data import tokenizer_fingerprint
+from launcher.distributed import World, distributed, seed_everything
+from launcher.errors import ConfigError, at_least
+from launcher.export import save_base_model, save_final_model
+from launcher.identity import identity
+from launcher.loaders import eval_loader, train_loader
+from launcher.loggers import open_loggers
+from launcher.lora import apply_lora, base_needs_saving, lora_enabled, parameter_counts, trainable_parameters
+from launcher.losses import trained_tokens
+from launcher.metrics import RunLog, Throughput, Window
+from launcher.modeling import build_model, load_tokenizer
+from launcher.optim import build_optimizer, build_scheduler
+from launcher.outputs import resolve_output_dir
+from launcher.preemption import Preemption
+from launcher.schema import RUN
+from launcher.sharding import local_parameter_bytes, prepare_model, set_gradient_sync
+
+log = logging.getLogger("hydralm")
+
+
+class TrainingTask:
+    """What a training task supplies to the Trainer; subclass it and override what differs.
+
+    Batches are dicts of tensors. Rows mark trained tokens in `*labels` columns, and collators
+    add `input_tokens` (real tokens the model reads, padding excluded), which throughput counts.
+    """
+
+    name = "train"  # the progress bar's label
+    metrics: tuple[str, ...] = ()  # names of the extra sums `loss` returns; logged as means per weight
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    def datasets(self, tokenizer, world: World) -> dict[str, Dataset]:
+        """{"train": rows, "eval": rows}."""
+        raise NotImplementedError
+
+    def collator(self, tokenizer) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def weight(self, batch: dict) -> torch.Tensor:
+        """What the loss is averaged over in the global batch (trained tokens, pairs, ...)."""
+        raise NotImplementedError
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The micro-batch's summed loss and the sums of `metrics` (device tensors)."""
+        raise NotImplementedError
+
+    def setup(self, model, trainer: "Trainer") -> None:
+        """After the model is built and restored, before the first eval (a reference model...)."""
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable state a checkpoint must carry for an exact resume."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def trained_tokens(self, batch: dict) -> torch.Tensor:
+        ignore = self.cfg.data.ignore_index
+        return sum(trained_tokens(labels, ignore) for name, labels in batch.items() if name.endswith("labels"))
+
+
+@dataclass
+class StepResult:
+    """One optimizer step on this rank (device tensors; the grad norm is global)."""
+    loss: torch.Tensor
+    weight: torch.Tensor
+    input_tokens: torch.Tensor
+    trained_tokens: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+    grad_norm: torch.Tensor
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, task: TrainingTask):
+        self.cfg, self.task = cfg, task
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        task_start = time.perf_counter()
+        with distributed(cfg.sharding.backend) as world:
+            self.world = world
+            seed_everything(cfg.train.seed)
+            self.output_dir = resolve_output_dir(cfg, world)
+            self.tokenizer = load_tokenizer(cfg.model)
+            self._setup_data()
+            self.model = build_training_model(cfg, self.tokenizer, world, self.output_dir)
+            self._setup_optimization()
+            resumed = self._setup_checkpointing()
+            self.last_eval = {"eval_loss": self.progress.last_eval_loss}
+            self.task.setup(self.model, self)
+            self._setup_logging()
+            if not resumed:
+                self.progress.initial_eval_loss = self._log_eval()
+            self.start = time.perf_counter()
+            self.time_to_first_step = None
+            self._train(task_start)
+            return self._finish()
+
+    # ------------------------------------------------------------------ setup
+
+    def _setup_data(self) -> None:
+        cfg, world = self.cfg, self.world
+        self.splits = self.task.datasets(self.tokenizer, world)
+        collate = self.task.collator(self.tokenizer)
+        self.train_batches = train_loader(self.splits["train"], cfg, world, collate)
+        self.eval_batches = eval_loader(self.splits["eval"], cfg, world, collate)
+        accumulation = cfg.train.gradient_accumulation_steps
+        self.steps_per_epoch = len(self.train_batches) // accumulation
+        self.global_batch = world.size * cfg.data.train_bs * accumulation
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"the train split has {len(self.splits['train'])} sequences, fewer than one optimizer step needs "
+                f"(world size x data.train_bs x train.gradient_accumulation_steps = {self.global_batch})"
+            )
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        if cfg.train.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+
+    def _setup_optimization(self) -> None:
+        self.trainable, self.total = parameter_counts(self.model)
+        self.optimizer = build_optimizer(trainable_parameters(self.model), self.cfg.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.scheduler, self.total_steps)
+        if self.world.is_main:
+            log.info("model: %s", _describe_parameters(self.trainable, self.total))
+
+    def _setup_checkpointing(self) -> bool:
+        self.progress = Progress()
+        # Since the last log, on this rank: what `optimizer_step` returns, summed.
+        self.window = Window(("loss", "weight", "input_tokens", "trained_tokens", "grad_norm", "steps",
+                              *self.task.metrics), self.world.device)
+        fingerprint = run_fingerprint(self.cfg, self.tokenizer, len(self.splits["train"]))
+        self.checkpointer = Checkpointer(self.cfg, self.output_dir, self.world, self.steps_per_epoch, fingerprint)
+        task_state = self.checkpointer.restore(self.model, self.optimizer, self.scheduler, self.progress, self.window)
+        if task_state is not None:
+            self.task.load_state_dict(task_state)
+        self.preemption = Preemption(self.world)
+        return task_state is not None
+
+    def _setup_logging(self) -> None:
+        world = self.world
+        self.throughput = Throughput(self.model, self.trainable, self.total, self.cfg.train.max_seq_len, world,
+                                     self.cfg.train.peak_flops_per_device)
+        loggers = open_loggers(self.cfg, self.output_dir) if world.is_main else ()
+        self.run_log = RunLog(self.output_dir, self.total_steps, enabled=world.is_main, loggers=loggers,
+                              description=f"{self.task.name} ({self.trainable / 1e6:.3g}M/{self.total / 1e6:.3g}M "
+                                          f"params trainable)")
+
+    # ------------------------------------------------------------------ the loop
+
+    def _train(self, task_start: float) -> None:
+        cfg, progress = self.cfg, self.progress
+        accumulation = cfg.train.gradient_accumulation_steps
+        window_start = time.perf_counter()
+        while progress.step < self.total_steps:
+            # Positioned at the data consumed so far: mid-epoch after a resume, else the epoch start.
+            self.train_batches.sampler.set_position(progress.epoch, progress.epoch_samples)
+            batches = iter(self.train_batches)
+            for _ in range(min(len(self.train_batches) // accumulation, self.total_steps - progress.step)):
+                micro_batches = [next(batches) for _ in range(accumulation)]
+                step = optimizer_step(self.model, self.optimizer, micro_batches, self.task, self.world)
+                self.scheduler.step()
+                progress.step += 1
+                progress.epoch_samples += self.global_batch
+                if self.time_to_first_step is None:  # data, model, first eval, one step: what a user waits for
+                    self.time_to_first_step = _seconds_since(task_start, self.world)
+                self.window.add(loss=step.loss, weight=step.weight, input_tokens=step.input_tokens,
+                                trained_tokens=step.trained_tokens, grad_norm=step.grad_norm,
+                                steps=torch.ones_like(step.loss), **step.metrics)
+                self.run_log.advance()
+                if progress.step % cfg.train.logging_steps == 0 or progress.step == self.total_steps:
+                    self._log_train(time.perf_counter() - window_start)
+                    self._log_eval()
+                    window_start = time.perf_counter()
+                stop = self.preemption.requested()  # SLURM's time-limit / preemption signal, on any rank
+                if self.checkpointer.due(progress.step) or stop:
+                    self.checkpointer.save(self.model, self.optimizer, self.scheduler, progress, self.window,
+                                           self.tokenizer, self.task.state_dict())
+                if stop:
+                    self.preemption.requeue()  # exits; the requeued job resumes from this checkpoint
+            progress.epoch += 1
+            progress.epoch_samples = 0
+
+    def _log_train(self, seconds: float) -> None:
+        """One host sync per logging interval. The grad norm is global, so its rank sum over the
+        rank sum of steps is its mean over the window."""
+        sums = self.window.global_sums()
+        self.window.reset()
+        progress = self.progress
+        progress.tokens_seen += int(sums["input_tokens"])
+        progress.trained_tokens += int(sums["trained_tokens"])
+        weight = max(sums["weight"], 1.0)
+        self.run_log.write({
+            "step": progress.step, "epoch": progress.epoch, "train_loss": sums["loss"] / weight,
+            **{name: sums[name] / weight for name in self.task.metrics},
+            "lr": self.scheduler.get_last_lr()[0], "grad_norm": sums["grad_norm"] / sums["steps"],
+            "tokens_seen": progress.tokens_seen, "trained_tokens": progress.trained_tokens,
+            **self.throughput.row(sums["input_tokens"], seconds), "time_s": time.perf_counter() - self.start,
+        })
+
+    def _log_eval(self) -> float:
+        result = evaluate(self.model, self.eval_batches, self.task, self.world, self.cfg.train.max_eval_batches)
+        self.scheduler.observe_eval(result["eval_loss"])
+        progress = self.progress
+        self.run_log.write({"step": progress.step, "epoch": progress.epoch, **result,
+                            "lr": self.scheduler.get_last_lr()[0], "tokens_seen": progress.tokens_seen})
+        progress.last_eval_loss = result["eval_loss"]
+        self.last_eval = result
+        return result["eval_loss"]
+
+    # ------------------------------------------------------------------ finish
+
+    def _finish(self) -> dict:
+        world, progress = self.world, self.progress
+        wall_time = time.perf_counter() - self.start
+        self.run_log.close()
+        final_model = self.output_dir / run_dir.FINAL_MODEL
+        save_final_model(self.model, self.tokenizer, final_model, world, self.cfg.export.merge_lora)
+        summary = {
+            "task": self.task.name,
+            "final_model": str(final_model),
+            "metrics": str(self.output_dir / run_dir.METRICS),
+            "initial_eval_loss": progress.initial_eval_loss,
+            "final_eval_loss": progress.last_eval_loss,
+            "final_eval": self.last_eval,
+            "steps": progress.step,
+            "tokens_seen": progress.tokens_seen,
+            "trained_tokens": progress.trained_tokens,
+            "train_wall_time_s": wall_time,
+            "time_to_first_step_s": self.time_to_first_step,
+            "tokens_per_s": progress.tokens_seen / wall_time,
+            "parameter_bytes_per_rank": local_parameter_bytes(self.model),
+            "trainable_params": self.trainable,
+            "total_params": self.total,
+            "mfu_flops_per_token": self.throughput.flops_per_token,
+        }
+        if world.is_main:
+            atomic.write_json(self.output_dir / run_dir.SUMMARY, summary)
+            _print_summary(summary)
+        return summary
+
+
+# ---------------------------------------------------------------------- one optimizer step
+
+
+def optimizer_step(model, optimizer, micro_batches: list[dict], task: TrainingTask, world: World) -> StepResult:
+    """One optimizer step over `micro_batches` (gradient accumulation).
+
+    The loss is normalised by the task's weight (trained tokens, pairs) of the whole global
+    batch, so accumulation and world size change nothing but speed. Nothing here waits for the
+    device: the weight is computed and all-reduced on the device and never read on the host.
+    """
+    micro_batches = [_to_device(batch, world.device) for batch in micro_batches]
+    local_weight = sum(task.weight(batch) for batch in micro_batches).float()
+    input_tokens = sum(batch["input_tokens"] for batch in micro_batches)
+    trained = sum(task.trained_tokens(batch) for batch in micro_batches)
+    global_weight = local_weight.clone()
+    if world.size > 1:
+        dist.all_reduce(global_weight)
+    # FSDP averages gradients over ranks; this scale makes the result the global mean per weight.
+    scale = world.size / global_weight.clamp(min=1)
+    step_loss = torch.zeros((), device=world.device)
+    step_metrics = {name: torch.zeros((), device=world.device) for name in task.metrics}
+    for i, batch in enumerate(micro_batches):
+        set_gradient_sync(model, i == len(micro_batches) - 1)
+        loss_sum, metrics = task.loss(model, batch)
+        (loss_sum * scale).backward()
+        step_loss += loss_sum.detach()
+        for name in task.metrics:
+            step_metrics[name] += metrics[name].detach()
+    # max_grad_norm=None: an infinite bound measures the norm without clipping.
+    max_norm = task.cfg.train.max_grad_norm if task.cfg.train.max_grad_norm is not None else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(model), max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(step_loss, local_weight, input_tokens, trained, step_metrics, _local(grad_norm))
+
+
+@torch.no_grad()
+def evaluate(model, loader, task: TrainingTask, world: World, max_batches: Optional[int] = None) -> dict[str, float]:
+    """`eval_loss` (and `eval_<metric>`): means per weight over the whole eval split, all ranks."""
+    model.eval()
+    totals = torch.zeros(2 + len(task.metrics), dtype=torch.float64, device=world.device)
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = _to_device(batch, world.device)
+        loss_sum, metrics = task.loss(model, batch)
+        values = [loss_sum, task.weight(batch), *(metrics[n] for n in task.metrics)]
+        totals += torch.stack([v.double() for v in values])
+    model.train()
+    if dist.get_world_size() > 1:
+        dist.all_reduce(totals)
+    loss, weight, *metric_sums = totals.tolist()
+    return {"eval_loss": loss / weight, **{f"eval_{n}": s / weight for n, s in zip(task.metrics, metric_sums)}}
+
+
+# ---------------------------------------------------------------------- builders and checks
+
+
+def check_train(train: DictConfig) -> None:
+    """The `train` keys the loop depends on."""
+    at_least(train.epochs, 1, "train.epochs")
+    at_least(train.max_steps, 1, "train.max_steps")
+    at_least(train.gradient_accumulation_steps, 1, "train.gradient_accumulation_steps")
+    at_least(train.logging_steps, 1, "train.logging_steps")
+    at_least(train.max_seq_len, 8, "train.max_seq_len")
+    at_least(train.max_eval_batches, 1, "train.max_eval_batches")
+    at_least(train.activation_checkpointing_every, 1, "train.activation_checkpointing_every")
+    if train.max_grad_norm is not None and train.max_grad_norm <= 0:
+        raise ConfigError(f"train.max_grad_norm={train.max_grad_norm} must be > 0 (or null to disable clipping)")
+    if not 0 < train.save_frequency <= 1:
+        raise ConfigError(f"train.save_frequency={train.save_frequency} must be in (0, 1]")
+    at_least(train.save_steps, 1, "train.save_steps")
+    at_least(train.keep_last_n, 1, "train.keep_last_n")
+
+
+
+def build_training_model(cfg: DictConfig, tokenizer, world: World, output_dir: Optional[Path] = None):
+    """Build, add LoRA adapters (peft=lora), then shard: decoder layers stay the FSDP units.
+
+    The adapters apply to `model.path`; when that cannot rebuild the base (a random init), the
+    base is first saved to `<output_dir>/base-model` and the adapters point there.
+    """
+    model = build_model(cfg.model, tokenizer, world, cfg.sharding.low_cpu_mem_usage)
+    if lora_enabled(cfg.peft):
+        base = cfg.model.path
+        if output_dir is not None and base_needs_saving(cfg.model, model):
+            base = str((output_dir / "base-model").resolve())
+            if world.is_main:
+                save_base_model(model, tokenizer, Path(base))
+        model = apply_lora(model, cfg.peft, base)
+    return prepare_model(model, cfg, world)
+
+
+def run_fingerprint(cfg: DictConfig, tokenizer, train_sequences: int) -> dict:
+    """What a checkpoint's weights and data position mean: every setting the schema marks as
+    affecting the run (launcher/identity.py), the tokenizer and the train split's size."""
+    return _flatten({**identity(cfg, RUN), "tokenizer": tokenizer_fingerprint(tokenizer),
+                     "data.train_sequences": train_sequences})
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
+    return flat
+
+
+def _local(value: torch.Tensor) -> torch.Tensor:
+    """The plain tensor of a replicated DTensor (FSDP2's gradient norm); no copy, no sync."""
+    return value.to_local() if isinstance(value, DTensor) else value
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors, copied ahead of the forward (async from pinned host memory)."""
+    return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
+
+
+def _seconds_since(start: float, world: World) -> float:
+    if world.device.type == "cuda":
+        torch.cuda.synchronize(world.device)  # once per run: the step must really be done
+    return time.perf_counter() - start
+
+
+def _describe_parameters(trainable: int, total: int) -> str:
+    return f"{trainable / 1e6:.3g}M of {total / 1e6:.3g}M parameters trainable ({trainable / total:.2%})"
+
+
+def _print_summary(summary: dict) -> None:
+    print(
+        f"\nhydralm: trained {summary['steps']} steps, {summary['tokens_seen']} tokens in "
+        f"{summary['train_wall_time_s']:.1f} s ({summary['tokens_per_s']:.0f} tokens/s)\n"
+        f"  eval loss:   {summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}\n"
+        f"  final model: {summary['final_model']}\n"
+        f"  metrics:     {summary['metrics']}",
+        flush=True,
+    )
