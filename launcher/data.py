@@ -290,7 +290,7 @@ class PadCollator:
     """Right-pads a list of rows into tensors; padded labels are ignored by the loss.
 
     With `document_mask`, the batch carries the rows' per-document `position_ids` (the model then
-    keeps packed documents apart, see `tasks.train.model_inputs`) and the first token of every
+    keeps packed documents apart, see `launcher.losses.model_inputs`) and the first token of every
     document is not a target: predicting it would need the previous document.
     """
 

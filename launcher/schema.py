@@ -24,7 +24,7 @@ class ModelConfig:
     config: Optional[Dict[str, Any]] = None
     # Tokenizer directory; defaults to `path`.
     tokenizer: Optional[str] = None
-    # auto | flash_attention_2 | sdpa | eager (transformers' attn_implementation).
+    # auto | flash_attention_2 | flex_attention | sdpa | eager (transformers' attn_implementation).
     attention: str = "auto"
     # Embedding rows are padded to a multiple of this (tensor-core friendly shapes).
     pad_vocab_to_multiple_of: int = 64
@@ -114,6 +114,10 @@ class TrainConfig:
     # Checkpoint every k-th decoder layer (1: all; 2: half of them, trading memory for speed).
     activation_checkpointing_every: int = 1
     compile: bool = False
+    # cross_entropy: all logits at once, upcast to fp32. chunked_cross_entropy: the output head and
+    # the loss over loss_chunk_size tokens at a time, recomputed in backward (launcher/losses.py).
+    loss: str = "cross_entropy"
+    loss_chunk_size: int = 1024
     # Evaluate and log every `logging_steps` optimizer steps (VectorLM semantics).
     logging_steps: int = 20
     # Cap on eval batches per evaluation (None: the whole eval set).

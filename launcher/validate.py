@@ -19,7 +19,7 @@ from launcher.errors import ConfigError, choice_error
 log = logging.getLogger("hydralm")
 
 SHARDING_STRATEGIES = ("NO_SHARD", "FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD")
-ATTENTION_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
+ATTENTION_IMPLEMENTATIONS = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
 DATA_SOURCES = ("pydoc", "disk", "files", "hub", "preprocessed")
 PACKING_TYPES = ("full", "partial")
 SCHEDULER_ALIASES = {"plataeu-with-warmup": "plateau_with_warmup", "plateau-with-warmup": "plateau_with_warmup"}
@@ -39,6 +39,9 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.checkpoint is not None and not _is_training_checkpoint(cfg.checkpoint):
         _read_hf_config(cfg.checkpoint, "checkpoint")
     hf_config = _check_model(model_config(cfg), cfg.train.max_seq_len)
+    from launcher.losses import check_loss  # imports torch: only once a job really runs
+
+    check_loss(cfg.train, hf_config)
     _check_optimizer(cfg.optimizer)
     _check_peft(cfg, hf_config)
     _check_loggers(cfg.logger)
@@ -156,6 +159,11 @@ def _check_world(cfg: DictConfig) -> None:
         raise ConfigError("sharding.cpu_offload=true offloads GPU memory to the host; it needs CUDA devices")
     if cfg.train.use_mp and not cuda:
         log.warning("train.use_mp=true on CPU: bf16 without hardware support is much slower than fp32 here")
+    if cfg.model.attention == "flex_attention" and not cuda and cfg.task.name == "train":
+        raise ConfigError(
+            f"model.attention=flex_attention cannot train on CPU: torch {torch.__version__} has no FlexAttention "
+            "backward there (forward only: task=evaluate works); train on CPU with model.attention=sdpa"
+        )
     if cfg.model.attention == "flash_attention_2" and not (cuda and importlib.util.find_spec("flash_attn")):
         raise ConfigError(
             "model.attention=flash_attention_2 needs a CUDA device and the flash_attn package "

@@ -12,7 +12,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.distributed.tensor import DTensor
 
@@ -23,6 +22,7 @@ from launcher.distributed import World, distributed, seed_everything
 from launcher.errors import ConfigError
 from launcher.export import save_base_model, save_hf_model, save_lora_adapter
 from launcher.loggers import open_loggers
+from launcher.losses import loss_chunk_size, token_loss_sum
 from launcher.lora import (apply_lora, base_needs_saving, lora_enabled, parameter_counts,
                            trainable_parameters)
 from launcher.metrics import RunLog, flops_per_token, peak_flops_per_device, peak_memory_gib
@@ -214,7 +214,7 @@ def _train_step(model, optimizer, micro_batches: list[dict], cfg: DictConfig, wo
     step_loss = torch.zeros((), device=world.device)
     for i, batch in enumerate(micro_batches):
         set_gradient_sync(model, i == len(micro_batches) - 1)
-        loss_sum = _token_loss_sum(model, batch, ignore, world.device)
+        loss_sum = token_loss_sum(model, batch, ignore, world.device, loss_chunk_size(cfg.train))
         (loss_sum * scale).backward()
         step_loss += loss_sum.detach()
     # max_grad_norm=None: an infinite bound measures the norm without clipping.
@@ -235,29 +235,6 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
 
 
-def _token_loss_sum(model, batch: dict, ignore_index: int, device: torch.device) -> torch.Tensor:
-    """Next-token cross-entropy summed over trained tokens (fp32 logits).
-
-    The labels are shifted rather than the logits, so the (batch, seq, vocab) logits are never
-    sliced into a copy; the upcast is a no-op unless the model computes in bf16.
-    """
-    labels = batch["labels"].to(device, non_blocking=True)
-    next_labels = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
-    logits = model(**model_inputs(batch, device)).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), next_labels.flatten(), ignore_index=ignore_index, reduction="sum")
-
-
-def model_inputs(batch: dict, device: torch.device) -> dict:
-    """The model's keyword arguments for a batch. With `data.document_mask`, the batch carries
-    per-document `position_ids`: transformers then treats each document of a packed row as its
-    own sequence (block-diagonal causal mask for sdpa/eager, varlen kernels for flash attention),
-    which it does only without an attention mask and without a KV cache."""
-    inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True), "use_cache": False}
-    if "position_ids" in batch:
-        inputs["position_ids"] = batch["position_ids"].to(device, non_blocking=True)
-    return inputs
-
-
 @torch.no_grad()
 def eval_loss(model, loader, cfg: DictConfig, world: World) -> float:
     """Token-weighted mean eval loss over the whole eval split (all ranks)."""
@@ -266,7 +243,7 @@ def eval_loss(model, loader, cfg: DictConfig, world: World) -> float:
     for i, batch in enumerate(loader):
         if cfg.train.max_eval_batches is not None and i >= cfg.train.max_eval_batches:
             break
-        totals[0] += _token_loss_sum(model, batch, cfg.data.ignore_index, world.device)
+        totals[0] += token_loss_sum(model, batch, cfg.data.ignore_index, world.device, loss_chunk_size(cfg.train))
         totals[1] += int((batch["labels"][:, 1:] != cfg.data.ignore_index).sum())
     model.train()
     if dist.get_world_size() > 1:
