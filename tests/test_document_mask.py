@@ -57,6 +57,7 @@ def test_packed_loss_equals_documents_one_by_one(attention):
         # Control: the same rows without the document mask let documents see each other.
         unmasked = token_loss_sum(reference, {"input_ids": batch["input_ids"], "labels": batch["labels"]}, IGNORE,
                                   torch.device("cpu"))
+    assert model.config._attn_implementation == attention and reference.config._attn_implementation == "eager"
     torch.testing.assert_close(packed, separate, rtol=1e-5, atol=1e-4)
     assert abs(unmasked.item() - separate.item()) > 1e-2
 
