@@ -76,7 +76,8 @@ def test_chunked_loss_under_lora_trains_the_adapters_like_the_full_loss():
 def test_the_default_loss_is_the_full_cross_entropy():
     model, batch = _tiny("llama"), _batch()
     with torch.no_grad():
-        torch.testing.assert_close(token_loss_sum(model, batch, IGNORE, CPU), _reference_loss(model, batch), rtol=1e-6, atol=0)
+        loss = token_loss_sum(model, batch, IGNORE, CPU)
+        torch.testing.assert_close(loss, _reference_loss(model, batch), rtol=1e-6, atol=0)
 
 
 class _LargestVocabTensor(TorchDispatchMode):
@@ -90,7 +91,8 @@ class _LargestVocabTensor(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for tensor in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(tensor, torch.Tensor) and tensor.dim() and tensor.shape[-1] == VOCAB and HIDDEN not in tensor.shape:
+            logits_like = isinstance(tensor, torch.Tensor) and tensor.dim() and tensor.shape[-1] == VOCAB
+            if logits_like and HIDDEN not in tensor.shape:
                 self.largest = max(self.largest, tensor.numel())
         return out
 
