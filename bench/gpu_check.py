@@ -43,7 +43,7 @@ from typing import Callable, Optional
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, compose
+from bench.common import ROOT, compose, subprocess_env
 
 SCHEMA = "hydralm-gpu-check/1"
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -197,7 +197,7 @@ def resume_after_kill(spec: dict) -> dict:
     command = [sys.executable, "-m", "launcher", *_run_overrides(spec, overrides, out)]
     with _torchrun_environment():
         killed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=spec["timeout_s"],
-                                env={**os.environ, KILL_HOOK: str(2 * every), "PYTHONPATH": str(ROOT)})
+                                env=subprocess_env(**{KILL_HOOK: str(2 * every)}))
     if killed.returncode != -signal.SIGKILL:
         raise RuntimeError(f"the run was to be killed at step {2 * every}, it ended with {killed.returncode}:\n"
                            + killed.stderr[-2000:])
