@@ -708,6 +708,8 @@ def _run_item(item: Item, args, runner: Runner, work: Path, remaining: float) ->
                 "reason": f"budget: {remaining:.0f} s left of --budget-s"}
     spec = _spec(item, args, work)
     entry = runner.run(item, spec, min(item.timeout_s, remaining))
+    if entry["status"] == "timeout" and remaining < item.timeout_s:
+        entry["reason"] += " (the rest of --budget-s)"
     if item.name == "environment" and entry["status"] == "error" and runner.isolation == "forkserver" \
             and "CUDA" in entry.get("error_tail", ""):
         runner.use_spawn()  # CUDA refused a forked process: fresh interpreters from here on
