@@ -1,6 +1,6 @@
 """`python -m bench [--smoke]`: run the CPU benchmarks and print one summary table.
 
-bench/gpu_throughput.py needs a GPU and runs on its own.
+bench/gpu_check.py (the GPU checklist) needs a GPU and runs on its own.
 """
 
 import argparse

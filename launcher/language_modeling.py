@@ -6,7 +6,7 @@ from omegaconf import DictConfig
 
 from launcher.data import prepared_splits
 from launcher.loaders import PadCollator
-from launcher.losses import token_loss_sum, trained_tokens
+from launcher.losses import loss_chunk_size, token_loss_sum, trained_tokens
 from launcher.trainer import TrainingTask
 
 
@@ -18,6 +18,7 @@ class LanguageModeling(TrainingTask):
     def __init__(self, cfg: DictConfig):
         super().__init__(cfg)
         self.ignore_index = cfg.data.ignore_index
+        self.chunk_size = loss_chunk_size(cfg.train)
 
     def datasets(self, tokenizer, world):
         return prepared_splits(self.cfg, tokenizer, world)
@@ -29,4 +30,4 @@ class LanguageModeling(TrainingTask):
         return trained_tokens(batch["labels"], self.ignore_index)
 
     def loss(self, model, batch: dict):
-        return token_loss_sum(model, batch, self.ignore_index, batch["input_ids"].device), {}
+        return token_loss_sum(model, batch, self.ignore_index, batch["input_ids"].device, self.chunk_size), {}

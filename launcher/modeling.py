@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from launcher.distributed import World
 from launcher.errors import ConfigError, choice_error
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
+ATTENTION_IMPLEMENTATIONS = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
 
 
 def load_tokenizer(model_cfg: DictConfig) -> PreTrainedTokenizerBase:
@@ -87,10 +87,16 @@ def base_model_class(model: torch.nn.Module) -> type:
     return next(c for c in type(model).__mro__ if issubclass(c, PreTrainedModel) and not c.__name__.startswith("FSDP"))
 
 
-def check_model(model: DictConfig, max_seq_len: int) -> dict:
-    """The model exists where it is said to be and fits `train.max_seq_len`; its HF config."""
+def check_model(model: DictConfig, max_seq_len: int, trains: bool = True) -> dict:
+    """The model exists where it is said to be, its attention can run here (and train, when the
+    task `trains`), and it fits `train.max_seq_len`; its HF config."""
     if model.attention not in ATTENTION_IMPLEMENTATIONS:
         raise choice_error("model.attention", model.attention, ATTENTION_IMPLEMENTATIONS)
+    if model.attention == "flex_attention" and trains and not torch.cuda.is_available():
+        raise ConfigError(
+            f"model.attention=flex_attention cannot train on CPU: torch {torch.__version__} has no FlexAttention "
+            "backward there (forward only: task=evaluate works); train on CPU with model.attention=sdpa"
+        )
     if model.attention == "flash_attention_2" and not (torch.cuda.is_available() and importlib.util.find_spec("flash_attn")):
         raise ConfigError(
             "model.attention=flash_attention_2 needs a CUDA device and the flash_attn package "

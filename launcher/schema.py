@@ -36,7 +36,7 @@ class ModelConfig:
     config: Optional[Dict[str, Any]] = None
     # Tokenizer directory; defaults to `path`.
     tokenizer: Optional[str] = None
-    # auto | flash_attention_2 | sdpa | eager (transformers' attn_implementation).
+    # auto | flash_attention_2 | flex_attention | sdpa | eager (transformers' attn_implementation).
     attention: str = affects(default="auto")
     # Embedding rows are padded to a multiple of this (tensor-core friendly shapes).
     pad_vocab_to_multiple_of: int = 64
@@ -126,6 +126,11 @@ class TrainConfig:
     # Checkpoint every k-th decoder layer (1: all; 2: half of them, trading memory for speed).
     activation_checkpointing_every: int = affects(default=1)
     compile: bool = affects(default=False)
+    # cross_entropy: all logits at once, upcast to fp32. chunked_cross_entropy: the output head and
+    # the loss over loss_chunk_size tokens at a time, recomputed in backward (launcher/losses.py).
+    # Both compute the same loss, so neither is part of the run's identity.
+    loss: str = affects(default="cross_entropy")
+    loss_chunk_size: int = affects(default=1024)
     # Evaluate and log every `logging_steps` optimizer steps (VectorLM semantics).
     logging_steps: int = affects(default=20)
     # Cap on eval batches per evaluation (None: the whole eval set).
@@ -148,6 +153,8 @@ class TaskConfig:
     fn: str = MISSING
     # Whether the task loads a model and data: then every group is checked before it starts.
     uses_model: bool = True
+    # Whether the task trains the model (some settings work only for inference).
+    trains: bool = False
     # Dotted path of the task's own check (it receives the composed config), run before any work.
     check: Optional[str] = None
 

@@ -23,6 +23,7 @@ def check_config(cfg: DictConfig) -> None:
 def _check_training_run(cfg: DictConfig) -> None:
     from launcher.data import check_data
     from launcher.loggers import check_loggers
+    from launcher.losses import check_loss
     from launcher.lora import check_peft, lora_enabled
     from launcher.modeling import check_model, read_hf_config
     from launcher.optim import check_optimizer, check_scheduler
@@ -38,7 +39,8 @@ def _check_training_run(cfg: DictConfig) -> None:
     check_resume(cfg.resume)
     if cfg.checkpoint is not None and not is_training_checkpoint(Path(cfg.checkpoint)):
         read_hf_config(cfg.checkpoint, "checkpoint")
-    hf_config = check_model(model_config(cfg), cfg.train.max_seq_len)
+    hf_config = check_model(model_config(cfg), cfg.train.max_seq_len, cfg.task.trains)
+    check_loss(cfg.train, hf_config)
     check_optimizer(cfg.optimizer)
     check_peft(cfg.peft, hf_config, cfg.task.name)
     if cfg.export.merge_lora and not lora_enabled(cfg.peft):

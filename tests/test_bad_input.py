@@ -22,6 +22,10 @@ from conftest import assert_rejected_before_any_work, compose_config, run_launch
         (["scheduler=cosine_with_restarts", "+scheduler.kwargs.num_cyclez=2"], "scheduler=cosine_with_restarts cannot be built"),
         (["data=preprocessed", "data.train_ds=/no/train", "data.eval_ds=/no/eval"], "data.train_ds=/no/train does not exist"),
         (["task=evaluate", "checkpoint=/no/model"], "checkpoint=/no/model does not exist"),
+        (["train.loss=fused"], "train.loss='fused' is not valid; choose one of: cross_entropy, chunked_cross_entropy"),
+        (["train.loss_chunk_size=0"], "train.loss_chunk_size=0 must be >= 1"),
+        (["train.loss=chunked_cross_entropy", "model.config.model_type=gemma2"],
+         "train.loss=chunked_cross_entropy supports model types llama, mistral"),
     ],
 )
 def test_bad_values_are_named_before_any_work(overrides, message, tmp_path):

@@ -1,6 +1,7 @@
 """The benchmarks' code paths, in their tiny --smoke modes. Benchmarks are not tests: no timing
 is asserted here, only that each script runs and prints the figures it promises."""
 
+import json
 import re
 import subprocess
 import sys
@@ -34,14 +35,48 @@ def test_cpu_benchmarks_print_their_ratio_lines_and_one_summary():
     assert re.search(r"heavy imports in --cfg job\s+none", summary), summary
 
 
-def test_gpu_benchmark_runs_its_code_path_on_cpu_in_smoke_mode():
-    result = _run(["bench/gpu_throughput.py", "--smoke"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert re.search(r"^sdpa\+ac\s+\d+", result.stdout, re.MULTILINE), result.stdout
+def test_gpu_check_smoke_runs_every_item_cpu_can_and_writes_one_json(tmp_path):
+    from bench.gpu_check import ITEMS, SCHEMA
+
+    out = tmp_path / "check.json"
+    result = _run(["bench/gpu_check.py", "--smoke", "--out", str(out)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["schema"] == SCHEMA and report["mode"] == "smoke" and len(report["git_commit"]) == 40
+    assert list(report["items"]) == [item.name for item in ITEMS]
+    for item in ITEMS:  # skipped: only what needs CUDA, and it says so
+        entry = report["items"][item.name]
+        expected = "skipped" if item.needs_cuda else "passed"
+        assert entry["status"] == expected, (item.name, entry)
+        if item.group == "throughput" and not item.needs_cuda:
+            assert entry["figures"]["tokens_per_s"] > 0 and entry["figures"]["mfu"] is None  # no peak on CPU
+    environment = report["items"]["environment"]["figures"]
+    assert environment["torch"] == torch.__version__ and environment["gpu"] is None
+    packed = report["items"]["document_mask_equality"]["figures"]
+    assert {"sdpa_float32_rel", "flex_attention_bfloat16_rel"} <= packed.keys()  # flex forward runs on CPU
+    table = result.stdout[result.stdout.index("hydralm gpu check (smoke: figures mean nothing)"):]
+    assert all(item.name in table for item in ITEMS) and str(out) in table
+
+
+def test_gpu_check_records_a_failing_item_and_kills_a_hanging_one(tmp_path):
+    import argparse
+
+    from bench.gpu_check import ITEMS_BY_NAME, Runner, _run_item, _spec
+
+    args = argparse.Namespace(smoke=True, peak_flops=None)
+    runner = Runner(tmp_path)
+    item = ITEMS_BY_NAME["throughput_1b_sdpa"]
+    broken = runner.run(item, {"item": item.name, "smoke": True}, timeout=120)  # no shapes: KeyError
+    assert broken["status"] == "error" and "KeyError" in broken["error_tail"], broken
+    item = ITEMS_BY_NAME["mixed_precision"]
+    hanging = runner.run(item, _spec(item, args, tmp_path), timeout=1)
+    assert hanging["status"] == "timeout" and hanging["seconds"] < 30, hanging
+    late = _run_item(item, args, runner, tmp_path, remaining=5)
+    assert late["status"] == "skipped" and late["reason"].startswith("budget"), late
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
-def test_gpu_benchmark_without_cuda_says_so():
-    result = _run(["bench/gpu_throughput.py"], timeout=120)
-    assert result.returncode != 0
+def test_gpu_check_without_cuda_says_so():
+    result = _run(["bench/gpu_check.py"], timeout=120)
+    assert result.returncode == 2
     assert "needs a CUDA GPU" in result.stderr

@@ -81,7 +81,10 @@ def reference(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "sharding,extra",
-    [("no_shard", []), ("full_shard", []), ("shard_grad_op", ["sharding.low_cpu_mem_usage=true"])],
+    [("no_shard", []), ("full_shard", []), ("shard_grad_op", ["sharding.low_cpu_mem_usage=true"]),
+     # the head and loss in chunks (the last one short) through FSDP2's root, against the full logits
+     ("full_shard", ["train.loss=chunked_cross_entropy", "train.loss_chunk_size=100"])],
+    ids=["no_shard", "full_shard", "shard_grad_op-low_cpu_mem_usage", "full_shard-chunked_loss"],
 )
 def test_two_processes_match_one(sharding, extra, reference, tmp_path):
     out = tmp_path / "run"

@@ -1,15 +1,20 @@
-"""data.document_mask: the loss of a packed batch equals the loss of its documents run one by one."""
+"""data.document_mask: the loss of a packed batch equals the loss of its documents run one by one.
+
+flex_attention runs here forward only: torch has no FlexAttention backward on CPU (training with it
+on CPU is refused before any work); its forward is compiled by transformers (inductor, ~15 s)."""
+
+import copy
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import compose_config
+from conftest import assert_rejected_before_any_work, compose_config
 from launcher.loaders import PadCollator
 from launcher.distributed import World
 from launcher.modeling import build_model, load_tokenizer
 from launcher.packing import Documents, PackingSpec, pack
-from launcher.losses import token_loss_sum as _token_loss_sum
+from launcher.losses import token_loss_sum
 
 IGNORE = -100
 
@@ -30,24 +35,29 @@ def _one_by_one_loss(model, batch):
         starts = torch.nonzero(positions == 0).flatten().tolist() + [len(positions)]
         for a, b in zip(starts, starts[1:]):
             piece = {"input_ids": input_ids[a:b][None], "labels": labels[a:b][None]}
-            total += _token_loss_sum(model, piece, IGNORE, torch.device("cpu"))
+            total += token_loss_sum(model, piece, IGNORE, torch.device("cpu"))
     return total
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "flex_attention"])
 def test_packed_loss_equals_documents_one_by_one(attention):
     cfg = compose_config([f"model.attention={attention}"])
     tokenizer = load_tokenizer(cfg.model)
     torch.manual_seed(0)
     model = build_model(cfg.model, tokenizer, World(0, 0, 1, 1, torch.device("cpu"))).eval()
+    assert model.config._attn_implementation == attention
+    # The reference: the same weights, each document alone with plain causal (eager) attention.
+    reference = copy.deepcopy(model)
+    reference.set_attn_implementation("eager")
     batch = _packed_batch(tokenizer, document_mask=True)
     assert (batch["position_ids"] == 0).sum() > batch["input_ids"].shape[0]  # rows really hold several documents
     with torch.no_grad():
-        packed = _token_loss_sum(model, batch, IGNORE, torch.device("cpu"))
-        separate = _one_by_one_loss(model, batch)
+        packed = token_loss_sum(model, batch, IGNORE, torch.device("cpu"))
+        separate = _one_by_one_loss(reference, batch)
         # Control: the same rows without the document mask let documents see each other.
-        unmasked = _token_loss_sum(model, {"input_ids": batch["input_ids"], "labels": batch["labels"]}, IGNORE,
-                                   torch.device("cpu"))
+        unmasked = token_loss_sum(reference, {"input_ids": batch["input_ids"], "labels": batch["labels"]}, IGNORE,
+                                  torch.device("cpu"))
+    assert model.config._attn_implementation == attention and reference.config._attn_implementation == "eager"
     torch.testing.assert_close(packed, separate, rtol=1e-5, atol=1e-4)
     assert abs(unmasked.item() - separate.item()) > 1e-2
 
@@ -59,3 +69,9 @@ def test_train_task_runs_with_document_mask(tmp_path):
                           "train.max_eval_batches=1", f"output_dir={tmp_path}"])
     summary = run_task(cfg)
     assert summary["steps"] == 2 and np.isfinite(summary["final_eval_loss"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_flex_attention_training_on_cpu_is_refused_before_any_work(tmp_path):
+    assert_rejected_before_any_work(["model.attention=flex_attention"],
+                                    "model.attention=flex_attention cannot train on CPU", tmp_path)
