@@ -19,6 +19,7 @@ Needs neither torch nor a model.
 
 import argparse
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -129,6 +130,7 @@ def load_study(directory: Path) -> Optional[Study]:
     path = directory / STUDY_FILE
     if not path.is_file():
         return None
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # optuna's SQLite schema setup chatter
     import optuna
 
     storage = f"sqlite:///{path.resolve()}"
@@ -206,6 +208,13 @@ def _pyplot():
     return plt
 
 
+def _outline() -> list:
+    """A black edge around the best run's lines, whatever its colour."""
+    from matplotlib import patheffects
+
+    return [patheffects.Stroke(linewidth=4.2, foreground="black"), patheffects.Normal()]
+
+
 def _legend(ax, runs: list[Run], keys: list[str]) -> None:
     """Beside the axes: one entry per run (its number and swept values), two columns past 20 runs."""
     title = "run: " + ", ".join(keys) if keys else "run"
@@ -226,7 +235,7 @@ def _curves(runs, keys, colours, best, out: Path, x: str, ys: list[str], title: 
                 continue
             ax.plot(*zip(*points), styles.get(y, "-"), color=colour, label=label, linewidth=2.6 if is_best else 1.2,
                     marker="o" if len(runs) <= 10 else None, markersize=3, zorder=3 if is_best else 2,
-                    alpha=1.0 if is_best else 0.85)
+                    alpha=1.0 if is_best else 0.85, path_effects=_outline() if is_best else None)
             label = None
             if is_best and y == ys[-1]:
                 ax.plot(*points[-1], marker="*", markersize=16, color=colour, markeredgecolor="black", zorder=4)
