@@ -46,7 +46,7 @@ class OptunaSearch(OptunaSweeper):
 
         impl = self.sweeper
         search = {
-            "overrides": sorted([f"{k}={v}" for k, v in (impl.params or {}).items()] + list(arguments)),
+            "overrides": [f"{k}={v}" for k, v in (impl.params or {}).items()] + list(arguments),
             "directions": impl._get_directions(),
         }
         study = _stored_study(impl.storage, impl.study_name)
@@ -87,14 +87,18 @@ def _refuse_existing_runs(sweep_dir: Path) -> None:
 
 def _check_same_search(study, search: dict, sweep_dir: Path) -> None:
     stored = study.user_attrs.get(SEARCH_ATTR)
-    if stored is None or stored == search:
+    if stored is None:
         return
-    if stored["directions"] != search["directions"]:
-        difference = f"hydra.sweeper.direction: {stored['directions']} in the study, {search['directions']} now"
-    else:
-        before, now = set(stored["overrides"]), set(search["overrides"])
-        only_before, only_now = sorted(before - now), sorted(now - before)
-        difference = (f"{only_before[0]} in the study" if only_before else "") + \
-                     (" and " if only_before and only_now else "") + (f"{only_now[0]} now" if only_now else "")
-    raise ConfigError(f"hydra.sweep.dir={sweep_dir} holds the Optuna study of another search ({difference}); "
-                      "run the study's own command to continue it, or give a new hydra.sweep.dir")
+    before = {"hydra.sweeper.direction": ",".join(stored["directions"]), **_by_key(stored["overrides"])}
+    now = {"hydra.sweeper.direction": ",".join(search["directions"]), **_by_key(search["overrides"])}
+    if before == now:
+        return
+    key = min(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    raise ConfigError(f"hydra.sweep.dir={sweep_dir} holds the Optuna study of another search ({key}: "
+                      f"{before.get(key, 'not set')} in the study, {now.get(key, 'not set')} now); run the study's "
+                      "own command to continue it, or give a new hydra.sweep.dir")
+
+
+def _by_key(overrides: List[str]) -> dict:
+    """`key=value` overrides as {key: value}; the last one wins, as in Hydra."""
+    return dict(override.split("=", 1) if "=" in override else (override, "") for override in overrides)
