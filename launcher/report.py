@@ -271,7 +271,7 @@ def _objective_plot(runs, keys, colours, best, objective: str, direction: str, o
             ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right", fontsize=8)
         else:
             xs = numbers
-            if min(xs) > 0 and max(xs) / min(xs) >= 20:
+            if min(xs) > 0 and max(xs) / min(xs) >= 10:
                 ax.set_xscale("log")
         for x, (run, colour) in zip(xs, scored):
             is_best = run is best

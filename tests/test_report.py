@@ -29,7 +29,7 @@ def sweep(tmp_path_factory):
     return sweep_dir
 
 
-def _assert_plot(path):
+def _assert_plot(path, min_coloured=200):
     with Image.open(path) as image:
         image.verify()  # a well-formed PNG
     with Image.open(path) as image:
@@ -37,7 +37,7 @@ def _assert_plot(path):
         pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     assert pixels.std() > 20  # axes, lines, text: not a blank canvas
     coloured = np.abs(pixels - pixels.mean(axis=2, keepdims=True)).max(axis=2) > 60
-    assert coloured.sum() > 200  # the runs' coloured lines were drawn
+    assert coloured.sum() > min_coloured  # the runs' coloured lines (or points) were drawn
 
 
 def test_sweep_runs_share_a_wandb_group_named_after_the_sweep(sweep):
@@ -55,7 +55,7 @@ def test_report_task_plots_and_tables_a_sweep(sweep, tmp_path):
     out = sweep / "report"
     assert sorted(p.name for p in out.iterdir()) == ["loss.png", "lr.png", "objective.png", "report.md", "tokens_per_s.png"]
     for plot in result["plots"]:
-        _assert_plot(plot)
+        _assert_plot(plot, min_coloured=50 if plot.endswith("objective.png") else 200)  # 2 points, or lines
 
     table = (out / "report.md").read_text()
     lines = [line for line in table.splitlines() if line.startswith("| ")]

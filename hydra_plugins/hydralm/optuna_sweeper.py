@@ -26,6 +26,10 @@ from launcher.errors import ConfigError
 
 SEARCH_ATTR = "hydralm_search"  # study user attribute: what the study searches
 
+# optuna's SQLite storage imports alembic, which logs a line per migration plugin at INFO; Hydra
+# imports optuna while it builds the sampler, before this sweeper exists.
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
 
 class OptunaSearch(OptunaSweeper):
     def setup(self, *, hydra_context, task_function, config) -> None:
@@ -41,7 +45,6 @@ class OptunaSearch(OptunaSweeper):
         return super().sweep(arguments)
 
     def _prepare_study(self, arguments: List[str]) -> None:
-        logging.getLogger("alembic").setLevel(logging.WARNING)  # optuna's SQLite schema setup chatter
         import optuna
 
         impl = self.sweeper
