@@ -377,7 +377,8 @@ def write_report(directory: Path, out_dir: Optional[Path] = None) -> dict:
     runs = [load_run(d, directory) for d in run_dirs]
     study = load_study(directory)
     keys = swept_keys(runs)
-    objective = max({run.objective for run in runs}, key=[run.objective for run in runs].count)
+    named = [run.objective for run in runs]
+    objective = max(set(named), key=named.count)  # the runs of one sweep name the same objective
     direction = _direction(runs, study)
     best = _best(runs, lambda run: run.objective_value, direction) if len(runs) > 1 else None
     colours = run_colours(len(runs))
@@ -392,7 +393,7 @@ def write_report(directory: Path, out_dir: Optional[Path] = None) -> dict:
     for name, (x, ys, title, ylabel) in curves.items():
         _curves(runs, keys, colours, best, out_dir / name, x, ys, title, ylabel)
     plots = list(curves)
-    if len(runs) > 1 and keys:
+    if len(runs) > 1 and keys and any(run.objective_value is not None for run in runs):
         _objective_plot(runs, keys, colours, best, objective, direction, out_dir / "objective.png")
         plots.append("objective.png")
     if study is not None:
