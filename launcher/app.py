@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from launcher import schema  # noqa: F401  (registers the schema and the asset resolver)
 from launcher.errors import ConfigError
 from launcher.loggers import scrub_hydra_outputs
+from launcher.objective import objective_value
 from launcher.validate import check_config
 
 log = logging.getLogger("hydralm")
@@ -30,12 +31,13 @@ def run_task(cfg: DictConfig):
 def _hydra_main(cfg: DictConfig):
     scrub_hydra_outputs()  # secrets (api keys, tokens) never stay in .hydra/
     try:
-        return run_task(cfg)
+        result = run_task(cfg)
     except ConfigError as err:
         rank = os.environ.get("RANK")
         where = f" (rank {rank})" if rank not in (None, "0") else ""
         print(f"hydralm: error{where}: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    return objective_value(cfg, result)  # the float a sweeper (Optuna) optimises
 
 
 def main():

@@ -3,14 +3,24 @@
     python -m launcher.report multirun/2026-11-28/01-04-45 [--out DIR]
     python -m launcher task=report report.dir=multirun/2026-11-28/01-04-45
 
-Writes, to `<dir>/report` unless told otherwise: loss.png (train and eval loss vs tokens seen),
-lr.png and tokens_per_s.png (vs optimizer step), and report.md: one row per run with the swept
-overrides (from each run's .hydra/overrides.yaml) as columns, final eval loss, throughput and
-wall time; the lowest final eval loss is marked best. Needs neither torch nor a model.
+Writes, to `<dir>/report` unless told otherwise:
+- loss.png (train and eval loss vs tokens seen), lr.png and tokens_per_s.png (vs optimizer step):
+  one colour per run, all distinct, the legend beside the plot, the best run drawn thick and
+  starred;
+- objective.png: the objective (`objective`, default eval_loss) against each swept key, one
+  panel per key, the best run starred;
+- optuna_history.png when the directory holds an Optuna study (optuna.db, hydra/sweeper=
+  hydralm_optuna): the objective of each trial and the best so far;
+- report.md: one row per run with the swept overrides (from each run's .hydra/overrides.yaml) as
+  columns, the final objective, throughput and wall time, the best run marked; and for a study,
+  its trials, best parameters and history.
+Needs neither torch nor a model.
 """
 
 import argparse
 import json
+import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +31,8 @@ import yaml
 from launcher.errors import ConfigError
 
 BEST_MARK = "★ best"
+STUDY_FILE = "optuna.db"
+MINIMIZE, MAXIMIZE = "minimize", "maximize"
 
 
 @dataclass
@@ -29,13 +41,17 @@ class Run:
     rows: list[dict]
     overrides: dict[str, str] = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
+    objective: str = "eval_loss"  # the run's `objective` key
+    job_num: Optional[int] = None  # Hydra's job number in its sweep (= the Optuna trial number)
+    direction: Optional[str] = None  # hydra.sweeper.direction of its sweep, if it had one
 
     def last(self, key: str) -> Optional[float]:
         return next((row[key] for row in reversed(self.rows) if key in row), None)
 
     @property
-    def final_eval_loss(self) -> Optional[float]:
-        return self.summary.get("final_eval_loss", self.last("eval_loss"))
+    def objective_value(self) -> Optional[float]:
+        final_eval = self.summary.get("final_eval") or {}
+        return final_eval.get(self.objective, self.last(self.objective))
 
     @property
     def wall_time_s(self) -> Optional[float]:
@@ -49,6 +65,29 @@ class Run:
         return tokens / seconds if tokens and seconds else None
 
 
+@dataclass
+class Trial:
+    number: int
+    state: str  # COMPLETE, FAIL, RUNNING, ...
+    value: Optional[float]
+    params: dict
+
+
+@dataclass
+class Study:
+    name: str
+    direction: str
+    trials: list[Trial]
+
+    @property
+    def best(self) -> Optional[Trial]:
+        complete = [t for t in self.trials if t.state == "COMPLETE" and t.value is not None]
+        return _best(complete, lambda t: t.value, self.direction)
+
+
+# ---------------------------------------------------------------------- reading
+
+
 def _natural_key(path: Path):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
@@ -60,6 +99,10 @@ def find_runs(directory: Path) -> list[Path]:
     return sorted((p.parent for p in directory.rglob("metrics.jsonl")), key=_natural_key)
 
 
+def _read_yaml(path: Path):
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
 def load_run(run_dir: Path, root: Path) -> Run:
     rows = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -68,15 +111,40 @@ def load_run(run_dir: Path, root: Path) -> Run:
         except json.JSONDecodeError:  # a line cut short by a killed job
             continue
     overrides = {}
-    overrides_file = run_dir / ".hydra" / "overrides.yaml"
-    if overrides_file.is_file():
-        for override in yaml.safe_load(overrides_file.read_text()) or []:
-            key, _, value = override.partition("=")
-            if key.lstrip("+~") != "output_dir":
-                overrides[key.lstrip("+~")] = value
+    for override in _read_yaml(run_dir / ".hydra" / "overrides.yaml") or []:
+        key, _, value = override.partition("=")
+        if key.lstrip("+~") != "output_dir":
+            overrides[key.lstrip("+~")] = value
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    return Run(str(run_dir.relative_to(root)), rows, overrides, summary)
+    config = _read_yaml(run_dir / ".hydra" / "config.yaml") or {}
+    hydra = (_read_yaml(run_dir / ".hydra" / "hydra.yaml") or {}).get("hydra", {})
+    direction = (hydra.get("sweeper") or {}).get("direction")
+    job_num = (hydra.get("job") or {}).get("num")
+    return Run(str(run_dir.relative_to(root)), rows, overrides, summary, config.get("objective", "eval_loss"),
+               job_num if isinstance(job_num, int) else None, direction if isinstance(direction, str) else None)
+
+
+def load_study(directory: Path) -> Optional[Study]:
+    """The Optuna study stored in `<directory>/optuna.db` (the one named hydralm, or the only one)."""
+    path = directory / STUDY_FILE
+    if not path.is_file():
+        return None
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # optuna's SQLite schema setup chatter
+    import optuna
+
+    storage = f"sqlite:///{path.resolve()}"
+    names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
+    if not names:
+        return None
+    study = optuna.load_study(study_name="hydralm" if "hydralm" in names else names[0], storage=storage)
+    if len(study.directions) != 1:
+        return None  # a multi-objective study has no single best
+    trials = [Trial(t.number, t.state.name, t.value, dict(t.params)) for t in study.trials]
+    return Study(study.study_name, study.direction.name.lower(), trials)
+
+
+# ---------------------------------------------------------------------- what to show
 
 
 def swept_keys(runs: list[Run]) -> list[str]:
@@ -87,50 +155,219 @@ def swept_keys(runs: list[Run]) -> list[str]:
     return [k for k in keys if len({run.overrides.get(k, "") for run in runs}) > 1]
 
 
+def _best(items, value, direction: str):
+    scored = [item for item in items if value(item) is not None and math.isfinite(value(item))]
+    if not scored:
+        return None
+    return (max if direction == MAXIMIZE else min)(scored, key=value)
+
+
+def _direction(runs: list[Run], study: Optional[Study]) -> str:
+    if study is not None:
+        return study.direction
+    return next((run.direction for run in runs if run.direction), MINIMIZE)
+
+
+def run_colours(count: int) -> list:
+    """`count` distinct colours: tab10 up to 10 runs; beyond, the dark then the light shades of
+    tab20, then tab20b and tab20c (60 in all) before any repeats."""
+    import matplotlib
+
+    if count <= 10:
+        return list(matplotlib.colormaps["tab10"].colors[:count])
+    tab20 = matplotlib.colormaps["tab20"].colors
+    palette = [*tab20[0::2], *tab20[1::2]]
+    for name in ("tab20b", "tab20c"):
+        shades = matplotlib.colormaps[name].colors
+        palette += [shades[group * 4 + shade] for shade in range(4) for group in range(5)]
+    return [palette[i % len(palette)] for i in range(count)]
+
+
+def _short(value: str) -> str:
+    """An override value for a label or a cell: floats to 4 significant digits."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if number.is_integer() and "." not in value and "e" not in value.lower() else f"{number:.4g}"
+
+
 def _label(run: Run, keys: list[str]) -> str:
-    return ", ".join(f"{k}={run.overrides.get(k, '')}" for k in keys) or run.name
+    return ", ".join(_short(run.overrides.get(k, "")) for k in keys) or run.name
 
 
-def _plot(runs: list[Run], keys: list[str], out: Path, x: str, ys: list[str], title: str, ylabel: str) -> None:
+# ---------------------------------------------------------------------- plots
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    return plt
+
+
+def _outline() -> list:
+    """A black edge around the best run's lines, whatever its colour."""
+    from matplotlib import patheffects
+
+    return [patheffects.Stroke(linewidth=4.2, foreground="black"), patheffects.Normal()]
+
+
+def _legend(ax, runs: list[Run], keys: list[str]) -> None:
+    """Beside the axes: one entry per run (its number and swept values), two columns past 20 runs."""
+    title = "run: " + ", ".join(keys) if keys else "run"
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, title=title, title_fontsize=7,
+              ncol=2 if len(runs) > 20 else 1, frameon=False, borderaxespad=0.0)
+
+
+def _curves(runs, keys, colours, best, out: Path, x: str, ys: list[str], title: str, ylabel: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=100)
     styles = {"train_loss": "-", "eval_loss": "--"}
-    for i, run in enumerate(runs):
+    for run, colour in zip(runs, colours):
+        is_best = run is best
+        label = f"{'★ ' if is_best else ''}{run.name}: {_label(run, keys)}"  # one legend entry per run
         for y in ys:
             points = [(row[x], row[y]) for row in run.rows if x in row and y in row]
-            if points:
-                suffix = f" ({y.split('_')[0]})" if len(ys) > 1 else ""
-                ax.plot(*zip(*points), styles.get(y, "-"), marker="o", markersize=3, color=f"C{i % 10}",
-                        label=_label(run, keys) + suffix)
+            if not points:
+                continue
+            ax.plot(*zip(*points), styles.get(y, "-"), color=colour, label=label, linewidth=2.6 if is_best else 1.2,
+                    marker="o" if len(runs) <= 10 else None, markersize=3, zorder=3 if is_best else 2,
+                    alpha=1.0 if is_best else 0.85, path_effects=_outline() if is_best else None)
+            label = None
+            if is_best and y == ys[-1]:
+                ax.plot(*points[-1], marker="*", markersize=16, color=colour, markeredgecolor="black", zorder=4)
     ax.set(title=title, xlabel=x.replace("_", " "), ylabel=ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out)
+    if len(runs) > 1 or keys:
+        _legend(ax, runs, keys)
+    fig.savefig(out, bbox_inches="tight")
     plt.close(fig)
+
+
+def _numbers(values: list[str]) -> Optional[list[float]]:
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        return None
+
+
+def _objective_plot(runs, keys, colours, best, objective: str, direction: str, out: Path) -> None:
+    """One panel per swept key: each run's final objective against its value of that key."""
+    plt = _pyplot()
+    scored = [(run, colour) for run, colour in zip(runs, colours) if run.objective_value is not None]
+    columns = min(len(keys), 3)
+    rows = math.ceil(len(keys) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.6 * rows), dpi=100, squeeze=False,
+                             sharey=True)
+    for ax, key in zip(axes.flat, keys):
+        values = [run.overrides.get(key, "") for run, _ in scored]
+        numbers = _numbers(values)
+        if numbers is None:  # a categorical key: one column per value
+            categories = sorted(set(values))
+            xs = [categories.index(v) for v in values]
+            ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right", fontsize=8)
+        else:
+            xs = numbers
+            if min(xs) > 0 and max(xs) / min(xs) >= 10:
+                ax.set_xscale("log")
+        for x, (run, colour) in zip(xs, scored):
+            is_best = run is best
+            ax.scatter([x], [run.objective_value], color=colour, s=220 if is_best else 40, marker="*" if is_best else "o",
+                       edgecolors="black", linewidths=0.8 if is_best else 0.3, zorder=3 if is_best else 2)
+        ax.set(xlabel=key)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"final {objective}")
+    best_text = f"; ★ best: run {best.name}" if best is not None else ""
+    fig.suptitle(f"final {objective} ({direction}d) against each swept key{best_text}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _history_plot(study: Study, objective: str, out: Path) -> None:
+    """Objective per trial (in trial order) and the best so far; failed trials at the bottom."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=100)
+    complete = [t for t in study.trials if t.state == "COMPLETE" and t.value is not None]
+    if complete:
+        ax.scatter([t.number for t in complete], [t.value for t in complete], color="tab:blue", s=30,
+                   label="trial", zorder=2)
+        pick = max if study.direction == MAXIMIZE else min
+        best_so_far, steps = None, []
+        for t in complete:
+            best_so_far = t.value if best_so_far is None else pick(best_so_far, t.value)
+            steps.append((t.number, best_so_far))
+        ax.step(*zip(*steps), where="post", color="tab:red", linewidth=2, label="best so far", zorder=1)
+        best = study.best
+        ax.scatter([best.number], [best.value], marker="*", s=260, color="tab:red", edgecolors="black",
+                   label=f"best: trial {best.number}", zorder=3)
+    others = [t for t in study.trials if t not in complete]
+    if others:
+        floor = ax.get_ylim()[0] if complete else 0.0
+        ax.scatter([t.number for t in others], [floor] * len(others), marker="x", color="grey",
+                   label="failed / not finished", zorder=2, clip_on=False)
+    ax.set(title=f"Optuna study {study.name}: {len(study.trials)} trials ({study.direction})",
+           xlabel="trial", ylabel=f"final {objective}")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False, borderaxespad=0.0)
+    fig.savefig(out, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- tables
 
 
 def _number(value: Optional[float], fmt: str) -> str:
     return "" if value is None else format(value, fmt)
 
 
-def _table(runs: list[Run], keys: list[str]) -> str:
-    losses = [run.final_eval_loss for run in runs if run.final_eval_loss is not None]
-    best = min(losses) if losses else None
-    header = ["run", *keys, "final eval loss", "steps", "tokens", "tokens/s", "wall time (s)", ""]
+def _table(runs: list[Run], keys: list[str], best: Optional[Run], objective: str) -> str:
+    header = ["run", *keys, f"final {objective}", "steps", "tokens", "tokens/s", "wall time (s)", ""]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for run in runs:
-        loss = run.final_eval_loss
-        cells = [run.name, *(run.overrides.get(k, "") for k in keys), _number(loss, ".4f"),
+        cells = [run.name, *(_short(run.overrides.get(k, "")) for k in keys), _number(run.objective_value, ".4f"),
                  _number(run.last("step"), "d"), _number(run.last("tokens_seen"), "d"),
                  _number(run.tokens_per_s, ".0f"), _number(run.wall_time_s, ".1f"),
-                 BEST_MARK if loss is not None and loss == best and len(runs) > 1 else ""]
+                 BEST_MARK if run is best and len(runs) > 1 else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _study_section(study: Study, runs: list[Run], objective: str) -> str:
+    """The trials in order with the best so far, the run directory of each, and the best parameters."""
+    run_of = {run.job_num: run.name for run in runs if run.job_num is not None}
+    params = list(dict.fromkeys(k for t in study.trials for k in t.params))
+    states = {}
+    for t in study.trials:
+        states[t.state.lower()] = states.get(t.state.lower(), 0) + 1
+    best = study.best
+    lines = [f"## Optuna study `{study.name}` ({study.direction})", "",
+             f"{len(study.trials)} trials: " + ", ".join(f"{n} {state}" for state, n in states.items()) + "."]
+    if best is not None:
+        lines.append(f"Best: trial {best.number}, final {objective} {best.value:.4f}, with "
+                     + ", ".join(f"`{k}={_short(str(v))}`" for k, v in best.params.items()) + ".")
+    header = ["trial", "state", f"final {objective}", "best so far", *params, "run"]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    pick = max if study.direction == MAXIMIZE else min
+    best_so_far = None
+    for t in study.trials:
+        if t.state == "COMPLETE" and t.value is not None:
+            best_so_far = t.value if best_so_far is None else pick(best_so_far, t.value)
+        cells = [str(t.number), t.state.lower(), _number(t.value, ".4f"), _number(best_so_far, ".4f"),
+                 *(_short(str(t.params[k])) if k in t.params else "" for k in params),
+                 run_of.get(t.number, "") + (f" {BEST_MARK}" if t is best else "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- the report
 
 
 def write_report(directory: Path, out_dir: Optional[Path] = None) -> dict:
@@ -138,23 +375,50 @@ def write_report(directory: Path, out_dir: Optional[Path] = None) -> dict:
     if not run_dirs:
         raise FileNotFoundError(f"{directory} holds no metrics.jsonl (neither a run nor a sweep of runs)")
     runs = [load_run(d, directory) for d in run_dirs]
+    study = load_study(directory)
     keys = swept_keys(runs)
+    named = [run.objective for run in runs]
+    objective = max(set(named), key=named.count)  # the runs of one sweep name the same objective
+    direction = _direction(runs, study)
+    best = _best(runs, lambda run: run.objective_value, direction) if len(runs) > 1 else None
+    colours = run_colours(len(runs))
     out_dir = out_dir or directory / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = {
+
+    curves = {
         "loss.png": ("tokens_seen", ["train_loss", "eval_loss"], "train (solid) and eval (dashed) loss", "loss"),
         "lr.png": ("step", ["lr"], "learning rate", "lr"),
         "tokens_per_s.png": ("step", ["tokens_per_s"], "throughput", "tokens/s"),
     }
-    for name, (x, ys, title, ylabel) in plots.items():
-        _plot(runs, keys, out_dir / name, x, ys, title, ylabel)
-    table = _table(runs, keys)
-    images = "\n".join(f"![{name}]({name})" for name in plots)
+    for name, (x, ys, title, ylabel) in curves.items():
+        _curves(runs, keys, colours, best, out_dir / name, x, ys, title, ylabel)
+    plots = list(curves)
+    if len(runs) > 1 and keys and any(run.objective_value is not None for run in runs):
+        _objective_plot(runs, keys, colours, best, objective, direction, out_dir / "objective.png")
+        plots.append("objective.png")
+    if study is not None:
+        _history_plot(study, objective, out_dir / "optuna_history.png")
+        plots.append("optuna_history.png")
+
+    table = _table(runs, keys, best, objective)
+    verdict = ""
+    if best is not None:
+        verdict = (f"Objective: final {objective} ({direction}d). Best: run {best.name}, {best.objective_value:.4f}"
+                   + (", with " + ", ".join(f"`{k}={_short(best.overrides.get(k, ''))}`" for k in keys) if keys else "")
+                   + ".\n\n")
+    sections = [f"# Runs in {directory}\n\n{verdict}{table}"]
+    if study is not None:
+        sections.append(_study_section(study, runs, objective))
+    sections.append("\n".join(f"![{name}]({name})" for name in plots))
     report = out_dir / "report.md"
-    report.write_text(f"# Runs in {directory}\n\n{table}\n\n{images}\n")
-    losses = [(run.final_eval_loss, run.name) for run in runs if run.final_eval_loss is not None]
+    report.write_text("\n\n".join(sections) + "\n")
     return {"report": str(report), "plots": [str(out_dir / n) for n in plots], "table": table,
-            "best_run": min(losses)[1] if losses else None}
+            "best_run": best.name if best is not None else None, "colours": dict(zip((r.name for r in runs), colours)),
+            "study": None if study is None else {
+                "name": study.name, "direction": study.direction, "trials": len(study.trials),
+                "best_trial": study.best.number if study.best else None,
+                "best_params": study.best.params if study.best else None,
+                "best_value": study.best.value if study.best else None}}
 
 
 def check_report(cfg) -> None:
@@ -168,6 +432,16 @@ def check_report(cfg) -> None:
         raise ConfigError(f"report.dir={report.dir} holds no metrics.jsonl (neither a run nor a sweep of runs)")
 
 
+def print_report(result: dict) -> None:
+    print(result["table"])
+    study = result["study"]
+    if study is not None and study["best_trial"] is not None:
+        params = ", ".join(f"{k}={_short(str(v))}" for k, v in study["best_params"].items())
+        print(f"\nOptuna study {study['name']}: {study['trials']} trials; best trial {study['best_trial']} "
+              f"({study['best_value']:.4f}): {params}")
+    print(f"\nhydralm: report -> {result['report']}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m launcher.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("dir", type=Path, help="a run directory or a multirun sweep directory")
@@ -177,7 +451,7 @@ def main(argv=None) -> None:
         result = write_report(args.dir, args.out)
     except FileNotFoundError as err:
         parser.exit(2, f"hydralm: error: {err}\n")
-    print(f"{result['table']}\n\nhydralm: report -> {result['report']}")
+    print_report(result)
 
 
 if __name__ == "__main__":

@@ -236,6 +236,10 @@ class Config:
     resume: str = affects(default="auto")
     # Free-form tags that experiment presets set (shown in `--cfg job`).
     tags: List[str] = affects(factory=list)
+    # What a sweep optimises and the job returns to the sweeper (a float; launcher/objective.py):
+    # a metric of the final evaluation, `eval_loss` or `eval_<metric>` of the task (a DPO run's
+    # `eval_reward_accuracy`). hydra.sweeper.direction says whether it is minimised (default).
+    objective: str = affects(default="eval_loss")
 
 
 def register() -> None:

@@ -36,6 +36,7 @@ from launcher.lora import apply_lora, base_needs_saving, lora_enabled, parameter
 from launcher.losses import trained_tokens
 from launcher.metrics import RunLog, Throughput, Window
 from launcher.modeling import build_model, load_tokenizer
+from launcher.objective import check_objective
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.outputs import resolve_output_dir
 from launcher.preemption import Preemption
@@ -101,6 +102,7 @@ class StepResult:
 
 class Trainer:
     def __init__(self, cfg: DictConfig, task: TrainingTask):
+        check_objective(cfg, task.metrics)
         self.cfg, self.task = cfg, task
 
     def run(self) -> dict:

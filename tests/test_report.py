@@ -1,16 +1,20 @@
-"""Reports: a real 2-point sweep (logged to offline wandb, grouped) rendered as PNGs and a table."""
+"""Reports: a real 2-point sweep (logged to offline wandb, grouped) rendered as PNGs and a table;
+a 24-run sweep and an Optuna study (maximising a DPO-style metric) written here as run directories."""
 
+import json
 import subprocess
 import sys
 
 import numpy as np
+import optuna
 import pytest
+import yaml
 from PIL import Image
 
 from conftest import ROOT, compose_config, run_launcher
 from launcher.app import run_task
 from launcher.errors import ConfigError
-from launcher.report import BEST_MARK
+from launcher.report import BEST_MARK, run_colours, write_report
 from wandb_records import offline_run
 
 
@@ -25,15 +29,15 @@ def sweep(tmp_path_factory):
     return sweep_dir
 
 
-def _assert_plot(path):
+def _assert_plot(path, min_coloured=200):
     with Image.open(path) as image:
         image.verify()  # a well-formed PNG
     with Image.open(path) as image:
-        assert image.format == "PNG" and image.size == (700, 450)
+        assert image.format == "PNG" and image.size[0] > image.size[1] > 200  # the legend sits beside the axes
         pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     assert pixels.std() > 20  # axes, lines, text: not a blank canvas
     coloured = np.abs(pixels - pixels.mean(axis=2, keepdims=True)).max(axis=2) > 60
-    assert coloured.sum() > 200  # the runs' coloured lines were drawn
+    assert coloured.sum() > min_coloured  # the runs' coloured lines (or points) were drawn
 
 
 def test_sweep_runs_share_a_wandb_group_named_after_the_sweep(sweep):
@@ -49,13 +53,13 @@ def test_report_task_plots_and_tables_a_sweep(sweep, tmp_path):
     cfg = compose_config(["task=report", f"report.dir={sweep}", "model=mistral_7b"])
     result = run_task(cfg)
     out = sweep / "report"
-    assert sorted(p.name for p in out.iterdir()) == ["loss.png", "lr.png", "report.md", "tokens_per_s.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["loss.png", "lr.png", "objective.png", "report.md", "tokens_per_s.png"]
     for plot in result["plots"]:
-        _assert_plot(plot)
+        _assert_plot(plot, min_coloured=50 if plot.endswith("objective.png") else 200)  # 2 points, or lines
 
     table = (out / "report.md").read_text()
     lines = [line for line in table.splitlines() if line.startswith("| ")]
-    assert lines[0].startswith("| run | optimizer.lr | final eval loss |")
+    assert lines[0].startswith("| run | optimizer.lr | final eval_loss |")
     rows = {line.split(" | ")[1]: line for line in lines[2:]}  # after the header and the --- line
     assert set(rows) == {"0.001", "0.01"}
     assert sum(BEST_MARK in line for line in rows.values()) == 1
@@ -79,3 +83,92 @@ def test_report_of_a_directory_without_runs_is_a_config_error(tmp_path):
         run_task(compose_config(["task=report", f"report.dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="report.dir must be set"):
         run_task(compose_config(["task=report"]))
+
+
+def _write_run(run_dir, overrides, rows, final_eval, objective="eval_loss", job_num=None, direction=None):
+    """A run directory as hydralm and Hydra leave it."""
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"objective": objective}))
+    hydra = {"job": {"num": job_num}, **({"sweeper": {"direction": direction}} if direction else {})}
+    (run_dir / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": hydra}))
+    (run_dir / "summary.json").write_text(json.dumps({"final_eval": final_eval, "tokens_per_s": 1000.0,
+                                                      "train_wall_time_s": 2.0}))
+
+
+def _curve(final_loss, lr, steps=4):
+    rows = []
+    for step in range(1, steps + 1):
+        loss = 8.0 - (8.0 - final_loss) * step / steps
+        rows += [{"step": step, "train_loss": loss + 0.05, "lr": lr * (1 - step / (steps + 1)), "tokens_seen": 512 * step,
+                  "tokens_per_s": 900.0 + 50 * step + 1e4 * lr, "time_s": 0.5 * step},
+                 {"step": step, "eval_loss": loss, "tokens_seen": 512 * step}]
+    return rows
+
+
+def test_a_24_run_sweep_has_distinct_colours_one_best_run_and_a_plot_per_swept_key(tmp_path):
+    sweep = tmp_path / "sweep"
+    lrs, warmups = ["3e-4", "1e-3", "2e-3", "4e-3", "8e-3", "1.6e-2"], ["0.0", "0.1", "0.2", "0.4"]
+    losses = {}
+    for i, (lr, warmup) in enumerate((lr, w) for lr in lrs for w in warmups):
+        losses[str(i)] = 6.0 + abs(np.log10(float(lr)) + 2.5) + float(warmup) / 3  # unique minimum: lr 4e-3, warmup 0
+        _write_run(sweep / str(i), [f"optimizer.lr={lr}", f"scheduler.warmup_ratio={warmup}", "train.max_steps=4"],
+                   _curve(losses[str(i)], float(lr)), {"eval_loss": losses[str(i)]}, job_num=i)
+    result = write_report(sweep)
+    out = sweep / "report"
+    assert sorted(p.name for p in out.iterdir()) == ["loss.png", "lr.png", "objective.png", "report.md", "tokens_per_s.png"]
+    for plot in result["plots"]:
+        _assert_plot(plot)
+
+    colours = list(result["colours"].values())
+    assert len(colours) == 24 and len(set(colours)) == 24  # none repeats
+    best = min(losses, key=losses.get)
+    assert result["best_run"] == best == "12"
+    text = (out / "report.md").read_text()
+    assert "Best: run 12, " in text and "`optimizer.lr=0.004`, `scheduler.warmup_ratio=0`" in text
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    assert lines[0] == ("| run | optimizer.lr | scheduler.warmup_ratio | final eval_loss | steps | tokens | tokens/s "
+                        "| wall time (s) |  |")
+    rows = {line.split(" | ")[0][2:]: line for line in lines[2:]}
+    assert list(rows) == [str(i) for i in range(24)]
+    assert [name for name, line in rows.items() if BEST_MARK in line] == [best]
+    assert all(abs(float(line.split(" | ")[3]) - losses[name]) < 1e-4 for name, line in rows.items())
+
+
+def test_colours_stay_distinct_up_to_60_runs():
+    for count in (1, 10, 11, 24, 60):
+        assert len(set(run_colours(count))) == count
+
+
+def test_an_optuna_study_that_maximises_a_task_metric(tmp_path):
+    """A DPO-style search: objective=eval_reward_accuracy, direction maximize, one failed trial."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    study = optuna.create_study(study_name="hydralm", storage=f"sqlite:///{sweep / 'optuna.db'}", direction="maximize")
+    accuracies = {0: 0.55, 1: 0.70, 2: None, 3: 0.62, 4: 0.81}  # trial 2 failed
+    for number, accuracy in accuracies.items():
+        trial = study.ask()
+        lr = trial.suggest_float("optimizer.lr", 1e-4, 1e-2, log=True)
+        if accuracy is None:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            continue
+        study.tell(trial, accuracy)
+        _write_run(sweep / str(number), [f"optimizer.lr={lr}", "hparams_search=dpo"], _curve(1.0 - accuracy, lr),
+                   {"eval_loss": 1.0 - accuracy, "eval_reward_accuracy": accuracy},
+                   objective="eval_reward_accuracy", job_num=number, direction="maximize")
+    result = write_report(sweep)
+    assert result["best_run"] == "4" and result["study"]["best_trial"] == 4
+    assert result["study"]["best_value"] == 0.81 and result["study"]["direction"] == "maximize"
+    assert (sweep / "report" / "optuna_history.png").is_file()
+    _assert_plot(sweep / "report" / "optuna_history.png")
+    text = (sweep / "report" / "report.md").read_text()
+    assert "Objective: final eval_reward_accuracy (maximized). Best: run 4, 0.8100" in text
+    section = text.split("## Optuna study `hydralm` (maximize)")[1]
+    assert "5 trials: 4 complete, 1 fail." in section and "Best: trial 4, final eval_reward_accuracy 0.8100" in section
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0][:4] == ["| trial", "state", "final eval_reward_accuracy", "best so far"]
+    assert [(r[0][2:], r[1], r[2], r[3]) for r in rows[1:]] == [
+        ("0", "complete", "0.5500", "0.5500"), ("1", "complete", "0.7000", "0.7000"), ("2", "fail", "", "0.7000"),
+        ("3", "complete", "0.6200", "0.7000"), ("4", "complete", "0.8100", "0.8100")]
+    assert rows[5][-1].rstrip(" |") == f"4 {BEST_MARK}" and rows[3][-1].rstrip(" |") == ""

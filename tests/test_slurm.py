@@ -1,8 +1,9 @@
 """SLURM through `cluster=local`: a real cluster on this machine (tests/slurm_cluster.py).
 
-Jobs: a single job, a 2-point sweep, a 2-node job whose ranks form one process group, and a job
-that gets the time-limit signal mid-training, requeues itself and ends with the weights of the
-uninterrupted single job. Requests the partition cannot satisfy fail before anything is queued.
+Jobs: a single job, a 2-point sweep, an Optuna search whose 2 trials run in parallel, a 2-node job
+whose ranks form one process group, and a job that gets the time-limit signal mid-training,
+requeues itself and ends with the weights of the uninterrupted single job. Requests the partition
+cannot satisfy fail before anything is queued.
 """
 
 import json
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import os
 
+import optuna
 import pytest
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -75,6 +77,23 @@ def test_a_sweep_submits_one_job_per_point(slurm, tmp_path):
         assert json.loads((job_dir / "summary.json").read_text())["steps"] == 2
     array_job = job_ids(tmp_path / "sweep")[0]  # one array job, one element per point
     assert job_ids(tmp_path / "sweep") == [array_job, f"{array_job}_0", f"{array_job}_1"]
+
+
+def test_an_optuna_search_runs_its_trials_in_parallel_jobs(slurm, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = submit(["hparams_search=lr_warmup", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
+                     "train.max_steps=2"], sweep, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr + job_logs(sweep)
+    study = optuna.load_study(study_name="hydralm", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    for trial in study.trials:  # each job handed the sweeper its run's final eval loss
+        summary = json.loads((sweep / str(trial.number) / "summary.json").read_text())
+        assert summary["steps"] == 2 and trial.value == summary["final_eval_loss"]
+    array_job = job_ids(sweep)[0]  # both trials in one array job, running at the same time
+    assert job_ids(sweep) == [array_job, f"{array_job}_0", f"{array_job}_1"]
+    (start0, end0), (start1, end1) = ((LocalSlurm.job_field(f"{array_job}_{i}", "StartTime"),
+                                       LocalSlurm.job_field(f"{array_job}_{i}", "EndTime")) for i in (0, 1))
+    assert start0 < end1 and start1 < end0, (start0, end0, start1, end1)
 
 
 def test_a_two_node_job_is_one_process_group(slurm, tmp_path):
