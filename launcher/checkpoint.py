@@ -38,7 +38,7 @@ from launcher import atomic, run_dir
 from launcher.distributed import World, barrier
 from launcher.errors import ConfigError
 from launcher.export import save_hf_metadata
-from launcher.identity import differing_keys, layout_keys
+from launcher.identity import layout_keys
 from launcher.metrics import Window
 from launcher.rng import rng_state, set_rng_state
 
@@ -64,17 +64,6 @@ def resume_source(resume: str, output_dir: Path) -> Optional[Path]:
     if resume == "auto":
         return run_dir.latest_checkpoint(output_dir)
     return Path(resume)  # checked before any work (launcher/validate.py)
-
-
-def check_compatible(saved: dict, current: dict, path: Path, ignore=()) -> None:
-    """`ignore`: keys an explicit resume may change (the batch layout, launcher/identity.py)."""
-    differing = differing_keys(saved, current, ignore)
-    if differing:
-        details = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now" for k in differing[:4])
-        raise ConfigError(
-            f"resume: {path} was written with a different config ({details}); "
-            f"resume a checkpoint of this config, or start over in another output_dir (or with overwrite=true)"
-        )
 
 
 def _state_options(model: torch.nn.Module) -> StateDictOptions:
@@ -150,7 +139,7 @@ class Checkpointer:
         if path is None:
             return None
         state = json.loads((path / run_dir.TRAINER_STATE).read_text())
-        check_compatible(state["fingerprint"], self.fingerprint, path, ignore=self.may_differ)
+        run_dir.check_compatible(state["fingerprint"], self.fingerprint, path, ignore=self.may_differ)
         options = _state_options(model)
         model_state, optim_state = get_state_dict(model, optimizer, options=options)
         loaded = {"model": model_state, "optim": optim_state}

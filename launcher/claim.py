@@ -28,7 +28,7 @@ from omegaconf import DictConfig, open_dict
 
 from launcher import atomic, run_dir
 from launcher.errors import ConfigError
-from launcher.identity import differing_keys, layout_keys, run_identity
+from launcher.identity import TOKENIZER, TRAIN_SEQUENCES, differing_keys, layout_keys, run_identity
 
 LOCK_FILE = "run.lock"
 RUN_RECORD = "run.json"
@@ -40,18 +40,25 @@ def claim(cfg: DictConfig, output_dir: Path) -> "RunLock":
     """Lock `output_dir` and apply the directory rule; on success `run.json` holds this run's
     identity. Raises ConfigError (and holds nothing) when the run may not write there."""
     output_dir = Path(output_dir)
+    created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunLock.acquire(output_dir)
     try:
-        _apply_rule(cfg, output_dir)
-    except BaseException:
-        lock.release()
+        lock = RunLock.acquire(output_dir)
+        try:
+            _apply_rule(cfg, output_dir)
+        except BaseException:
+            lock.release()
+            raise
+    except ConfigError:
+        if created:  # a refused run leaves no directory behind
+            output_dir.rmdir()
         raise
     return lock
 
 
 def _apply_rule(cfg: DictConfig, output_dir: Path) -> None:
     current = run_identity(cfg)
+    _check_resume_checkpoint(cfg, current)
     record = _read_record(output_dir)
     present = run_dir.run_state(output_dir)
     if present and _earlier_attempt_of_this_job(record):
@@ -82,6 +89,16 @@ def _check_same_run(cfg: DictConfig, output_dir: Path, record: Optional[dict], c
     if cfg.resume == "never":
         raise ConfigError(f"output_dir={output_dir} holds a run of this config ({what}) and resume=never does not "
                           f"start over on top of it: continue it with resume=auto, {WAYS_OUT}")
+
+
+def _check_resume_checkpoint(cfg: DictConfig, current: dict) -> None:
+    """An explicit `resume=<checkpoint>` of another run is refused now, not after the model is
+    built; the tokenizer and the data's size are compared when it loads (launcher/checkpoint.py)."""
+    if cfg.resume in ("auto", "never"):
+        return
+    fingerprint = json.loads((Path(cfg.resume) / run_dir.TRAINER_STATE).read_text())["fingerprint"]
+    saved = {k: v for k, v in fingerprint.items() if k not in (TOKENIZER, TRAIN_SEQUENCES)}
+    run_dir.check_compatible(saved, current, Path(cfg.resume), ignore=layout_keys(cfg))
 
 
 def _shown(identity: dict, key: str) -> str:

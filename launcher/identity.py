@@ -30,6 +30,10 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
     return json.loads(json.dumps(flatten(identity(cfg, RUN))))
 
 
+# A checkpoint's fingerprint is the run identity plus what only a loaded run knows: these keys.
+TOKENIZER, TRAIN_SEQUENCES = "tokenizer", "data.train_sequences"
+
+
 def layout_keys(cfg: DictConfig) -> set[str]:
     """The run keys an explicit `resume=<checkpoint>` may change (how the global batch is split)."""
     return set(identity(cfg, BATCH_LAYOUT))

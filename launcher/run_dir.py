@@ -16,6 +16,7 @@ from typing import Optional
 from launcher import atomic
 from launcher.atomic import is_complete
 from launcher.errors import ConfigError
+from launcher.identity import differing_keys
 
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d{8,})$")
@@ -132,6 +133,18 @@ def _logged_step(row: str) -> float:
         return json.loads(row)["step"]
     except (ValueError, KeyError, TypeError):  # a line cut short by the kill
         return float("inf")
+
+
+def check_compatible(saved: dict, current: dict, path: Path, ignore=()) -> None:
+    """A checkpoint's fingerprint against this run's; `ignore`: keys an explicit resume may
+    change (the batch layout, launcher/identity.py)."""
+    differing = differing_keys(saved, current, ignore)
+    if differing:
+        details = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now" for k in differing[:4])
+        raise ConfigError(
+            f"resume: {path} was written with a different config ({details}); "
+            f"resume a checkpoint of this config, or start over in another output_dir (or with overwrite=true)"
+        )
 
 
 def check_resume(resume: str) -> None:

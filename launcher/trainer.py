@@ -30,7 +30,7 @@ from launcher.data import tokenizer_fingerprint
 from launcher.distributed import World, distributed, on_rank0_then_all, seed_everything
 from launcher.errors import ConfigError, at_least
 from launcher.export import save_base_model, save_final_model
-from launcher.identity import run_identity
+from launcher.identity import TOKENIZER, TRAIN_SEQUENCES, run_identity
 from launcher.loaders import eval_loader, train_loader
 from launcher.loggers import open_loggers
 from launcher.lora import apply_lora, base_needs_saving, lora_enabled, parameter_counts, trainable_parameters
@@ -390,7 +390,7 @@ def build_training_model(cfg: DictConfig, tokenizer, world: World, output_dir: O
 def run_fingerprint(cfg: DictConfig, tokenizer, train_sequences: int) -> dict:
     """What a checkpoint's weights and data position mean: every setting the schema marks as
     affecting the run (launcher/identity.py), the tokenizer and the train split's size."""
-    return {**run_identity(cfg), "tokenizer": tokenizer_fingerprint(tokenizer), "data.train_sequences": train_sequences}
+    return {**run_identity(cfg), TOKENIZER: tokenizer_fingerprint(tokenizer), TRAIN_SEQUENCES: train_sequences}
 
 
 # ---------------------------------------------------------------------- helpers

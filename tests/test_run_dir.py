@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, compose_config, run_launcher
+from conftest import ROOT, assert_rejected_before_any_work, compose_config, run_launcher
 from launcher.app import run_task
 from launcher.checkpoint import KILL_HOOK
 from launcher.claim import LOCK_FILE, RunLock
@@ -163,6 +163,13 @@ def test_an_explicit_resume_may_change_the_batch_layout_and_resume_auto_may_not(
         run_task(compose_config([*SMALL, *CHECKPOINTS, f"output_dir={out}"]))
 
 
+def test_a_checkpoint_of_another_run_is_refused_before_any_work(tmp_path):
+    source = tmp_path / "source"
+    run_task(compose_config([*SMALL, *CHECKPOINTS, f"output_dir={source}"]))
+    assert_rejected_before_any_work([*SMALL, "optimizer.lr=3e-3", f"resume={checkpoint(source, 2)}"],
+                                    "(optimizer.lr: 0.002 in the checkpoint, 0.003 now)", tmp_path)
+
+
 def test_resuming_an_earlier_checkpoint_drops_the_later_ones_so_a_kill_resumes_the_new_branch(tmp_path, capsys,
                                                                                               monkeypatch):
     out = tmp_path / "run"
@@ -177,6 +184,16 @@ def test_resuming_an_earlier_checkpoint_drops_the_later_ones_so_a_kill_resumes_t
     result = run_task(compose_config(args))
     assert result["resumed_at_step"] == 2 and result["steps"] == 6
     assert logged(out)[-2:] == [(6, False), (6, True)] and len(logged(out)) == 7
+
+
+def test_checkpoints_are_ordered_by_step_past_eight_digits(tmp_path):
+    from launcher.run_dir import TRAINER_STATE, complete_checkpoints
+
+    for step in (99_999_999, 100_000_000):
+        checkpoint(tmp_path, step).mkdir(parents=True)
+        for name in ("COMPLETE", TRAINER_STATE):
+            (checkpoint(tmp_path, step) / name).write_text("{}")
+    assert complete_checkpoints(tmp_path) == [checkpoint(tmp_path, 99_999_999), checkpoint(tmp_path, 100_000_000)]
 
 
 def test_checkpoint_names_that_do_not_parse_are_ignored(tmp_path):
