@@ -96,8 +96,11 @@ def _check_resume_checkpoint(cfg: DictConfig, current: dict) -> None:
     built; the tokenizer and the data's size are compared when it loads (launcher/checkpoint.py)."""
     if cfg.resume in ("auto", "never"):
         return
-    fingerprint = json.loads((Path(cfg.resume) / run_dir.TRAINER_STATE).read_text())["fingerprint"]
-    saved = {k: v for k, v in fingerprint.items() if k not in (TOKENIZER, TRAIN_SEQUENCES)}
+    try:
+        fingerprint = json.loads((Path(cfg.resume) / run_dir.TRAINER_STATE).read_text())["fingerprint"]
+        saved = {k: v for k, v in fingerprint.items() if k not in (TOKENIZER, TRAIN_SEQUENCES)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # a damaged trainer_state.json is reported where the checkpoint loads
     run_dir.check_compatible(saved, current, Path(cfg.resume), ignore=layout_keys(cfg))
 
 
