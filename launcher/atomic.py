@@ -72,10 +72,19 @@ def remove(target: Path) -> None:
 
 
 def _delete(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+    """Delete a file or a tree; what another process deleted first is fine, any other error is not."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, onerror=_unless_gone)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _unless_gone(function, path, exc_info) -> None:
+    if not issubclass(exc_info[0], FileNotFoundError):
+        raise exc_info[1]
 
 
 def begin(target: Path) -> Path:

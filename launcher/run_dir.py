@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Optional
 
 from launcher import atomic
-from launcher.atomic import is_complete
 from launcher.errors import ConfigError
 from launcher.identity import differing_keys
 
@@ -43,7 +42,7 @@ def checkpoint_step(path: Path) -> Optional[int]:
 
 
 def is_training_checkpoint(path: Path) -> bool:
-    return is_complete(path) and (Path(path) / TRAINER_STATE).is_file()
+    return atomic.is_complete(path) and (Path(path) / TRAINER_STATE).is_file()
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
@@ -92,7 +91,7 @@ def tidy(output_dir: Path) -> None:
     atomic.recover_all(checkpoints)
     if checkpoints.is_dir():
         for entry in checkpoints.iterdir():
-            if checkpoint_step(entry) is not None and entry.is_dir() and not is_complete(entry):
+            if checkpoint_step(entry) is not None and entry.is_dir() and not atomic.is_complete(entry):
                 atomic.remove(entry)
 
 
