@@ -3,13 +3,16 @@
 A result (a checkpoint, `final-model/`, a preprocessed dataset, a report) is written into a
 sibling `.<name>.partial/` directory, marked complete, then swapped in with renames. A reader
 therefore sees either the previous complete result or the new one, never a half-written one,
-whatever instant a process dies at. `recover` finishes or undoes a swap that a kill interrupted.
+whatever instant a process dies at. A result is deleted the same way round: renamed to
+`.<name>.removing/` first, then deleted, so a half-deleted directory never carries the result's
+name. `recover` finishes or undoes a swap or a removal that a kill interrupted.
 
 This module imports no torch: `--cfg job` and the checks before any work use it.
 """
 
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,21 +29,62 @@ def previous_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.previous")
 
 
+def removing_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.removing")
+
+
+LEFTOVER = re.compile(r"^\.(?P<target>.+)\.(partial|previous|removing)$")
+
+
 def is_complete(directory: Path) -> bool:
     return (Path(directory) / COMPLETE).is_file()
 
 
 def recover(target: Path) -> None:
-    """Finish or undo a swap a kill interrupted: a `.previous` next to a missing target is the
-    last complete result (put it back); next to a present target it is garbage. A `.partial` is
-    never complete in place (the swap renames it first), so it is removed."""
+    """Finish or undo a swap or removal a kill interrupted: a complete `.previous` next to a
+    missing target is the last complete result (put it back); anything else beside the target
+    (a `.previous` being deleted, a `.partial` that was never swapped in, a `.removing`) is
+    garbage and deleted."""
     target, previous = Path(target), previous_path(Path(target))
-    if previous.exists():
-        if target.exists():
-            shutil.rmtree(previous, ignore_errors=True)
+    if previous.exists() and not target.exists() and is_complete(previous):
+        os.replace(previous, target)
+    for leftover in (previous, partial_path(target), removing_path(target)):
+        _delete(leftover)
+
+
+def recover_all(directory: Path) -> None:
+    """`recover` every result of `directory` that has leftovers of an interrupted swap or removal."""
+    directory = Path(directory)
+    if directory.is_dir():
+        for entry in list(directory.iterdir()):
+            match = LEFTOVER.match(entry.name)
+            if match:
+                recover(directory / match.group("target"))
+
+
+def remove(target: Path) -> None:
+    """Delete a result so that no kill leaves a half-deleted directory under its name."""
+    target = Path(target)
+    if target.exists():
+        _delete(removing_path(target))
+        os.replace(target, removing_path(target))
+    _delete(removing_path(target))
+
+
+def _delete(path: Path) -> None:
+    """Delete a file or a tree; what another process deleted first is fine, any other error is not."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, onerror=_unless_gone)
         else:
-            os.replace(previous, target)
-    shutil.rmtree(partial_path(target), ignore_errors=True)
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _unless_gone(function, path, exc_info) -> None:
+    if not issubclass(exc_info[0], FileNotFoundError):
+        raise exc_info[1]
 
 
 def begin(target: Path) -> Path:
@@ -81,10 +125,11 @@ def atomic_directory(target: Path, marker: dict | None = None, fsync: bool = Fal
 def publish(staging: Path, target: Path) -> None:
     """Swap a complete staging directory in as `target` (the old one, if any, is removed)."""
     previous = previous_path(target)
+    _delete(previous)  # left by a kill while it was being deleted: os.replace needs the name free
     if target.exists():
         os.replace(target, previous)
     os.replace(staging, target)
-    shutil.rmtree(previous, ignore_errors=True)
+    _delete(previous)
 
 
 def write_json(path: Path, value, fsync: bool = False) -> None:

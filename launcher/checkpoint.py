@@ -17,7 +17,6 @@ save of that step, after the shards are written and before the checkpoint is com
 
 import json
 import os
-import shutil
 import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from launcher import atomic, run_dir
 from launcher.distributed import World, barrier
 from launcher.errors import ConfigError
 from launcher.export import save_hf_metadata
-from launcher.identity import first_difference
+from launcher.identity import layout_keys
 from launcher.metrics import Window
 from launcher.rng import rng_state, set_rng_state
 
@@ -67,16 +66,6 @@ def resume_source(resume: str, output_dir: Path) -> Optional[Path]:
     return Path(resume)  # checked before any work (launcher/validate.py)
 
 
-def check_compatible(saved: dict, current: dict, path: Path) -> None:
-    differing = first_difference(saved, current)
-    if differing:
-        details = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now" for k in differing[:4])
-        raise ConfigError(
-            f"resume: {path} was written with a different config ({details}); "
-            f"use resume=never or another output_dir to start over"
-        )
-
-
 def _state_options(model: torch.nn.Module) -> StateDictOptions:
     """Frozen parameters (the base model of a LoRA run) are never checkpointed: they are rebuilt
     from `model.path` (or the seed) on resume, so a checkpoint holds only what trains."""
@@ -94,6 +83,8 @@ class Checkpointer:
         self.interval = cfg.train.save_steps or max(1, int(cfg.train.save_frequency * steps_per_epoch))
         self.keep_last_n = cfg.train.keep_last_n
         self.fingerprint = fingerprint
+        # An explicit resume=<checkpoint> may change the batch layout (a resharded resume).
+        self.may_differ = layout_keys(cfg) if cfg.resume not in ("auto", "never") else set()
         chosen = [str(resume_source(cfg.resume, output_dir) or "")] if world.is_main else [None]
         if world.size > 1:
             dist.broadcast_object_list(chosen, src=0)
@@ -133,11 +124,13 @@ class Checkpointer:
         return final
 
     def _prune(self, keep: Path) -> None:
+        """Keep the newest `keep_last_n` by step: every checkpoint here is this run's
+        (launcher/claim.py, and `restore` removes those of an abandoned later branch)."""
         if self.keep_last_n is None:
             return
         for old in run_dir.complete_checkpoints(self.output_dir)[: -self.keep_last_n]:
             if old != keep:
-                shutil.rmtree(old, ignore_errors=True)
+                atomic.remove(old)
 
     def restore(self, model, optimizer, scheduler, progress: Progress, window: Window) -> Optional[dict]:
         """Load `self.resume_from` into the given objects (collective). Returns the task state
@@ -146,7 +139,7 @@ class Checkpointer:
         if path is None:
             return None
         state = json.loads((path / run_dir.TRAINER_STATE).read_text())
-        check_compatible(state["fingerprint"], self.fingerprint, path)
+        run_dir.check_compatible(state["fingerprint"], self.fingerprint, path, ignore=self.may_differ)
         options = _state_options(model)
         model_state, optim_state = get_state_dict(model, optimizer, options=options)
         loaded = {"model": model_state, "optim": optim_state}
@@ -159,8 +152,11 @@ class Checkpointer:
         self._restore_rank_state(path, state["world_size"], window)
         if self.world.is_main:
             run_dir.drop_metrics_after(self.output_dir, progress.step)
+            abandoned = run_dir.remove_checkpoints_after(self.output_dir, progress.step)
             print(f"hydralm: resuming from {path} (step {progress.step}, epoch {progress.epoch}, "
-                  f"{progress.epoch_samples} samples into the epoch)", flush=True)
+                  f"{progress.epoch_samples} samples into the epoch)"
+                  + (f"; removed the later checkpoints it abandons: {', '.join(p.name for p in abandoned)}"
+                     if abandoned else ""), flush=True)
         barrier()
         return state.get("task") or {}
 

@@ -7,25 +7,52 @@ part of, without anyone remembering to list it; only a deliberate `affects(...)`
 """
 
 import dataclasses
+import json
 import typing
-from typing import Any
+from typing import Any, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.schema import Config
+from launcher.schema import BATCH_LAYOUT, RUN, Config
 
 
 def identity(cfg: DictConfig, purpose: str) -> dict[str, Any]:
     """{dotted key: resolved value} of every setting of `cfg` that affects `purpose`
-    (launcher.schema.PREPROCESSING or RUN)."""
+    (launcher.schema.PREPROCESSING, RUN or BATCH_LAYOUT)."""
     found: dict[str, Any] = {}
     _collect(Config, cfg, "", frozenset(), purpose, found)
     return found
 
 
-def first_difference(saved: dict, current: dict) -> list[str]:
-    """The keys whose values differ, sorted (missing keys count as differing)."""
-    return sorted(k for k in saved.keys() | current.keys() if saved.get(k, _ABSENT) != current.get(k, _ABSENT))
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """What identifies a training run, one flat key per leaf (`optimizer.lr`, `model.config.hidden_size`),
+    in schema order, as JSON would give it back (run.json and checkpoints store it)."""
+    return json.loads(json.dumps(flatten(identity(cfg, RUN))))
+
+
+# A checkpoint's fingerprint is the run identity plus what only a loaded run knows: these keys.
+TOKENIZER, TRAIN_SEQUENCES = "tokenizer", "data.train_sequences"
+
+
+def layout_keys(cfg: DictConfig) -> set[str]:
+    """The run keys an explicit `resume=<checkpoint>` may change (how the global batch is split)."""
+    return set(identity(cfg, BATCH_LAYOUT))
+
+
+def differing_keys(saved: dict, current: dict, ignore: Iterable[str] = ()) -> list[str]:
+    """The keys whose values differ, in `current`'s order, then keys only `saved` has."""
+    ignored = set(ignore)
+    keys = [k for k in current if k not in ignored] + [k for k in saved if k not in current and k not in ignored]
+    return [k for k in keys if saved.get(k, _ABSENT) != current.get(k, _ABSENT)]
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else key))
+    return flat
 
 
 _ABSENT = object()

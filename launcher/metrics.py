@@ -94,13 +94,18 @@ class RunLog:
     """Rank 0 writes; on other ranks every method is a no-op.
 
     Every row goes, unchanged, to metrics.jsonl and to each logger (see launcher/loggers.py).
+    A resumed run appends to the rows kept for its checkpoint (launcher/checkpoint.py) and its bar
+    starts at the resumed step; a run from step 0 replaces the rows of any attempt killed before
+    its first checkpoint.
     """
 
-    def __init__(self, output_dir: Path, total_steps: int, enabled: bool, loggers=(), description: str = "train"):
+    def __init__(self, output_dir: Path, total_steps: int, enabled: bool, loggers=(), description: str = "train",
+                 start_step: int = 0, append: bool = False):
         self.enabled = enabled
         self.loggers = list(loggers)
-        self.file = open(output_dir / METRICS, "a") if enabled else None
-        self.bar = tqdm(total=total_steps, desc=description, unit="step", disable=not enabled, dynamic_ncols=True)
+        self.file = open(output_dir / METRICS, "a" if append else "w") if enabled else None
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=description, unit="step", disable=not enabled,
+                        dynamic_ncols=True)
 
     def advance(self) -> None:
         self.bar.update(1)

@@ -2,9 +2,14 @@
 
 Every schedule has the same small interface for the training loop: `step()` once per optimizer
 step, `observe_eval(loss)` after each evaluation, `get_last_lr()`, and state_dict round trips.
+
+Warmup never wastes a step: over W warmup steps the lr is peak x 1/(W+1), 2/(W+1), ..., and the
+schedule proper starts at step W+1 (transformers' warmup starts at lr 0, so a 1-step run trained
+nothing). W = ceil(warmup_ratio x steps), at most steps - 1, so every run reaches the peak.
 """
 
 import math
+import warnings
 
 import torch
 from hydra.utils import get_class, instantiate
@@ -24,10 +29,18 @@ def build_optimizer(params, optimizer_cfg: DictConfig) -> torch.optim.Optimizer:
 
 
 class StepSchedule:
-    """A transformers LambdaLR schedule: advances per optimizer step, ignores eval losses."""
+    """A transformers LambdaLR schedule: advances per optimizer step, ignores eval losses.
+
+    Built for one more warmup step and one more step in all and started one step in: step s
+    then gets transformers' lr of step s+1 of that schedule, which is (s+1)/(W+1) in the warmup
+    and, after it, exactly the unshifted schedule's lr of step s (every transformers schedule
+    depends on the step only through `step - warmup` and `total - warmup`)."""
 
     def __init__(self, scheduler: LambdaLR):
         self.scheduler = scheduler
+        with warnings.catch_warnings():  # torch warns that this skips the schedule's first value: the point
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
 
     def step(self) -> None:
         self.scheduler.step()
@@ -76,26 +89,33 @@ class WarmupThenEvalDriven:
         self.after_warmup.load_state_dict(state["after_warmup"])
 
 
+def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
+    return min(math.ceil(warmup_ratio * total_steps), max(total_steps - 1, 0))
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, scheduler_cfg: DictConfig, total_steps: int):
     from transformers import get_scheduler
 
-    warmup_steps = math.ceil(scheduler_cfg.warmup_ratio * total_steps)
+    warmup = warmup_steps(scheduler_cfg.warmup_ratio, total_steps)
     kwargs = OmegaConf.to_container(scheduler_cfg.kwargs, resolve=True)
     name = scheduler_cfg.name
     try:
         if name == PLATEAU_WITH_WARMUP:
-            return WarmupThenEvalDriven(optimizer, warmup_steps, ReduceLROnPlateau(optimizer, **kwargs))
+            return WarmupThenEvalDriven(optimizer, warmup, ReduceLROnPlateau(optimizer, **kwargs))
+        if name in EVAL_DRIVEN:
+            return WarmupThenEvalDriven(optimizer, warmup, get_scheduler(name, optimizer,
+                                                                         scheduler_specific_kwargs=kwargs or None))
+        if name == "inverse_sqrt":  # its default timescale is the warmup length: keep the user's W
+            kwargs = {"timescale": warmup or 10_000, **kwargs}
         scheduler = get_scheduler(
             name,
             optimizer,
-            num_warmup_steps=warmup_steps,
-            num_training_steps=total_steps,
+            num_warmup_steps=warmup + 1,  # shifted by one step: see StepSchedule
+            num_training_steps=total_steps + 1,
             scheduler_specific_kwargs=kwargs or None,
         )
     except (TypeError, ValueError) as err:
         raise ConfigError(f"scheduler={name} cannot be built from scheduler.kwargs={kwargs}: {err}") from None
-    if name in EVAL_DRIVEN:
-        return WarmupThenEvalDriven(optimizer, warmup_steps, scheduler)
     return StepSchedule(scheduler)
 
 

@@ -1,12 +1,23 @@
-"""Where a job writes: `output_dir`, or Hydra's run/sweep directory of the job."""
+"""Where a job writes: `output_dir`, or Hydra's run/sweep directory of the job.
 
+Hydra's record of the job (`.hydra/`: the config, Hydra's config, the overrides) is written here,
+not by Hydra (conf/config.yaml sets `hydra.output_subdir: null`): Hydra writes it before the task
+runs, which would overwrite the record of a run whose directory a training run then refuses
+(launcher/claim.py).
+"""
+
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from launcher.distributed import World
+from launcher.claim import claim
+from launcher.distributed import World, on_rank0_then_all
 from launcher.errors import ConfigError
+
+HYDRA_RECORD = ".hydra"
 
 
 def resolve_output_dir(cfg: DictConfig, world: World) -> Path:
@@ -17,7 +28,45 @@ def resolve_output_dir(cfg: DictConfig, world: World) -> Path:
     path = Path(chosen[0])
     if world.is_main:
         path.mkdir(parents=True, exist_ok=True)
+        record_hydra_job(cfg)
     return path
+
+
+@contextmanager
+def claimed_output_dir(cfg: DictConfig, world: World) -> Iterator[Path]:
+    """A training run's output directory, locked for the run and checked by the directory rule
+    (launcher/claim.py) before anything is written in it; a refusal is one ConfigError on every rank."""
+    lock = None
+
+    def claim_on_rank0() -> str:
+        nonlocal lock
+        path = _local_choice(cfg)
+        lock = claim(cfg, path)
+        return str(path)
+
+    try:
+        path = Path(on_rank0_then_all(claim_on_rank0, world))
+        if world.is_main:
+            record_hydra_job(cfg)
+        yield path
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def record_hydra_job(cfg: DictConfig) -> None:
+    """Write Hydra's record of this job into the job's directory, without secrets."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from launcher.loggers import scrub
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.instance().cfg
+    record = Path(hydra_cfg.hydra.runtime.output_dir) / HYDRA_RECORD
+    record.mkdir(parents=True, exist_ok=True)
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg), ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
+        OmegaConf.save(OmegaConf.create(scrub(OmegaConf.to_container(node, resolve=False))), record / name)
 
 
 def _local_choice(cfg: DictConfig) -> Path:

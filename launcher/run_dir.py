@@ -1,9 +1,11 @@
 """What lives where in a run's output directory, and finding checkpoints in it (no torch).
 
     <output_dir>/
+        run.json, run.lock                    the run's identity and its lock (launcher/claim.py)
         checkpoints/checkpoint-<step:08d>/   training checkpoints (launcher/checkpoint.py)
         final-model/                          the exported model (launcher/export.py)
-        metrics.jsonl, summary.json           launcher/metrics.py, launcher/trainer.py
+        metrics.jsonl                         one row per log point (launcher/metrics.py)
+        summary.json                          written last: present only once the run has finished
 """
 
 import json
@@ -11,16 +13,22 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from launcher.atomic import is_complete
+from launcher import atomic
 from launcher.errors import ConfigError
+from launcher.identity import differing_keys
 
 CHECKPOINTS_DIR = "checkpoints"
-CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d{8})$")
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d{8,})$")
 TRAINER_STATE = "trainer_state.json"
 HF_DIR = "hf"
 FINAL_MODEL = "final-model"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+# What a training run leaves in its output directory (besides run.json and Hydra's record): a
+# directory holding any of these holds a run. launcher/loggers.py and launcher/trainer.py write
+# the last four (wandb's run id and files, TensorBoard events, a random-init LoRA base).
+RUN_STATE = (CHECKPOINTS_DIR, METRICS, SUMMARY, FINAL_MODEL, f"{FINAL_MODEL}-merged", "wandb_run_id", "wandb",
+             "tensorboard", "base-model")
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
@@ -34,7 +42,7 @@ def checkpoint_step(path: Path) -> Optional[int]:
 
 
 def is_training_checkpoint(path: Path) -> bool:
-    return is_complete(path) and (Path(path) / TRAINER_STATE).is_file()
+    return atomic.is_complete(path) and (Path(path) / TRAINER_STATE).is_file()
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
@@ -51,17 +59,72 @@ def latest_checkpoint(output_dir: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def run_state(output_dir: Path) -> list[str]:
+    """The names of RUN_STATE present in `output_dir` (with leftovers of their atomic swaps)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    present = {state_name(entry.name) for entry in output_dir.iterdir()}
+    return [name for name in RUN_STATE if name in present]
+
+
+def state_name(name: str) -> str:
+    """The result an entry belongs to: `final-model` for `.final-model.partial`, else the name."""
+    leftover = atomic.LEFTOVER.match(name)
+    return leftover.group("target") if leftover else name
+
+
+def describe_run(output_dir: Path) -> str:
+    """`checkpoints up to step 8, metrics.jsonl, final-model`: what a run left, for messages."""
+    latest = latest_checkpoint(output_dir)
+    return ", ".join(f"checkpoints up to step {checkpoint_step(latest)}" if name == CHECKPOINTS_DIR and latest
+                     else name for name in run_state(output_dir))
+
+
+def tidy(output_dir: Path) -> None:
+    """Finish or undo what a killed run left half done: interrupted swaps and removals
+    (launcher/atomic.py), and checkpoint directories without their COMPLETE marker (a removal
+    interrupted by an older hydralm; nothing completes them, nothing reads them)."""
+    output_dir = Path(output_dir)
+    atomic.recover_all(output_dir)
+    checkpoints = output_dir / CHECKPOINTS_DIR
+    atomic.recover_all(checkpoints)
+    if checkpoints.is_dir():
+        for entry in checkpoints.iterdir():
+            if checkpoint_step(entry) is not None and entry.is_dir() and not atomic.is_complete(entry):
+                atomic.remove(entry)
+
+
+def remove_checkpoints_after(output_dir: Path, step: int) -> list[Path]:
+    """Checkpoints beyond the step a run continues from belong to the future it abandons (an
+    explicit `resume=` of an earlier checkpoint): left there, pruning or `resume=auto` would mix
+    them with the new ones."""
+    later = [p for p in complete_checkpoints(output_dir) if checkpoint_step(p) > step]
+    for path in later:
+        atomic.remove(path)
+    return later
+
+
+def finished_summary(output_dir: Path) -> Optional[dict]:
+    """The summary of a finished run (summary.json is written last), else None."""
+    summary = Path(output_dir) / SUMMARY
+    return json.loads(summary.read_text()) if summary.is_file() else None
+
+
 def hf_dir(checkpoint: Path) -> Path:
     """The HF config, generation config and tokenizer a checkpoint carries (what export needs)."""
     return Path(checkpoint) / HF_DIR
 
 
 def drop_metrics_after(output_dir: Path, step: int) -> None:
-    """Rows an interrupted run logged after its checkpoint are logged again by the resumed run."""
+    """Rows an interrupted run logged after its checkpoint are logged again by the resumed run
+    (step -1: every row, for a run that starts over)."""
     metrics = Path(output_dir) / METRICS
     if metrics.is_file():
         kept = [row for row in metrics.read_text().splitlines() if _logged_step(row) <= step]
-        metrics.write_text("".join(row + "\n" for row in kept))
+        partial = metrics.with_name(f".{METRICS}.tmp")
+        partial.write_text("".join(row + "\n" for row in kept))
+        partial.replace(metrics)  # a kill now leaves the old rows or the kept ones, never half a file
 
 
 def _logged_step(row: str) -> float:
@@ -69,6 +132,18 @@ def _logged_step(row: str) -> float:
         return json.loads(row)["step"]
     except (ValueError, KeyError, TypeError):  # a line cut short by the kill
         return float("inf")
+
+
+def check_compatible(saved: dict, current: dict, path: Path, ignore=()) -> None:
+    """A checkpoint's fingerprint against this run's; `ignore`: keys an explicit resume may
+    change (the batch layout, launcher/identity.py)."""
+    differing = differing_keys(saved, current, ignore)
+    if differing:
+        details = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now" for k in differing[:4])
+        raise ConfigError(
+            f"resume: {path} was written with a different config ({details}); "
+            f"resume a checkpoint of this config, or start over in another output_dir (or with overwrite=true)"
+        )
 
 
 def check_resume(resume: str) -> None:

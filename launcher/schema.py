@@ -15,9 +15,15 @@ from omegaconf import MISSING, OmegaConf
 ASSETS_DIR = Path(__file__).parent / "assets"
 
 # What a setting affects, for launcher/identity.py: the preprocessed data (the cache key) and the
-# training run (what `resume` must match). A field without `affects` inherits its group's, so a
-# new key counts everywhere its group does until someone decides otherwise.
-PREPROCESSING, RUN = "preprocessing", "run"
+# training run (what `resume` must match, and what decides whether an output directory holds
+# this run or another one: launcher/claim.py). A field without `affects` inherits its group's, so
+# a new key counts everywhere its group does until someone decides otherwise. Out of the run:
+# logging, output, checkpoint cadence, and speed/memory settings that leave the math alone
+# (sharding, compile, activation checkpointing, attention kernel, eval batch size, workers).
+# BATCH_LAYOUT marks run keys that only split the global batch differently: an explicit
+# `resume=<checkpoint>` may change them (with the world size, a resharded resume); `resume=auto`
+# may not, so a sweep over them never continues another point's run.
+PREPROCESSING, RUN, BATCH_LAYOUT = "preprocessing", "run", "batch layout"
 
 
 def affects(*purposes: str, default: Any = MISSING, factory: Any = None) -> Any:
@@ -51,7 +57,7 @@ class DataConfig:
     source: str = "pydoc"
     train_ds: Optional[str] = affects(RUN, default=None)
     eval_ds: Optional[str] = affects(RUN, default=None)
-    train_bs: int = affects(RUN, default=8)
+    train_bs: int = affects(RUN, BATCH_LAYOUT, default=8)
     eval_bs: int = affects(default=8)
     ignore_index: int = -100
     # disk: the dataset directory; files: a file or glob; hub: the dataset name.
@@ -118,7 +124,7 @@ class TrainConfig:
     max_steps: Optional[int] = None
     seed: int = 11
     max_seq_len: int = affects(PREPROCESSING, RUN, default=256)
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = affects(RUN, BATCH_LAYOUT, default=1)
     # None disables clipping.
     max_grad_norm: Optional[float] = 1.0
     use_mp: bool = False
@@ -234,6 +240,9 @@ class Config:
     checkpoint: Optional[str] = affects(default=None)
     # train: auto (the latest complete checkpoint in output_dir, if any), never, or a checkpoint path.
     resume: str = affects(default="auto")
+    # train: delete the run output_dir holds (if any) before starting; without it a run refuses
+    # to write into a directory holding another run (launcher/claim.py).
+    overwrite: bool = affects(default=False)
     # Free-form tags that experiment presets set (shown in `--cfg job`).
     tags: List[str] = affects(factory=list)
     # What a sweep optimises and the job returns to the sweeper (a float; launcher/objective.py):

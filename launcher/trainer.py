@@ -4,8 +4,9 @@ A training task (tasks/train.py, tasks/dpo.py) supplies a `TrainingTask`: its da
 become batches, and a micro-batch's loss and metrics. `Trainer(cfg, task).run()` does the rest,
 read top to bottom:
 
-    setup    process group, seed, output directory, tokenizer, data, model (LoRA, FSDP2),
-             optimizer and schedule, checkpoint restore, the task's own setup, loggers
+    setup    process group, seed, output directory (claimed: launcher/claim.py), tokenizer,
+             data, model (LoRA, FSDP2), optimizer and schedule, checkpoint restore, the task's
+             own setup, loggers
     loop     `optimizer_step` over `train.gradient_accumulation_steps` micro-batches; every
              `train.logging_steps` a train row and an eval row; checkpoints; preemption
     finish   the final model, summary.json and the printed summary
@@ -26,10 +27,10 @@ from torch.distributed.tensor import DTensor
 from launcher import atomic, run_dir
 from launcher.checkpoint import Checkpointer, Progress
 from launcher.data import tokenizer_fingerprint
-from launcher.distributed import World, distributed, seed_everything
+from launcher.distributed import World, distributed, on_rank0_then_all, seed_everything
 from launcher.errors import ConfigError, at_least
 from launcher.export import save_base_model, save_final_model
-from launcher.identity import identity
+from launcher.identity import TOKENIZER, TRAIN_SEQUENCES, run_identity
 from launcher.loaders import eval_loader, train_loader
 from launcher.loggers import open_loggers
 from launcher.lora import apply_lora, base_needs_saving, lora_enabled, parameter_counts, trainable_parameters
@@ -38,9 +39,8 @@ from launcher.metrics import RunLog, Throughput, Window
 from launcher.modeling import build_model, load_tokenizer
 from launcher.objective import check_objective
 from launcher.optim import build_optimizer, build_scheduler
-from launcher.outputs import resolve_output_dir
+from launcher.outputs import claimed_output_dir
 from launcher.preemption import Preemption
-from launcher.schema import RUN
 from launcher.sharding import local_parameter_bytes, prepare_model, set_gradient_sync
 
 log = logging.getLogger("hydralm")
@@ -108,10 +108,12 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         task_start = time.perf_counter()
-        with distributed(cfg.sharding.backend) as world:
-            self.world = world
+        with distributed(cfg.sharding.backend) as world, claimed_output_dir(cfg, world) as output_dir:
+            self.world, self.output_dir = world, output_dir
+            finished = on_rank0_then_all(self._finished_run, world)
+            if finished is not None:
+                return finished
             seed_everything(cfg.train.seed)
-            self.output_dir = resolve_output_dir(cfg, world)
             self.tokenizer = load_tokenizer(cfg.model)
             self._setup_data()
             self.model = build_training_model(cfg, self.tokenizer, world, self.output_dir)
@@ -128,6 +130,17 @@ class Trainer:
             return self._finish()
 
     # ------------------------------------------------------------------ setup
+
+    def _finished_run(self) -> Optional[dict]:
+        """The summary of this run when output_dir holds it finished (resume=auto): rerunning the
+        command changes nothing. Otherwise summary.json goes: from now on the run is unfinished."""
+        summary = run_dir.finished_summary(self.output_dir)
+        if summary is not None and self.cfg.resume == "auto":
+            print(f"hydralm: {self.output_dir} holds this run, finished at step {summary['steps']} "
+                  f"({run_dir.SUMMARY}): nothing to train (overwrite=true trains it again)", flush=True)
+            return summary
+        (self.output_dir / run_dir.SUMMARY).unlink(missing_ok=True)
+        return None
 
     def _setup_data(self) -> None:
         cfg, world = self.cfg, self.world
@@ -164,6 +177,12 @@ class Trainer:
         task_state = self.checkpointer.restore(self.model, self.optimizer, self.scheduler, self.progress, self.window)
         if task_state is not None:
             self.task.load_state_dict(task_state)
+        self.resumed_at_step = self.progress.step if task_state is not None else None
+        # Input tokens this process trains on, for throughput; the restored window holds the
+        # earlier process's unlogged tokens, which its next row must not count as this one's.
+        self.process_tokens = 0
+        self.inherited_tokens = self.window.global_sums()["input_tokens"] if task_state is not None else 0.0
+        self.step_lr = self.scheduler.get_last_lr()[0]  # the lr of the step a row reports
         self.preemption = Preemption(self.world)
         return task_state is not None
 
@@ -174,7 +193,8 @@ class Trainer:
         loggers = open_loggers(self.cfg, self.output_dir) if world.is_main else ()
         self.run_log = RunLog(self.output_dir, self.total_steps, enabled=world.is_main, loggers=loggers,
                               description=f"{self.task.name} ({self.trainable / 1e6:.3g}M/{self.total / 1e6:.3g}M "
-                                          f"params trainable)")
+                                          f"params trainable)", start_step=self.progress.step,
+                              append=self.resumed_at_step is not None)
 
     # ------------------------------------------------------------------ the loop
 
@@ -189,6 +209,7 @@ class Trainer:
             for _ in range(min(len(self.train_batches) // accumulation, self.total_steps - progress.step)):
                 micro_batches = [next(batches) for _ in range(accumulation)]
                 step = optimizer_step(self.model, self.optimizer, micro_batches, self.task, self.world)
+                self.step_lr = self.scheduler.get_last_lr()[0]
                 self.scheduler.step()
                 progress.step += 1
                 progress.epoch_samples += self.global_batch
@@ -219,13 +240,16 @@ class Trainer:
         progress = self.progress
         progress.tokens_seen += int(sums["input_tokens"])
         progress.trained_tokens += int(sums["trained_tokens"])
+        tokens = sums["input_tokens"] - self.inherited_tokens
+        self.process_tokens += int(tokens)
+        self.inherited_tokens = 0.0
         weight = max(sums["weight"], 1.0)
         self.run_log.write({
             "step": progress.step, "epoch": progress.epoch, "train_loss": sums["loss"] / weight,
             **{name: sums[name] / weight for name in self.task.metrics},
-            "lr": self.scheduler.get_last_lr()[0], "grad_norm": sums["grad_norm"] / sums["steps"],
+            "lr": self.step_lr, "grad_norm": sums["grad_norm"] / sums["steps"],
             "tokens_seen": progress.tokens_seen, "trained_tokens": progress.trained_tokens,
-            **self.throughput.row(sums["input_tokens"], seconds), "time_s": time.perf_counter() - self.start,
+            **self.throughput.row(tokens, seconds), "time_s": time.perf_counter() - self.start,
         })
 
     def _log_eval(self) -> float:
@@ -233,7 +257,7 @@ class Trainer:
         self.scheduler.observe_eval(result["eval_loss"])
         progress = self.progress
         self.run_log.write({"step": progress.step, "epoch": progress.epoch, **result,
-                            "lr": self.scheduler.get_last_lr()[0], "tokens_seen": progress.tokens_seen})
+                            "lr": self.step_lr, "tokens_seen": progress.tokens_seen})
         progress.last_eval_loss = result["eval_loss"]
         self.last_eval = result
         return result["eval_loss"]
@@ -254,11 +278,13 @@ class Trainer:
             "final_eval_loss": progress.last_eval_loss,
             "final_eval": self.last_eval,
             "steps": progress.step,
+            "resumed_at_step": self.resumed_at_step,
             "tokens_seen": progress.tokens_seen,
             "trained_tokens": progress.trained_tokens,
+            "process_tokens": self.process_tokens,  # what this process trained on (after a resume: since it)
             "train_wall_time_s": wall_time,
             "time_to_first_step_s": self.time_to_first_step,
-            "tokens_per_s": progress.tokens_seen / wall_time,
+            "tokens_per_s": self.process_tokens / wall_time,
             "parameter_bytes_per_rank": local_parameter_bytes(self.model),
             "trainable_params": self.trainable,
             "total_params": self.total,
@@ -366,20 +392,10 @@ def build_training_model(cfg: DictConfig, tokenizer, world: World, output_dir: O
 def run_fingerprint(cfg: DictConfig, tokenizer, train_sequences: int) -> dict:
     """What a checkpoint's weights and data position mean: every setting the schema marks as
     affecting the run (launcher/identity.py), the tokenizer and the train split's size."""
-    return _flatten({**identity(cfg, RUN), "tokenizer": tokenizer_fingerprint(tokenizer),
-                     "data.train_sequences": train_sequences})
+    return {**run_identity(cfg), TOKENIZER: tokenizer_fingerprint(tokenizer), TRAIN_SEQUENCES: train_sequences}
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _flatten(tree, prefix: str = "") -> dict:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
-    return flat
 
 
 def _local(value: torch.Tensor) -> torch.Tensor:
@@ -403,8 +419,11 @@ def _describe_parameters(trainable: int, total: int) -> str:
 
 
 def _print_summary(summary: dict) -> None:
+    resumed = summary["resumed_at_step"]
+    trained = (f"trained {summary['steps']} steps" if resumed is None
+               else f"resumed at step {resumed}, trained {summary['steps'] - resumed} more steps")
     print(
-        f"\nhydralm: trained {summary['steps']} steps, {summary['tokens_seen']} tokens in "
+        f"\nhydralm: {trained}, {summary['process_tokens']} tokens in "
         f"{summary['train_wall_time_s']:.1f} s ({summary['tokens_per_s']:.0f} tokens/s)\n"
         f"  eval loss:   {summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}\n"
         f"  final model: {summary['final_model']}\n"

@@ -32,16 +32,36 @@ def test_plateau_with_warmup_warms_up_then_follows_the_eval_loss():
     assert fresh.steps == schedule.steps
 
 
-@pytest.mark.parametrize("name", ["cosine", "linear", "constant_with_warmup", "polynomial", "inverse_sqrt"])
-def test_transformers_schedules_warm_up_over_the_ratio(name):
+@pytest.mark.parametrize("name", ["cosine", "linear", "constant_with_warmup", "polynomial", "inverse_sqrt",
+                                  "cosine_with_restarts"])
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)`")
+def test_transformers_schedules_warm_up_without_a_zero_step_then_follow_transformers(name):
+    """Warmup over 2 of 8 steps: 1/3 and 2/3 of the peak (transformers': 0 and 1/2), then
+    transformers' own schedule step for step."""
+    from transformers import get_scheduler
+
     cfg = compose_config([f"scheduler={name}", "scheduler.warmup_ratio=0.25"])
-    optimizer = _optimizer(lr=1.0)
-    schedule = build_scheduler(optimizer, cfg.scheduler, total_steps=8)
-    seen = []
+    schedule = build_scheduler(_optimizer(lr=1.0), cfg.scheduler, total_steps=8)
+    reference = get_scheduler(name, _optimizer(lr=1.0), num_warmup_steps=2, num_training_steps=8)
+    seen, expected = [], []
     for _ in range(8):
         seen.append(schedule.get_last_lr()[0])
+        expected.append(reference.get_last_lr()[0])
         schedule.step()
-    assert seen[0] == 0.0 and seen[1] == pytest.approx(0.5) and seen[2] == pytest.approx(1.0)
+        reference.step()
+    assert seen[:2] == pytest.approx([1 / 3, 2 / 3]) and expected[:2] == pytest.approx([0.0, 0.5])
+    assert seen[2:] == pytest.approx(expected[2:]) and seen[-1] > 0
+
+
+@pytest.mark.parametrize("steps, ratio, first_lrs", [(1, 0.05, [1.0]), (2, 0.5, [0.5, 1.0]), (4, 1.0, [0.25, 0.5, 0.75, 1.0])])
+def test_warmup_never_takes_the_whole_run(steps, ratio, first_lrs):
+    cfg = compose_config(["scheduler=constant_with_warmup", f"scheduler.warmup_ratio={ratio}"])
+    schedule = build_scheduler(_optimizer(lr=1.0), cfg.scheduler, total_steps=steps)
+    seen = []
+    for _ in range(steps):
+        seen.append(schedule.get_last_lr()[0])
+        schedule.step()
+    assert seen == pytest.approx(first_lrs)
 
 
 def test_eval_driven_transformers_schedule():
