@@ -441,24 +441,25 @@ def add_bos_eos(data) -> bool:
 def column_problem(dataset, data) -> Optional[str]:
     """What is wrong with the columns `data.format` reads (None if nothing): missing, of the
     wrong kind, or not UTF-8. Runs on the loaded dataset before tokenizing."""
-    from datasets import Value
-
     keys = {"text": ("data_field",), "chat": ("data_field",), "prompt_completion": ("prompt_field", "completion_field")}
     for key in keys[data.format]:
         column = data[key]
         if column not in dataset.column_names:
-            return f"data.{key}={column} is not a column of the dataset; columns: {', '.join(dataset.column_names)}"
+            chats = [c for c in dataset.column_names if _kind(dataset.features[c]) == "conversations"]
+            hint = f"; {chats[0]} holds conversations: use data.format=chat" if chats and data.format == "text" else ""
+            return f"data.{key}={column} is not a column of the dataset; columns: {', '.join(dataset.column_names)}{hint}"
         feature = dataset.features[column]
         kind = _kind(feature)
-        if data.format == "text" or (data.format == "prompt_completion" and kind == "text"):
-            if kind == "json":
-                return _first_non_string(dataset, column, key)
-            if kind != "text":
-                hint = "; use data.format=chat" if kind == "conversations" and data.format == "text" else ""
-                return f"data.{key}={column} holds {_describe(feature)}, not text{hint}"
-        elif kind == "text" or (kind == "values" and not isinstance(feature, Value)):
-            return (f"data.{key}={column} holds {_describe(feature)}, not conversations "
-                    "(lists of {role, content} messages)")
+        wants_text = data.format == "text" or (data.format == "prompt_completion" and kind != "conversations")
+        if wants_text and kind == "json":
+            problem = _first_non_string(dataset, column, key)
+            if problem:
+                return problem
+        elif wants_text and kind != "text":
+            hint = "; use data.format=chat" if kind == "conversations" and data.format == "text" else ""
+            return f"data.{key}={column} holds {_describe(feature)}, not text{hint}"
+        elif not wants_text and kind not in ("conversations", "json"):
+            return f"data.{key}={column} holds {_describe(feature)}, not conversations (lists of {{role, content}} messages)"
         problem = _invalid_utf8(dataset, column)
         if problem:
             return problem
@@ -484,7 +485,7 @@ def _describe(feature) -> str:
     if kind == "conversations":
         return "conversations (lists of messages)"
     if isinstance(feature, Value):
-        return f"{feature.dtype} values"
+        return "strings" if kind == "text" else f"{feature.dtype} values"
     return f"{type(feature).__name__} values"
 
 
@@ -512,7 +513,7 @@ def _invalid_utf8(dataset, column: str) -> Optional[str]:
                     chunk[offset].validate(full=True)
                     chunk[offset].as_py()
                 except (pa.ArrowInvalid, UnicodeDecodeError):
-                    return f"row {start + offset}: {column} is not UTF-8 text"
-            return f"{column} is not UTF-8 text"
+                    return f"row {start + offset}: column {column} is not UTF-8 text"
+            return f"column {column} is not UTF-8 text"
         start += len(chunk)
     return None

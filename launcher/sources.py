@@ -238,12 +238,23 @@ class FilesSource(DataSource):
             return read_files(builder, files)
         except Exception as err:  # noqa: BLE001 (datasets raises many kinds for an unreadable file)
             problem = read_problem(err, builder)
+        where, problem = self._first_bad_file(files, builder) or (files[0] if len(files) == 1 else pattern, problem)
+        raise ConfigError(f"{where}: {problem}") from None
+
+    def _first_bad_file(self, files: list[str], builder: str, problem_of: Optional[Callable] = None):
+        """(file, problem) of the first of several files that cannot be read alone, or whose
+        columns have a problem (`problem_of`, by default the format's column check); None if none."""
+        from launcher.formats import column_problem
+
+        problem_of = problem_of or (lambda dataset: column_problem(dataset, self.data))
         for file in files if len(files) > 1 else []:
             try:
-                read_files(builder, [file])
+                problem = problem_of(read_files(builder, [file]))
             except Exception as err:  # noqa: BLE001
-                raise ConfigError(f"{file}: {read_problem(err, builder)}") from None
-        raise ConfigError(f"{files[0] if len(files) == 1 else pattern}: {problem}") from None
+                problem = read_problem(err, builder)
+            if problem:
+                return file, problem
+        return None
 
     def fingerprint(self, splits: dict) -> str:
         patterns = [self.data.load_path, self.data.eval_split]
@@ -257,11 +268,7 @@ class FilesSource(DataSource):
     def culprit(self, split: str, dataset, problem_of: Callable) -> tuple[str, str]:
         pattern = self.data.load_path if split == "train" else self.data.eval_split
         files = file_list(pattern)
-        for file in files if len(files) > 1 else []:
-            problem = problem_of(read_files(file_builder(files, pattern), [file]))
-            if problem:
-                return file, problem
-        return self.describe(split), problem_of(dataset)
+        return self._first_bad_file(files, file_builder(files, pattern), problem_of) or (self.describe(split), problem_of(dataset))
 
 
 def file_list(pattern: str, key: Optional[str] = None) -> list[str]:
@@ -313,7 +320,7 @@ def read_problem(err: BaseException, builder: str) -> str:
     for cause in causes:
         message = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
         if isinstance(cause, UnicodeDecodeError):
-            return f"not UTF-8 text ({cause.reason}: byte 0x{cause.object[cause.start]:02x} at offset {cause.start} of a block)"
+            return f"not UTF-8 text (byte 0x{cause.object[cause.start]:02x}: {cause.reason})"
         if isinstance(cause, StopIteration) or "corresponds to no data" in message or "at least one example" in message:
             return "no rows (only a header)" if builder == "csv" else "no rows (the file is empty or blank)"
         if builder == "json" and "JSON parse error" in message:
