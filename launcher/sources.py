@@ -296,8 +296,8 @@ def read_files(builder: str, files: list[str]):
     log lines (the caller reports a failure as one line)."""
     from datasets import load_dataset
 
-    with _quiet("datasets"):
-        return load_dataset(builder, data_files=files, split="train")
+    with _quiet("datasets"):  # data_files are patterns to datasets: escaped, they name exactly these files
+        return load_dataset(builder, data_files=[glob.escape(f) for f in files], split="train")
 
 
 @contextmanager
