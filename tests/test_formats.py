@@ -6,13 +6,16 @@ return_assistant_tokens_mask=True)` on templates with `{% generation %}` blocks 
 tiny template has them), and the tokenizer's own ids for each assistant content."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import compose_config
+from conftest import ROOT, compose_config
 from launcher import formats
 from launcher.data import Tokenize, documents_of
 from launcher.modeling import load_tokenizer
@@ -228,3 +231,26 @@ def test_long_texts_are_tokenized_in_pieces_with_the_same_ids(tokenizer, monkeyp
     assert ids.tolist() == whole
     assert offsets.tolist() == [list(o) for o in tokenizer(text, add_special_tokens=False,
                                                              return_offsets_mapping=True)["offset_mapping"]]
+
+
+def test_a_long_line_is_tokenized_in_bounded_memory(tmp_path):
+    """HF tokenizers hold ~120 bytes per character of one call (a 24 MB line took 3.9 GB): a
+    3 MB line must now cost a fraction of the ~350 MB it took in one call."""
+    script = (
+        "import resource, sys\n"
+        "from transformers import AutoTokenizer\n"
+        "from launcher import formats\n"
+        "from launcher.sources import pydoc_documents\n"
+        "from launcher.schema import ASSETS_DIR\n"
+        "tokenizer = AutoTokenizer.from_pretrained(ASSETS_DIR / 'tiny_bpe')\n"
+        "text = ' '.join(t for _, t in pydoc_documents()) * 7\n"
+        "text = text[:3_000_000]\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "(ids, _), = formats.encode(tokenizer, [text])\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1000, len(ids))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    growth_mb, tokens = map(int, result.stdout.split())
+    assert tokens > 500_000 and growth_mb < 150, (growth_mb, tokens)
