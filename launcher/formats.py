@@ -73,8 +73,9 @@ def conversation_spans(tokenizer, messages: list[dict], template: Optional[str] 
 
     A trained turn's span is what rendering it adds to the conversation before it with the
     generation prompt: the assistant's text as the template writes it, through the template's
-    end-of-turn token, without the whitespace after it. So role headers and the generation prompt
-    are never trained on, and the end-of-turn token always is. `train_on`: indices of the
+    end-of-turn token (the last special token it adds; for a template without special tokens,
+    through its last non-whitespace character). So role headers, the generation prompt and what
+    follows the end-of-turn token are never trained on, and the end-of-turn token always is. `train_on`: indices of the
     assistant messages to train on (default: all of them). Raises ChatTemplateError when the
     template renders a prefix of the conversation differently from the start of the whole.
     """
@@ -93,8 +94,19 @@ def conversation_spans(tokenizer, messages: list[dict], template: Optional[str] 
                 f"the chat template renders message {i} (assistant) so that the conversation up to it is not "
                 "the start of the whole conversation; hydralm locates assistant tokens as what each assistant "
                 "turn appends, so it needs a template whose turns append (set data.chat_template)")
-        spans.append((len(prompt), len(prompt) + len(turn[len(prompt):].rstrip())))
+        spans.append((len(prompt), len(prompt) + _through_end_of_turn(turn[len(prompt):], _special_tokens(tokenizer))))
     return full, spans
+
+
+def _through_end_of_turn(text: str, special_tokens: tuple[str, ...]) -> int:
+    """Length of `text` through its last special token, or through its last non-whitespace."""
+    ends = [text.rfind(token) + len(token) for token in special_tokens if token in text]
+    return max(ends) if ends else len(text.rstrip())
+
+
+@lru_cache(maxsize=8)
+def _special_tokens(tokenizer) -> tuple[str, ...]:
+    return tuple(token.content for token in tokenizer.added_tokens_decoder.values() if token.special)
 
 
 def _render(tokenizer, template: str, conversations: list[list[dict]], generation_prompt: bool) -> list[str]:
@@ -406,9 +418,9 @@ def encoder(tokenizer, data) -> Encoder:
     if data.format == "chat":
         if getattr(tokenizer, "backend_tokenizer", None) is None:
             raise ConfigError("data.format=chat needs a fast tokenizer (character offsets)")
-        probe = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."},
-                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye."},
-                 {"role": "assistant", "content": "Bye."}]
+        # Two turns, no system message (some templates, Gemma's, refuse one).
+        probe = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+                 {"role": "user", "content": "Bye."}, {"role": "assistant", "content": "Bye."}]
         try:
             conversation_spans(tokenizer, probe, encoder.template)
         except ChatTemplateError:

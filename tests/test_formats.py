@@ -185,6 +185,11 @@ def test_chat_rows_train_exactly_the_assistant_tokens_in_every_packing_mode(toke
     rows = pack(documents_of(table.to_batches()[0]), spec).to_pylist()
     docs = [reference(tokenizer, messages) for messages in batch]
     assert _reassemble(rows, spec, len(batch)) == _expected(docs, spec)
+    if spec.mode == "full" and not spec.overlap:  # document_mask: positions restart at every conversation
+        in_doc = [p for ids, _ in docs for p in range(len(ids))]
+        starts = [sum(len(r["input_ids"]) for r in rows[:k]) for k in range(len(rows))]
+        assert [p for row in rows for p in row["position_ids"]] == [
+            min(in_doc[start + j], j) for row, start in zip(rows, starts) for j in range(len(row["input_ids"]))]
     if spec.mode in ("none", "partial", "full") and not spec.overlap:  # each token once: the property itself
         trained = [t for row in rows for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE]
         assert trained == [t for messages in batch for t in content_tokens(tokenizer, messages)]
@@ -254,3 +259,59 @@ def test_a_long_line_is_tokenized_in_bounded_memory(tmp_path):
     assert result.returncode == 0, result.stderr
     growth_mb, tokens = map(int, result.stdout.split())
     assert tokens > 500_000 and growth_mb < 150, (growth_mb, tokens)
+
+
+def test_format_keys_are_part_of_the_cache_key_and_a_template_file_by_its_content(tokenizer, tmp_path):
+    from launcher.data import preprocess_settings
+    from launcher.sources import source_of
+
+    template = tmp_path / "template.jinja"
+    template.write_text(formats.chat_template(tokenizer))
+    cfg = compose_config(["data=pydoc_chat", f"data.chat_template={template}"])
+    source = source_of(cfg.data)
+    raw = source.splits()
+    settings = preprocess_settings(cfg, tokenizer, source, raw, "rows")
+    assert {"format", "data_field", "prompt_field", "completion_field", "mixture"} <= set(settings)
+    assert settings["chat_template"] == template.read_text() and settings["format"] == "chat"
+    template.write_text(template.read_text().replace("assistant:", "bot:"))
+    assert preprocess_settings(cfg, tokenizer, source, raw, "rows") != settings
+
+
+def test_a_tokenizer_without_a_chat_template_is_an_error_before_any_data_is_read(tmp_path):
+    import shutil
+
+    from launcher.data import prepared_splits
+    from launcher.distributed import World
+    from launcher.errors import ConfigError
+    from launcher.schema import ASSETS_DIR
+
+    plain = tmp_path / "tok"
+    shutil.copytree(ASSETS_DIR / "tiny_bpe", plain)
+    (plain / "chat_template.jinja").unlink()
+    cfg = compose_config(["data=pydoc_chat", f"model.tokenizer={plain}", f"data.cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(ConfigError, match="the tokenizer has no chat template; set data.chat_template"):
+        prepared_splits(cfg, load_tokenizer(cfg.model), World(0, 0, 1, 1, None))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_conversations_a_template_refuses_are_dropped_with_the_reason(tokenizer):
+    alternating = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                   "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['role'] }}: {{ m['content'] }}"
+                   "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %} | {% endfor %}"
+                   "{% if add_generation_prompt %}assistant: {% endif %}")
+    data = compose_config(["data=pydoc_chat", f"data.chat_template={json.dumps(alternating)}"]).data
+    encoded = formats.encoder(tokenizer, data)({"messages": [
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+        [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}],
+    ]}, [0, 1])
+    assert encoded.dropped == ["", "refused by the chat template"]
+    # " b" is one token that starts in the generation prompt "assistant: ": trained (it overlaps)
+    assert tokenizer.decode(encoded.ids[0][encoded.trained[0]]) == " b</s>"
+
+
+def test_pydoc_chat_learns(tmp_path):
+    from launcher.app import run_task
+
+    summary = run_task(compose_config(["data=pydoc_chat", "train.max_seq_len=64", "train.max_steps=8",
+                                       "train.logging_steps=8", "train.max_eval_batches=4", f"output_dir={tmp_path}"]))
+    assert summary["final_eval_loss"] < summary["initial_eval_loss"] - 0.5
