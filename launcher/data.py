@@ -15,11 +15,9 @@ import logging
 import os
 import shutil
 import time
-from pathlib import Path
-from typing import Callable
-
 from contextlib import contextmanager
-from typing import Iterator
+from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -85,7 +83,7 @@ def prepared_splits(cfg: DictConfig, tokenizer, world: World) -> dict[str, Datas
         return mixed_splits(cfg, tokenizer, world, prepared_splits)
     if source.tokenized:
         splits = source.splits()
-        on_rank0_then_all(lambda: check_token_ids(splits, tokenizer, cfg.data.ignore_index), world)
+        on_rank0_then_all(lambda: check_tokenized(splits, tokenizer, cfg.data.ignore_index), world)
         return splits
     check_tokenizer(cfg, tokenizer)
     return cached_splits(cfg, tokenizer, world, source, "rows", build_rows)
@@ -199,11 +197,11 @@ def one_builder(path: Path) -> Iterator[None]:
         lock.release()
 
 
-def file_checksums(directory: Path) -> dict[str, str]:
-    """xxh3-128 of every file under `directory` by relative path (the checksum record itself and
-    the COMPLETE marker excluded): what `damaged_files` compares against."""
+def file_checksums(directory: Path, under: str = "") -> dict[str, str]:
+    """xxh3-128 of every file under `directory` (or its subdirectory `under`) by relative path,
+    the checksum record itself and the COMPLETE marker excluded: what `damaged_files` compares."""
     sums = {}
-    for file in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
+    for file in sorted(p for p in (Path(directory) / under).rglob("*") if p.is_file()):
         name = file.relative_to(directory).as_posix()
         if name not in (CHECKSUMS, "COMPLETE"):
             digest = xxhash.xxh3_128()
@@ -215,38 +213,44 @@ def file_checksums(directory: Path) -> dict[str, str]:
 
 
 def damaged_files(directory: Path, under: str = "") -> list[str]:
-    """Files of `directory` (those under `under`, if given) that are missing, changed or added
+    """Files of `directory` (or of its subdirectory `under`) that are missing, changed or added
     since their checksums were recorded; the record itself when it is missing or unreadable."""
     try:
         recorded = json.loads((Path(directory) / CHECKSUMS).read_text())
     except (OSError, ValueError):
         return [CHECKSUMS]
-    current = file_checksums(directory)
-    names = sorted(set(recorded) | set(current))
-    return [n for n in names if n.startswith(under) and recorded.get(n) != current.get(n)]
+    recorded = {name: digest for name, digest in recorded.items() if name.startswith(under)}
+    current = file_checksums(directory, under)
+    return sorted(name for name in set(recorded) | set(current) if recorded.get(name) != current.get(name))
 
 
-def check_token_ids(splits: dict[str, Dataset], tokenizer, ignore_index: int) -> None:
-    """Token ids of already-tokenized rows are ids of this tokenizer (one vectorised pass):
-    ids beyond its vocabulary would index past the embedding, or silently mean other tokens."""
+def check_tokenized(splits: dict[str, Dataset], tokenizer, ignore_index: int) -> None:
+    """Already-tokenized rows (one pass each): intact, when task=preprocess recorded checksums
+    next to them, and made of this tokenizer's ids: an id beyond its vocabulary would index past
+    the embedding, or silently mean another token."""
     vocab = len(tokenizer)
-    for name, dataset in splits.items():
+    for dataset in splits.values():
+        path = dataset_path(dataset)
+        if (path.parent / CHECKSUMS).is_file():
+            damaged = damaged_files(path.parent, f"{path.name}/")
+            if damaged:
+                raise ConfigError(f"{path}: {damaged[0]} differs from the checksum task=preprocess recorded; "
+                                  "the dataset is damaged (write it again with task=preprocess)")
         for column in ("input_ids", "labels"):
-            values = pc.list_flatten(dataset.data.column(column))
+            ids = pc.list_flatten(dataset.data.column(column))
             if column == "labels":
-                values = pc.filter(values, pc.not_equal(values, ignore_index))
-            low, high = pc.min_max(values).values() if len(values) else (None, None)
-            low, high = low.as_py() if low is not None else None, high.as_py() if high is not None else None
-            if low is not None and (low < 0 or high >= vocab):
-                bad = high if high >= vocab else low
-                raise ConfigError(
-                    f"{dataset_path(dataset)}: {column} holds token id {bad}, outside the tokenizer's vocabulary "
-                    f"[0, {vocab}) (it was tokenized with another tokenizer?)")
+                ids = pc.filter(ids, pc.not_equal(ids, ignore_index))
+            if len(ids) == 0:
+                continue
+            low, high = (value.as_py() for value in pc.min_max(ids).values())
+            if low < 0 or high >= vocab:
+                raise ConfigError(f"{path}: {column} holds token id {high if high >= vocab else low}, outside the "
+                                  f"tokenizer's vocabulary [0, {vocab}) (tokenized with another tokenizer?)")
 
 
-def dataset_path(dataset: Dataset) -> str:
-    files = dataset.cache_files
-    return str(Path(files[0]["filename"]).parent) if files else "the dataset"
+def dataset_path(dataset: Dataset) -> Path:
+    """The directory a dataset was loaded from (load_from_disk)."""
+    return Path(dataset.cache_files[0]["filename"]).parent
 
 
 def check_data(cfg: DictConfig) -> None:

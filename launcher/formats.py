@@ -17,7 +17,7 @@ pipeline (launcher/data.py) maps it over a dataset and packs the result.
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -41,11 +41,13 @@ class ChatTemplateError(ConfigError):
 # ---------------------------------------------------------------------- conversations
 
 
-def conversation_problem(messages, trained_roles: Sequence[str] = ("assistant",)) -> Optional[str]:
+def conversation_problem(messages) -> Optional[str]:
     """Why `messages` is not a conversation to train on, as a short reason (None if it is one):
     a list of `{role, content}` messages, roles in ROLES, string contents, an assistant turn."""
-    if not isinstance(messages, (list, tuple)) or not messages:
-        return "empty conversation" if isinstance(messages, (list, tuple)) or messages is None else "not a list of messages"
+    if messages is None or (isinstance(messages, (list, tuple)) and not messages):
+        return "empty conversation"
+    if not isinstance(messages, (list, tuple)):
+        return "not a list of messages"
     for message in messages:
         if not isinstance(message, dict):
             return "not a list of messages"
@@ -53,7 +55,7 @@ def conversation_problem(messages, trained_roles: Sequence[str] = ("assistant",)
             return "unknown role"
         if not isinstance(message.get("content"), str):
             return "content not a string"
-    if not any(message["role"] in trained_roles for message in messages):
+    if not any(message["role"] == "assistant" for message in messages):
         return "no assistant turn"
     return None
 
@@ -75,9 +77,10 @@ def conversation_spans(tokenizer, messages: list[dict], template: Optional[str] 
     generation prompt: the assistant's text as the template writes it, through the template's
     end-of-turn token (the last special token it adds; for a template without special tokens,
     through its last non-whitespace character). So role headers, the generation prompt and what
-    follows the end-of-turn token are never trained on, and the end-of-turn token always is. `train_on`: indices of the
-    assistant messages to train on (default: all of them). Raises ChatTemplateError when the
-    template renders a prefix of the conversation differently from the start of the whole.
+    follows the end-of-turn token are never trained on, and the end-of-turn token always is.
+    `train_on`: indices of the assistant messages to train on (default: all of them). Raises
+    ChatTemplateError when the template renders a prefix of the conversation differently from
+    the start of the whole.
     """
     template = chat_template(tokenizer, template)
     if train_on is None:
@@ -259,16 +262,36 @@ def load_chat_template(value: Optional[str]) -> Optional[str]:
 class Encoder:
     """Turns a batch of raw examples (columns as Python lists) into `Encoded` documents."""
 
-    def __init__(self, tokenizer, data):
-        self.tokenizer, self.data = tokenizer, data
-        self.bos_eos = None
-        if data.format == "prompt_completion" and add_bos_eos(data):
-            self.bos_eos = (tokenizer.bos_token_id, tokenizer.eos_token_id)
-
-    columns: tuple[str, ...] = ()
+    def __init__(self, tokenizer, data, columns: tuple[str, ...]):
+        self.tokenizer, self.data, self.columns = tokenizer, data, columns
+        self._template = None
 
     def __call__(self, columns: dict[str, list], indices: list[int]) -> Encoded:
         raise NotImplementedError
+
+    @property
+    def template(self) -> str:
+        """The chat template (data.chat_template, else the tokenizer's), loaded when first needed."""
+        if self._template is None:
+            self._template = chat_template(self.tokenizer, load_chat_template(self.data.chat_template))
+        return self._template
+
+    def render(self, out: Encoded, conversations: dict[int, tuple[list, Optional[list[int]]]], indices: list[int]) -> None:
+        """Fills `out` at each i of {i: (messages, train_on)} with the rendered conversation, or
+        drops it when the template refuses it (its raise_exception: roles that do not alternate...)."""
+        from jinja2 import TemplateError
+
+        rendered = {}
+        for i, (messages, train_on) in conversations.items():
+            try:
+                rendered[i] = conversation_spans(self.tokenizer, messages, self.template, train_on)
+            except ChatTemplateError as err:
+                raise ChatTemplateError(f"row {indices[i]}: {err}") from None
+            except TemplateError:
+                out.drop(i, "refused by the chat template")
+        keys = list(rendered)
+        for i, (ids, offsets) in zip(keys, encode(self.tokenizer, [rendered[i][0] for i in keys], with_offsets=True)):
+            out.ids[i], out.trained[i] = ids, trained_mask(offsets, rendered[i][1])
 
 
 class TextEncoder(Encoder):
@@ -276,8 +299,7 @@ class TextEncoder(Encoder):
     the answer are tokenized apart, so the label mask falls exactly on the separator."""
 
     def __init__(self, tokenizer, data):
-        super().__init__(tokenizer, data)
-        self.columns = (data.data_field,)
+        super().__init__(tokenizer, data, (data.data_field,))
 
     def __call__(self, columns, indices):
         texts = columns[self.data.data_field]
@@ -308,126 +330,95 @@ class ChatEncoder(Encoder):
     (`conversation_problem`) and ones the template refuses are dropped with their reason."""
 
     def __init__(self, tokenizer, data):
-        super().__init__(tokenizer, data)
-        self.columns = (data.data_field,)
-        self.template = chat_template(tokenizer, load_chat_template(data.chat_template))
+        super().__init__(tokenizer, data, (data.data_field,))
 
     def __call__(self, columns, indices):
         conversations = columns[self.data.data_field]
         out = Encoded.empty(len(conversations))
-        rendered = {}
+        valid = {}
         for i, messages in enumerate(conversations):
             problem = conversation_problem(messages)
-            result = problem or self._spans_at(messages, None, indices[i])
-            if isinstance(result, str):
-                out.drop(i, result)
+            if problem:
+                out.drop(i, problem)
             else:
-                rendered[i] = result
-        self.fill(out, rendered)
+                valid[i] = (messages, None)
+        self.render(out, valid, indices)
         return out
 
-    def _spans_at(self, messages, train_on, row):
-        """(text, spans) of a conversation, or why it is dropped."""
-        from jinja2 import TemplateError
 
-        try:
-            return conversation_spans(self.tokenizer, messages, self.template, train_on)
-        except ChatTemplateError as err:
-            raise ChatTemplateError(f"row {row}: {err}") from None
-        except TemplateError:  # the template's raise_exception (roles that do not alternate, ...)
-            return "refused by the chat template"
-
-    def fill(self, out: Encoded, rendered: dict[int, tuple[str, list]]) -> None:
-        keys = list(rendered)
-        for i, (ids, offsets) in zip(keys, encode(self.tokenizer, [rendered[i][0] for i in keys], with_offsets=True)):
-            out.ids[i], out.trained[i] = ids, trained_mask(offsets, rendered[i][1])
-
-
-class PromptCompletionEncoder(ChatEncoder):
+class PromptCompletionEncoder(Encoder):
     """`prompt_completion`: [BOS] prompt, then completion [EOS] trained on (BOS/EOS with
     data.add_bos_eos_tokens, the default). When the columns hold conversations, prompt +
     completion is one conversation and the completion's assistant turns are trained on."""
 
     def __init__(self, tokenizer, data):
-        Encoder.__init__(self, tokenizer, data)
-        self.columns = (data.prompt_field, data.completion_field)
-        self.template = None
+        super().__init__(tokenizer, data, (data.prompt_field, data.completion_field))
+        self.bos_eos = (tokenizer.bos_token_id, tokenizer.eos_token_id) if add_bos_eos(data) else None
 
     def __call__(self, columns, indices):
         prompts, completions = columns[self.data.prompt_field], columns[self.data.completion_field]
         out = Encoded.empty(len(prompts))
         texts, conversations = {}, {}
         for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-            if isinstance(prompt, str) and isinstance(completion, str):
-                if completion:
-                    texts[i] = prompt
+            if isinstance(prompt, list) and isinstance(completion, list):
+                problem = conversation_problem(prompt + completion) or conversation_problem(completion)
+                if problem:
+                    out.drop(i, problem)
                 else:
-                    out.drop(i, "empty completion")
-            elif isinstance(prompt, list) or isinstance(completion, list):
-                conversations[i] = (prompt, completion)
+                    trained = [len(prompt) + j for j, m in enumerate(completion) if m["role"] == "assistant"]
+                    conversations[i] = (prompt + completion, trained)
+            elif prompt is None:
+                out.drop(i, "missing prompt")
+            elif not isinstance(prompt, str) or not isinstance(completion, str):
+                out.drop(i, "prompt and completion not both text or both conversations")
+            elif not completion:
+                out.drop(i, "empty completion")
             else:
-                out.drop(i, "missing prompt" if prompt is None else "missing completion")
-        self._texts(out, texts, completions)
-        self._conversations(out, conversations, indices)
+                texts[i] = (prompt, completion)
+        self._texts(out, texts)
+        self.render(out, conversations, indices)
         return out
 
-    def _texts(self, out: Encoded, texts: dict[int, str], completions: list) -> None:
+    def _texts(self, out: Encoded, texts: dict[int, tuple[str, str]]) -> None:
         keys = list(texts)
         pre_pend = self.data.pre_pend or ""
-        prompts = encode(self.tokenizer, [pre_pend + texts[i] for i in keys])
-        answers = encode(self.tokenizer, [completions[i] for i in keys])
-        bos, eos = ([self.bos_eos[0]], [self.bos_eos[1]]) if self.bos_eos else ([], [])
+        prompts = encode(self.tokenizer, [pre_pend + texts[i][0] for i in keys])
+        answers = encode(self.tokenizer, [texts[i][1] for i in keys])
+        bos, eos = (np.asarray([token], np.int32) for token in self.bos_eos) if self.bos_eos else (np.zeros(0, np.int32),) * 2
         for i, (prompt, _), (answer, _) in zip(keys, prompts, answers):
-            prompt = np.concatenate([np.asarray(bos, np.int32), prompt])
-            out.ids[i] = np.concatenate([prompt, answer, np.asarray(eos, np.int32)])
+            prompt = np.concatenate([bos, prompt])
+            out.ids[i] = np.concatenate([prompt, answer, eos])
             out.trained[i] = np.arange(len(out.ids[i])) >= len(prompt)
-
-    def _conversations(self, out: Encoded, conversations: dict, indices: list[int]) -> None:
-        if not conversations:
-            return
-        if self.template is None:
-            self.template = chat_template(self.tokenizer, load_chat_template(self.data.chat_template))
-        rendered = {}
-        for i, (prompt, completion) in conversations.items():
-            if not (isinstance(prompt, list) and isinstance(completion, list)):
-                out.drop(i, "prompt and completion not both conversations")
-                continue
-            messages = prompt + completion
-            problem = conversation_problem(messages) or conversation_problem(completion)
-            train_on = [len(prompt) + j for j, m in enumerate(completion) if m["role"] == "assistant"] if not problem else None
-            result = problem or self._spans_at(messages, train_on, indices[i])
-            if isinstance(result, str):
-                out.drop(i, result)
-            else:
-                rendered[i] = result
-        self.fill(out, rendered)
 
 
 ENCODERS = {"text": TextEncoder, "chat": ChatEncoder, "prompt_completion": PromptCompletionEncoder}
 
 
+# A conversation every template must render (no system message: some templates, Gemma's, refuse one).
+PROBE = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+         {"role": "user", "content": "Bye."}, {"role": "assistant", "content": "Bye."}]
+
+
 def encoder(tokenizer, data) -> Encoder:
     """The encoder of `data.format` for this tokenizer; checks what needs the tokenizer (BOS/EOS,
     a chat template that renders a probe conversation prefix-stably) before any data is read."""
+    resolve_defaults(data)
     if data.format == "prompt_completion" and add_bos_eos(data) and None in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         raise ConfigError(
             f"data.add_bos_eos_tokens=true but the tokenizer has no BOS or EOS token (bos_token_id="
             f"{tokenizer.bos_token_id}, eos_token_id={tokenizer.eos_token_id}); set data.add_bos_eos_tokens=false")
-    resolve_defaults(data)
-    encoder = ENCODERS[data.format](tokenizer, data)
-    if data.format == "chat":
+    chosen = ENCODERS[data.format](tokenizer, data)
+    if data.format == "chat":  # (prompt_completion needs a template only for conversations)
         if getattr(tokenizer, "backend_tokenizer", None) is None:
             raise ConfigError("data.format=chat needs a fast tokenizer (character offsets)")
-        # Two turns, no system message (some templates, Gemma's, refuse one).
-        probe = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
-                 {"role": "user", "content": "Bye."}, {"role": "assistant", "content": "Bye."}]
+        template = chosen.template
         try:
-            conversation_spans(tokenizer, probe, encoder.template)
-        except ChatTemplateError:
+            conversation_spans(tokenizer, PROBE, template)
+        except ConfigError:
             raise
         except Exception as err:  # noqa: BLE001 (a template can fail in many ways)
             raise ConfigError(f"the chat template cannot render a plain conversation: {type(err).__name__}: {err}") from None
-    return encoder
+    return chosen
 
 
 def resolve_defaults(data) -> None:

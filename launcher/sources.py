@@ -113,7 +113,6 @@ class PydocSource(DataSource):
     def fingerprint(self, splits: dict) -> str:
         return text_fingerprint(text for _, text in pydoc_documents())
 
-
     def describe(self, split: str) -> str:
         return "the pydoc corpus"
 

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from datasets import load_from_disk
 from filelock import FileLock
 
@@ -119,3 +120,21 @@ def test_two_training_runs_on_a_cold_cache_both_get_the_same_rows(tmp_path):
     assert results[0] == results[1] and len(results[0]) == 2
     entry = _entry(tmp_path / "cache")
     assert damaged_files(entry) == [] and json.loads((entry / "report.json").read_text())["train_rows"] > 0
+
+
+def test_a_damaged_preprocessed_dataset_is_refused_before_training(tmp_path):
+    from launcher.app import run_task
+    from launcher.errors import ConfigError
+
+    out = tmp_path / "data"
+    run_task(compose_config(["task=preprocess", "train.max_seq_len=32", f"data.save_path={out}",
+                             f"output_dir={tmp_path / 'pre'}"]))
+    arrow = _arrow_file(out)
+    data = bytearray(arrow.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    arrow.write_bytes(bytes(data))
+    cfg = compose_config(["data=preprocessed", f"data.train_ds={out / 'train'}", f"data.eval_ds={out / 'eval'}",
+                          "train.max_seq_len=32", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=rf"{out / 'train'}: train/{arrow.name} differs from the checksum task=preprocess recorded"):
+        run_task(cfg)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
