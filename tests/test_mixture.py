@@ -87,3 +87,13 @@ def test_a_mixture_run_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupt
     expected = load_file(tmp_path / "whole" / "final-model" / "model.safetensors")
     actual = load_file(tmp_path / "resumed" / "final-model" / "model.safetensors")
     assert expected.keys() == actual.keys() and all(torch.equal(actual[k], expected[k]) for k in expected)
+
+
+def test_preprocess_writes_the_mixture_out_with_its_report(tmp_path):
+    out = tmp_path / "mixed"
+    summary = run_task(compose_config(["task=preprocess", "data=mixture", MIX, "train.max_seq_len=32",
+                                       f"data.save_path={out}", f"output_dir={tmp_path / 'run'}"]))
+    report = json.loads((out / "report.json").read_text())
+    assert [c["weight"] for c in report["components"]] == [3, 1] and summary["train_rows"] == report["train_rows"]
+    splits = _splits(tmp_path, ["data=preprocessed", f"data.train_ds={out / 'train'}", f"data.eval_ds={out / 'eval'}"])
+    assert len(splits["train"]) == report["train_rows"] and len(splits["eval"]) == report["eval_rows"]
