@@ -383,11 +383,14 @@ def build_rows(cfg: DictConfig, tokenizer, raw: dict, out: Path) -> dict:
         if dataset is not None and formats.column_problem(dataset, data):
             where, problem = source.culprit(name, dataset, lambda d: formats.column_problem(d, data))
             raise ConfigError(f"{where}: {problem}")
-    return _build(raw, tokenizer, spec, data, out)
+    inputs = {name: source.describe(name if raw.get(name) is not None else "train") for name in ("train", "eval")}
+    return _build(raw, tokenizer, spec, data, out, inputs)
 
 
-def _build(raw: dict[str, Dataset | None], tokenizer, spec: PackingSpec, data: DictConfig, out: Path) -> dict:
-    """Tokenize (Arrow files), pack (Arrow files), save {train,eval} under `out`; stage timings."""
+def _build(raw: dict[str, Dataset | None], tokenizer, spec: PackingSpec, data: DictConfig, out: Path,
+           inputs: dict[str, str]) -> dict:
+    """Tokenize (Arrow files), pack (Arrow files), save {train,eval} under `out`; stage timings.
+    `inputs` names what each split comes from, for the error when one ends up empty."""
     work = out / "work"
     work.mkdir(parents=True)
     clock = time.perf_counter()
@@ -402,7 +405,7 @@ def _build(raw: dict[str, Dataset | None], tokenizer, spec: PackingSpec, data: D
         dataset = Dataset.from_file(str(file))
         if len(dataset) == 0:
             dropped = f", {sum(report['dropped'].values())} dropped" if report["dropped"] else ""
-            raise ConfigError(f"the {name} split is empty after preprocessing ({report['examples']} examples read"
+            raise ConfigError(f"{inputs[name]}: the {name} split is empty after preprocessing ({report['examples']} examples read"
                               f"{dropped}{_dropped_text(report, ': ')})")
         dataset.save_to_disk(str(out / name))  # (its num_proc spawns interpreters: slower than one copy)
     shutil.rmtree(work)

@@ -154,7 +154,7 @@ def test_malformed_conversations_are_dropped_and_counted_by_reason(tmp_path, cap
 
 def test_nothing_left_after_dropping_is_an_error_with_the_reasons(tmp_path):
     (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "no answer"}]}) + "\n")
-    with pytest.raises(ConfigError, match=r"the train split is empty after preprocessing \(1 examples read, 1 dropped: "
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}/chat.jsonl: the train split is empty after preprocessing \(1 examples read, 1 dropped: "
                                           r"1 no assistant turn \(first: train row 0\)\)"):
         _preprocess(tmp_path, [f"data.load_path={tmp_path / 'chat.jsonl'}", "data.format=chat"])
 
