@@ -38,23 +38,32 @@ class PackingSpec:
 
 @dataclass
 class Documents:
-    """Tokenized documents: `tokens[offsets[i]:offsets[i+1]]` is document `ids[i]`; its first
-    `prompt_lengths[i]` tokens (up to and including the separator) are not trained on."""
+    """Tokenized documents: `tokens[offsets[i]:offsets[i+1]]` is document `ids[i]`; `trained`
+    (aligned with `tokens`; None: all) says which tokens are targets of the loss (a prompt, a
+    chat's role headers and user turns are not)."""
 
     tokens: np.ndarray
     offsets: np.ndarray
     ids: np.ndarray
-    prompt_lengths: np.ndarray
+    trained: np.ndarray | None = None
 
     @classmethod
-    def from_lists(cls, docs: list[list[int]], prompt_lengths=None, ids=None) -> "Documents":
+    def from_lists(cls, docs: list[list[int]], prompt_lengths=None, ids=None, trained=None) -> "Documents":
+        """From token lists, with per-document prompt lengths (the first tokens are not trained
+        on) or per-token `trained` lists."""
         lengths = np.array([len(d) for d in docs], dtype=np.int64)
         tokens = np.concatenate([np.asarray(d, dtype=np.int64) for d in docs]) if docs else np.zeros(0, np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        if prompt_lengths is not None:
+            positions = np.arange(len(tokens)) - np.repeat(offsets[:-1], lengths)
+            trained = positions >= np.repeat(np.asarray(prompt_lengths, dtype=np.int64), lengths)
+        elif trained is not None:
+            trained = np.concatenate([np.asarray(t, dtype=bool) for t in trained]) if docs else np.zeros(0, bool)
         return cls(
             tokens=tokens,
-            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            offsets=offsets,
             ids=np.arange(len(docs), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64),
-            prompt_lengths=np.zeros(len(docs), np.int64) if prompt_lengths is None else np.asarray(prompt_lengths),
+            trained=trained,
         )
 
     def __len__(self) -> int:
@@ -67,7 +76,9 @@ class Documents:
         lengths = np.diff(self.offsets)[keep]
         starts = self.offsets[:-1][keep]
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        return Documents(self.tokens[_ranges(starts, lengths, offsets)], offsets, self.ids[keep], self.prompt_lengths[keep])
+        gather = _ranges(starts, lengths, offsets)
+        trained = None if self.trained is None else self.trained[gather]
+        return Documents(self.tokens[gather], offsets, self.ids[keep], trained)
 
 
 @dataclass
@@ -87,8 +98,8 @@ class TokenStream:
         starts = docs.offsets[:-1]
         positions = np.arange(len(docs.tokens), dtype=np.int32) - np.repeat(starts.astype(np.int32), lengths)
         labels = None
-        if docs.prompt_lengths.any():
-            labels = np.where(positions < np.repeat(docs.prompt_lengths, lengths), ignore_index, docs.tokens)
+        if docs.trained is not None and not docs.trained.all():
+            labels = np.where(docs.trained, docs.tokens, ignore_index)
         return cls(docs.tokens.astype(np.int32, copy=False), labels, positions, starts, docs.ids)
 
     def __len__(self) -> int:

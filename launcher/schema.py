@@ -68,12 +68,23 @@ class DataConfig:
     # example of the train split is held out for eval.
     eval_split: Optional[str] = None
     eval_every: int = 10
-    data_field: str = "text"
-    # Prepended to every example before tokenizing.
+    # What an example is (launcher/formats.py): text | chat (a column of conversations, trained on
+    # the assistant turns) | prompt_completion (trained on the completion).
+    format: str = "text"
+    # The column of text (format text; default `text`) or of conversations (format chat; default `messages`).
+    data_field: Optional[str] = None
+    # prompt_completion: the prompt and completion columns (text, or conversations).
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    # chat: a Jinja chat template, or a file holding one; null: the tokenizer's.
+    chat_template: Optional[str] = None
+    # Prepended to every example (format text) or prompt (prompt_completion) before tokenizing.
     pre_pend: Optional[str] = None
-    add_bos_eos_tokens: bool = True
-    # Conditional fine-tuning: labels are ignore_index up to and including the separator;
-    # examples without it are skipped. `seperator` is the VectorLM spelling (an alias).
+    # text: BOS/EOS frame every row; prompt_completion: BOS before the prompt, EOS after the
+    # completion. null: true, except for chat (the chat template places special tokens).
+    add_bos_eos_tokens: Optional[bool] = None
+    # Conditional fine-tuning (format text): labels are ignore_index up to and including the
+    # separator; examples without it are dropped. `seperator` is the VectorLM spelling (an alias).
     separator: Optional[str] = None
     seperator: Optional[str] = None
     # Cut examples to max_seq_len instead of packing them.
@@ -92,6 +103,8 @@ class DataConfig:
     cache_dir: Optional[str] = affects(default=None)
     num_proc: Optional[int] = affects(default=None)
     num_workers: int = affects(default=0)
+    # data.source=mixture: components [{weight, preset, data keys...}] (launcher/sources.py).
+    mixture: Optional[List[Dict[str, Any]]] = None
 
 
 @dataclass

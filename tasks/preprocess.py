@@ -1,7 +1,8 @@
 """The `preprocess` task: tokenize + pack a corpus and save {train,eval} datasets to disk.
 
 Its output is what `data=preprocessed data.train_ds=... data.eval_ds=...` trains on. Re-running
-with the same corpus, tokenizer and settings finds the result up to date and does nothing.
+with the same corpus, tokenizer and settings finds the result up to date (and intact: every file
+matches its checksum) and does nothing; two runs at once build it once.
 """
 
 import json
@@ -9,9 +10,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from launcher.data import build_and_save, is_up_to_date, packing_spec, preprocess_settings
+from launcher.atomic import atomic_directory
+from launcher.data import (CHECKSUMS, check_tokenizer, ensure_built, file_checksums, mix_components, one_builder,
+                           prepared_splits, preprocess_settings)
 from launcher.distributed import World
 from launcher.errors import ConfigError
+from launcher.mixture import describe_mixture
 from launcher.modeling import load_tokenizer
 from launcher.outputs import resolve_output_dir
 from launcher.sources import source_of
@@ -25,17 +29,36 @@ def preprocess(cfg: DictConfig) -> dict:
     if source.tokenized:
         raise ConfigError(f"task=preprocess needs a raw corpus; data.source={cfg.data.source} is already preprocessed")
     tokenizer = load_tokenizer(model_config(cfg))
-    packing_spec(cfg, tokenizer)  # tokenizer-dependent checks before any loading
-    raw = source.splits()
     save_path = Path(cfg.data.save_path or resolve_output_dir(cfg, SINGLE_PROCESS) / "data")
+    if source.mixes:
+        return _save_mixture(cfg, tokenizer, save_path)
+    check_tokenizer(cfg, tokenizer)  # tokenizer-dependent checks before any loading
+    raw = source.splits()
     settings = preprocess_settings(cfg, tokenizer, source, raw, "rows")
-    if is_up_to_date(save_path, settings):
-        report = json.loads((save_path / "report.json").read_text())
+    report, built = ensure_built(cfg, tokenizer, raw, save_path, settings)
+    if not built:
         print(f"hydralm: {save_path} is up to date (same corpus, tokenizer and settings); nothing to do")
         return {"save_path": str(save_path), "cached": True, **report}
-    report = build_and_save(cfg, tokenizer, raw, save_path, settings)
+    _print_saved(report, save_path)
+    return {"save_path": str(save_path), "cached": False, **report}
+
+
+def _save_mixture(cfg: DictConfig, tokenizer, save_path: Path) -> dict:
+    """The mixed rows, written out as plain datasets (the components are cached on their own)."""
+    splits, report = mix_components(cfg, tokenizer, SINGLE_PROCESS, prepared_splits)
+    with one_builder(save_path):
+        with atomic_directory(save_path) as staging:
+            for name, dataset in splits.items():
+                dataset.flatten_indices().save_to_disk(str(staging / name))
+            (staging / "report.json").write_text(json.dumps(report, indent=2))
+            (staging / CHECKSUMS).write_text(json.dumps(file_checksums(staging), indent=1))
+    print(f"hydralm: mixture:\n{describe_mixture(report)}")
+    _print_saved(report, save_path)
+    return {"save_path": str(save_path), "cached": False, **report}
+
+
+def _print_saved(report: dict, save_path: Path) -> None:
     print(
         f"hydralm: {report['train_rows']} train / {report['eval_rows']} eval sequences -> {save_path}\n"
         f"  train on it with: data=preprocessed data.train_ds={save_path / 'train'} data.eval_ds={save_path / 'eval'}"
     )
-    return {"save_path": str(save_path), "cached": False, **report}

@@ -150,7 +150,7 @@ def test_an_error_found_by_rank_0_while_preprocessing_reaches_every_rank(tmp_pat
     args = ["data=files", f"data.load_path={data}", f"data.cache_dir={tmp_path / 'cache'}",
             f"output_dir={tmp_path / 'out'}"]
     codes, errors = _run_ranks(2, args, tmp_path, timeout=240)
-    message = "data.data_field=text is not a column of the dataset; columns: question, answer"
+    message = f"{data}: data.data_field=text is not a column of the dataset; columns: question, answer"
     assert codes == [2, 2], errors
     assert f"hydralm: error: {message}" in errors[0]
     assert f"hydralm: error (rank 1): {message}" in errors[1]

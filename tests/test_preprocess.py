@@ -59,15 +59,17 @@ def _encode(tokenizer, text):
 
 def test_tokenize_gives_the_tokenizer_ids(tokenizer):
     texts = [text for _, text in pydoc_documents()[:20]]
-    out = Tokenize(tokenizer, "text", None, None)(Dataset.from_dict({"text": texts}).data.table, list(range(20)))
+    out = Tokenize(tokenizer, compose_config().data)({"text": texts}, list(range(20)))
     assert out.column("input_ids").to_pylist() == [_encode(tokenizer, t) for t in texts]
+    assert all(all(mask) for mask in out.column("trained").to_pylist())
 
 
 def test_disk_source_with_eval_split_separator_and_no_packing(tmp_path, disk_dataset, tokenizer):
     summary, out = _preprocess(tmp_path, ["data=disk", f"data.load_path={disk_dataset}", "data.data_field=body",
                                           "data.eval_split=validation", "data.packing_type=null",
                                           "data.seperator=Answer:", "train.max_seq_len=64"])
-    assert summary["skipped_without_separator"] == 4 and summary["examples"] == 22
+    assert summary["dropped"] == {"no separator": 4} and summary["examples"] == 22
+    assert summary["first_dropped"] == {"no separator": "train row 2"}
     train, evaluation = load_from_disk(str(out / "train")), load_from_disk(str(out / "eval"))
     assert len(train) == 16 and len(evaluation) == 2
     assert set(train.column_names) == {"input_ids", "labels", "position_ids", "id"}
@@ -181,7 +183,7 @@ def test_train_cache_is_keyed_by_settings(monkeypatch, tmp_path):
     monkeypatch.undo()
     cfg.data.pre_pend = "# "
     prepared_splits(cfg, tokenizer, SINGLE)
-    assert len(list((tmp_path / "pydoc").iterdir())) == 2
+    assert len([entry for entry in (tmp_path / "pydoc").iterdir() if not entry.name.startswith(".")]) == 2
 
 
 def test_rows_do_not_depend_on_the_packing_batch_size(tmp_path, monkeypatch):
@@ -221,8 +223,16 @@ def test_tokenizer_without_bos_eos_is_an_error(tmp_path):
         (["data.separator=A", "data.seperator=B"], "data.separator='A' and its alias data.seperator='B' differ"),
         (["data.packing_type=partial", "data.document_mask=true"], "data.document_mask=true needs data.packing_type=full"),
         (["data.eval_split=validation"], "data.eval_split does not apply to data.source=pydoc"),
-        (["data.source=s3"], "data.source='s3' is not valid; choose one of: pydoc, disk, files, hub, preprocessed"),
+        (["data.source=s3"], "data.source='s3' is not valid; choose one of: pydoc, pydoc_chat, disk, files, hub, preprocessed, mixture"),
         (["data.num_proc=0"], "data.num_proc=0 must be >= 1"),
+        (["data.format=chatty"], "data.format='chatty' is not valid; choose one of: text, chat, prompt_completion"),
+        (["data=pydoc_chat", "data.separator=A:"], "data.separator applies to data.format=text"),
+        (["data=pydoc_chat", "data.pre_pend=x"], "data.pre_pend does not apply to data.format=chat"),
+        (["data=pydoc_chat", "data.add_bos_eos_tokens=true"], "data.add_bos_eos_tokens=true does not apply to data.format=chat"),
+        (["data=pydoc_chat", "data.chat_template=/no/such/template.jinja"],
+         "data.chat_template=/no/such/template.jinja is neither a file nor a Jinja template"),
+        (["data.chat_template='{{ messages }}'"], "data.chat_template applies to data.format=chat or prompt_completion"),
+        (["data.format=prompt_completion", "data.completion_field=prompt"], "data.prompt_field and data.completion_field are both 'prompt'"),
         (["data=disk"], "data.load_path must be set for data.source=disk"),
         (["data=disk", "data.load_path=/no/such/ds"], "data.load_path=/no/such/ds does not exist"),
         (["data=hub"], "data.load_path must be set for data.source=hub"),
