@@ -9,17 +9,28 @@ Layout of `<output_dir>/checkpoints/checkpoint-<step>/` (launcher/run_dir.py):
     COMPLETE              written last (launcher/atomic.py)
 
 Every rank writes into the staging directory; rank 0 marks it complete and swaps it in, so a
-kill at any moment leaves the previous checkpoint the latest.
+kill at any moment leaves the previous checkpoint the latest. The COMPLETE marker records every
+file's size and checksum (launcher/integrity.py; the shards are hashed while they are written);
+they are checked before a checkpoint is loaded, and a damaged latest checkpoint gives way to the
+newest intact one (`resume=auto`).
+
+Nothing in a checkpoint runs code: DCP's `.metadata` pickle is read by an unpickler that builds
+only DCP's own metadata classes, and non-tensor values (optimizer hyperparameters) only as plain
+data (`torch.load(weights_only=True)`); everything else is JSON.
 
 Test hook (the only one): HYDRALM_TEST_KILL_IN_SAVE=<step> makes rank 0 SIGKILL itself inside the
 save of that step, after the shards are written and before the checkpoint is complete.
 """
 
 import json
+import math
 import os
+import pickle
 import shutil
 import signal
-from dataclasses import asdict, dataclass
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +38,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -35,15 +50,15 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from launcher import atomic, run_dir
-from launcher.distributed import World, barrier
+from launcher import atomic, integrity, run_dir
+from launcher.distributed import World, barrier, on_rank0_then_all
 from launcher.errors import ConfigError
 from launcher.export import save_hf_metadata
 from launcher.identity import first_difference
 from launcher.metrics import Window
 from launcher.rng import rng_state, set_rng_state
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: checksums in the COMPLETE marker
 KILL_HOOK = "HYDRALM_TEST_KILL_IN_SAVE"
 
 
@@ -56,15 +71,6 @@ class Progress:
     trained_tokens: int = 0  # global count of tokens with a loss
     initial_eval_loss: Optional[float] = None
     last_eval_loss: Optional[float] = None
-
-
-def resume_source(resume: str, output_dir: Path) -> Optional[Path]:
-    """`resume=auto`: the latest complete checkpoint of `output_dir` (if any); `never`; or a path."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        return run_dir.latest_checkpoint(output_dir)
-    return Path(resume)  # checked before any work (launcher/validate.py)
 
 
 def check_compatible(saved: dict, current: dict, path: Path) -> None:
@@ -94,10 +100,32 @@ class Checkpointer:
         self.interval = cfg.train.save_steps or max(1, int(cfg.train.save_frequency * steps_per_epoch))
         self.keep_last_n = cfg.train.keep_last_n
         self.fingerprint = fingerprint
-        chosen = [str(resume_source(cfg.resume, output_dir) or "")] if world.is_main else [None]
-        if world.size > 1:
-            dist.broadcast_object_list(chosen, src=0)
-        self.resume_from = Path(chosen[0]) if chosen[0] else None
+        self.resume_from = self._resume_source(cfg.resume)
+
+    def _resume_source(self, resume: str) -> Optional[Path]:
+        """`resume=auto`: the newest intact checkpoint of `output_dir` (if any); `never`; or a path.
+        Collective (the ranks share the checksum reading)."""
+        if resume == "never":
+            return None
+        if resume != "auto":
+            problem = checkpoint_problem(Path(resume))
+            if problem:
+                raise ConfigError(f"resume={resume} cannot be loaded: {problem}")
+            return Path(resume)
+        damaged = []
+        listed = on_rank0_then_all(lambda: run_dir.complete_checkpoints(self.output_dir), self.world)
+        for path in reversed(listed):  # newest first
+            problem = checkpoint_problem(path)
+            if problem is None:
+                if damaged and self.world.is_main:
+                    print(f"hydralm: warning: {_describe_damage(damaged)}; resuming from {path} instead",
+                          file=sys.stderr, flush=True)
+                return path
+            damaged.append((path, problem))
+        if damaged:
+            raise ConfigError(f"resume=auto: no intact checkpoint in {self.output_dir / run_dir.CHECKPOINTS_DIR}: "
+                              f"{_describe_damage(damaged)}; move them aside, or use resume=never")
+        return None
 
     def due(self, step: int) -> bool:
         return self.enabled and step % self.interval == 0
@@ -111,10 +139,11 @@ class Checkpointer:
             atomic.begin(final)
         barrier()
         model_state, optim_state = get_state_dict(model, optimizer, options=_state_options(model))
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=staging)
+        writer = _ChecksummingWriter(staging)
+        dcp.save({"model": model_state, "optim": optim_state}, storage_writer=writer)
         atomic.write_json(staging / f"rank-{self.world.rank}.json",
                           {"rng": rng_state(), "window": window.state_dict()}, fsync=True)
-        barrier()
+        digests = _gather_on_rank0(writer.fs.digests, self.world)  # the shards, hashed as they were written
         if self.world.is_main:
             save_hf_metadata(model, tokenizer, run_dir.hf_dir(staging))
             atomic.write_json(staging / run_dir.TRAINER_STATE, {
@@ -127,7 +156,7 @@ class Checkpointer:
             }, fsync=True)
             if os.environ.get(KILL_HOOK) == str(progress.step):
                 os.kill(os.getpid(), signal.SIGKILL)
-            atomic.commit(staging, final, fsync=True)
+            atomic.commit(staging, final, {"checksums": integrity.manifest(staging, digests)}, fsync=True)
             self._prune(keep=final)
         barrier()
         return final
@@ -145,12 +174,12 @@ class Checkpointer:
         path = self.resume_from
         if path is None:
             return None
-        state = json.loads((path / run_dir.TRAINER_STATE).read_text())
+        state = json.loads((path / run_dir.TRAINER_STATE).read_text())  # checked by checkpoint_problem
         check_compatible(state["fingerprint"], self.fingerprint, path)
         options = _state_options(model)
         model_state, optim_state = get_state_dict(model, optimizer, options=options)
         loaded = {"model": model_state, "optim": optim_state}
-        dcp.load(loaded, checkpoint_id=path)
+        _load(loaded, path)
         set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"],
                        options=options)
         scheduler.load_state_dict(state["scheduler"])
@@ -183,6 +212,201 @@ class Checkpointer:
 
 def load_model_weights(model: torch.nn.Module, path: Path) -> None:
     """Only the model part of a training checkpoint, into an already sharded model (collective)."""
+    problem = checkpoint_problem(path)
+    if problem:
+        raise ConfigError(f"checkpoint={path} cannot be loaded: {problem}")
     loaded = {"model": get_model_state_dict(model)}
-    dcp.load(loaded, checkpoint_id=path)
+    _load(loaded, path)
     set_model_state_dict(model, loaded["model"])
+
+
+# ---------------------------------------------------------------------- integrity
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why the checkpoint at `path` must not be loaded (a missing, truncated or corrupt file,
+    invalid counters, metadata that is more than DCP's), or None. Collective: each rank hashes
+    its share of the files."""
+    path = Path(path)
+    rank, size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    files, problem = {}, None
+    try:
+        files = integrity.recorded_files(path)
+        problem = integrity.size_problem(path, files) or integrity.digest_problem(path, files, sorted(files)[rank::size])
+    except ValueError as err:
+        problem = str(err)
+    if size > 1:
+        problems = [None] * size
+        dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), None)
+    return problem or _content_problem(path, files)
+
+
+def _content_problem(path: Path, files: dict) -> Optional[str]:
+    """The JSON state's values and the DCP metadata of a checkpoint whose files are intact."""
+    try:
+        state = json.loads((path / run_dir.TRAINER_STATE).read_text())
+        check_trainer_state(state, run_dir.checkpoint_step(path))
+        missing = [f"rank-{r}.json" for r in range(state["world_size"]) if f"rank-{r}.json" not in files]
+        if missing:
+            return f"{missing[0]} is missing"
+        metadata = read_metadata(path)
+    except ValueError as err:
+        return str(err)
+    unlisted = {info.relative_path for info in metadata.storage_data.values()} - set(files)
+    if unlisted:
+        return f".metadata names {sorted(unlisted)[0]!r}, which is not a file of this checkpoint"
+    return None
+
+
+def check_trainer_state(state: dict, step_of_name: Optional[int]) -> None:
+    """Raises ValueError naming the first field of trainer_state.json that no save could have written."""
+    def fail(key, value, valid):
+        raise ValueError(f"{run_dir.TRAINER_STATE}: {key}={value!r} is not valid ({valid})")
+
+    def count(key, value, minimum):
+        if type(value) is not int or value < minimum:
+            fail(key, value, f"an integer >= {minimum}")
+
+    if not isinstance(state, dict):
+        fail("(the file)", type(state).__name__, "a JSON object")
+    if state.get("format_version") != FORMAT_VERSION:
+        fail("format_version", state.get("format_version"), f"{FORMAT_VERSION}; written by another hydralm version")
+    count("world_size", state.get("world_size"), 1)
+    progress = state.get("progress")
+    names = [f.name for f in fields(Progress)]
+    if not isinstance(progress, dict) or sorted(progress) != sorted(names):
+        fail("progress", progress, f"an object with the keys {', '.join(names)}")
+    count("progress.step", progress["step"], 1)
+    if step_of_name is not None and progress["step"] != step_of_name:
+        fail("progress.step", progress["step"], f"the directory is named for step {step_of_name}")
+    for key in ("epoch", "epoch_samples", "tokens_seen", "trained_tokens"):
+        count(f"progress.{key}", progress[key], 0)
+    for key in ("initial_eval_loss", "last_eval_loss"):
+        value = progress[key]
+        if value is not None and (type(value) not in (int, float) or not math.isfinite(value)):
+            fail(f"progress.{key}", value, "a finite number or null")
+    for key in ("scheduler", "fingerprint", "task"):
+        if not isinstance(state.get(key), dict):
+            fail(key, state.get(key), "a JSON object")
+
+
+def _describe_damage(damaged: list[tuple[Path, str]]) -> str:
+    (latest, problem), older = damaged[0], len(damaged) - 1
+    return f"{latest} cannot be loaded ({problem})" + (f", nor {older} older checkpoint(s)" if older else "")
+
+
+# ---------------------------------------------------------------------- DCP without code, with checksums
+
+
+# What DCP's `.metadata` pickle may build: its metadata dataclasses, torch.Size, dtypes, layouts, paths.
+_METADATA_GLOBALS = {
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib._local", "PosixPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                    torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refers to {module}.{name}, which is not checkpoint metadata (refused: "
+                                     f"loading it could run code)")
+
+
+def read_metadata(path: Path, rank: Optional[int] = None) -> Metadata:
+    """DCP's metadata file of a checkpoint, built only from the allowed classes. Raises ValueError."""
+    name = ".metadata" if rank is None else f"__{rank}.metadata"
+    try:
+        with open(Path(path) / name, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except Exception as err:  # any malformed pickle: UnpicklingError, EOFError, TypeError, ...
+        raise ValueError(f"{name} {err}" if isinstance(err, pickle.UnpicklingError)
+                         else f"{name} cannot be read ({type(err).__name__}: {err})") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+        raise ValueError(f"{name} holds a {type(metadata).__name__}, not DCP's Metadata")
+    return metadata
+
+
+class _SafeReader(FileSystemReader):
+    """FileSystemReader whose metadata read builds nothing but DCP's metadata (torch's own uses
+    plain `pickle.load`)."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        metadata = read_metadata(Path(self.path), kwargs.get("rank"))
+        metadata.storage_meta = metadata.storage_meta or StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _PlainDataPlanner(DefaultLoadPlanner):
+    """The default planner loads non-tensor values with `torch.load(weights_only=False)`; here a
+    value must first load as plain data (numbers, strings, containers, tensors)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    def load_bytes(self, read_item, value) -> None:
+        try:
+            torch.load(value, weights_only=True)
+        except pickle.UnpicklingError:
+            raise ConfigError(f"checkpoint {self.path}: the value of {read_item.dest_index.fqn} is not plain data "
+                              f"(refused: loading it could run code)") from None
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
+def _load(state: dict, path: Path) -> None:
+    """dcp.load without running code from the checkpoint; a refusal is one ConfigError."""
+    try:
+        dcp.load(state, storage_reader=_SafeReader(path), planner=_PlainDataPlanner(path))
+    except CheckpointException as err:
+        refused = [failure for failure, _ in err.failures.values() if isinstance(failure, ConfigError)]
+        if refused:
+            raise refused[0] from None
+        raise
+
+
+class _HashingFileSystem(FileSystem):
+    """DCP's local filesystem, hashing each file while it is written: `digests[name]`."""
+
+    def __init__(self):
+        super().__init__()
+        self.digests: dict[str, str] = {}
+
+    @contextmanager
+    def create_stream(self, path, mode):
+        with super().create_stream(path, mode) as stream:
+            if "r" in mode:
+                yield stream
+                return
+            writer = integrity.HashingWriter(stream)
+            yield writer
+            self.digests[Path(path).name] = writer.hexdigest()
+
+    def rename(self, path, new_path) -> None:  # the metadata is written to a temporary name first
+        super().rename(path, new_path)
+        if Path(path).name in self.digests:
+            self.digests[Path(new_path).name] = self.digests.pop(Path(path).name)
+
+
+class _ChecksummingWriter(FileSystemWriter):
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.fs = _HashingFileSystem()
+
+
+def _gather_on_rank0(digests: dict, world: World) -> dict:
+    if world.size == 1:
+        return digests
+    gathered = [None] * world.size if world.is_main else None
+    dist.gather_object(digests, gathered, dst=0)
+    return {name: digest for part in gathered or [] for name, digest in part.items()}
+
