@@ -52,7 +52,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from launcher import atomic, integrity, run_dir
 from launcher.distributed import World, barrier, on_rank0_then_all
-from launcher.errors import ConfigError
+from launcher.errors import ConfigError, RunStopped
 from launcher.export import save_hf_metadata
 from launcher.identity import first_difference
 from launcher.metrics import Window
@@ -132,34 +132,64 @@ class Checkpointer:
 
     def save(self, model, optimizer, scheduler, progress: Progress, window: Window, tokenizer,
              task_state: dict) -> Path:
-        """Collective. Returns the new checkpoint directory."""
+        """Collective. Returns the new checkpoint directory. A save that fails on any rank removes
+        its staging directory on every path out; a full disk stops the run with one line."""
         final = run_dir.checkpoint_dir(self.output_dir, progress.step)
         staging = atomic.partial_path(final)
         if self.world.is_main:
             atomic.begin(final)
         barrier()
+        try:
+            digests, failure = self._write_rank_files(staging, model, optimizer, window), None
+        except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException
+            digests, failure = {}, err
+        # Every rank learns whether any failed: the shards' digests, or why not.
+        outcome = None if failure is None else self._not_saved(failure, final)
+        parts = _all_gather((digests, outcome and (isinstance(outcome, RunStopped), str(outcome))), self.world)
+        failures = [failed for _, failed in parts if failed]
+        if failures:
+            if self.world.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+            full_disk = next((text for stopped, text in failures if stopped), None)
+            raise RunStopped(full_disk) if full_disk else outcome or RuntimeError(
+                f"another rank could not write its part of {final.name}: {failures[0][1]}")
+
+        def publish() -> None:  # rank 0: the JSON state, the marker with every checksum, the swap
+            try:
+                save_hf_metadata(model, tokenizer, run_dir.hf_dir(staging))
+                atomic.write_json(staging / run_dir.TRAINER_STATE, {
+                    "format_version": FORMAT_VERSION,
+                    "world_size": self.world.size,
+                    "progress": asdict(progress),
+                    "scheduler": scheduler.state_dict(),
+                    "fingerprint": self.fingerprint,
+                    "task": task_state,
+                }, fsync=True)
+                if os.environ.get(KILL_HOOK) == str(progress.step):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                shards = {name: digest for part, _ in parts for name, digest in part.items()}  # hashed as written
+                atomic.commit(staging, final, {"checksums": integrity.manifest(staging, shards)}, fsync=True)
+            except Exception as err:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise self._not_saved(err, final) from None
+            self._prune(keep=final)
+
+        on_rank0_then_all(publish, self.world)  # its failure reaches every rank
+        return final
+
+    def _write_rank_files(self, staging: Path, model, optimizer, window: Window) -> dict[str, str]:
+        """This rank's shards (DCP) and rank-<r>.json; the shards' digests, computed while writing."""
         model_state, optim_state = get_state_dict(model, optimizer, options=_state_options(model))
         writer = _ChecksummingWriter(staging)
         dcp.save({"model": model_state, "optim": optim_state}, storage_writer=writer)
         atomic.write_json(staging / f"rank-{self.world.rank}.json",
                           {"rng": rng_state(), "window": window.state_dict()}, fsync=True)
-        digests = _gather_on_rank0(writer.fs.digests, self.world)  # the shards, hashed as they were written
-        if self.world.is_main:
-            save_hf_metadata(model, tokenizer, run_dir.hf_dir(staging))
-            atomic.write_json(staging / run_dir.TRAINER_STATE, {
-                "format_version": FORMAT_VERSION,
-                "world_size": self.world.size,
-                "progress": asdict(progress),
-                "scheduler": scheduler.state_dict(),
-                "fingerprint": self.fingerprint,
-                "task": task_state,
-            }, fsync=True)
-            if os.environ.get(KILL_HOOK) == str(progress.step):
-                os.kill(os.getpid(), signal.SIGKILL)
-            atomic.commit(staging, final, {"checksums": integrity.manifest(staging, digests)}, fsync=True)
-            self._prune(keep=final)
-        barrier()
-        return final
+        return writer.fs.digests
+
+    def _not_saved(self, err: Exception, final: Path) -> Exception:
+        """A full disk becomes the run's one-line stop, naming what is kept; anything else as it is."""
+        latest = run_dir.latest_checkpoint(self.output_dir)
+        return atomic.out_of_space(err, final, kept=str(latest or "no checkpoint")) or err
 
     def _prune(self, keep: Path) -> None:
         if self.keep_last_n is None:
@@ -388,7 +418,12 @@ class _HashingFileSystem(FileSystem):
                 yield stream
                 return
             writer = integrity.HashingWriter(stream)
-            yield writer
+            try:
+                yield writer
+            except Exception as err:
+                if writer.error is not None and writer.error is not err:
+                    raise writer.error from err  # torch.save reports a failed write as "unexpected pos"
+                raise
             self.digests[Path(path).name] = writer.hexdigest()
 
     def rename(self, path, new_path) -> None:  # the metadata is written to a temporary name first
@@ -403,10 +438,10 @@ class _ChecksummingWriter(FileSystemWriter):
         self.fs = _HashingFileSystem()
 
 
-def _gather_on_rank0(digests: dict, world: World) -> dict:
+def _all_gather(value, world: World) -> list:
     if world.size == 1:
-        return digests
-    gathered = [None] * world.size if world.is_main else None
-    dist.gather_object(digests, gathered, dst=0)
-    return {name: digest for part in gathered or [] for name, digest in part.items()}
+        return [value]
+    gathered = [None] * world.size
+    dist.all_gather_object(gathered, value)
+    return gathered
 

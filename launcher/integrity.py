@@ -28,10 +28,15 @@ class HashingWriter:
     def __init__(self, stream):
         self.stream = stream
         self.hash = xxhash.xxh3_128()
+        self.error: Optional[OSError] = None  # the first failed write (callers may only see its effect)
 
     def write(self, data) -> int:
         self.hash.update(data)
-        return self.stream.write(data)
+        try:
+            return self.stream.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
 
     def hexdigest(self) -> str:
         return self.hash.hexdigest()
