@@ -143,16 +143,17 @@ class Checkpointer:
             digests, failure = self._write_rank_files(staging, model, optimizer, window), None
         except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException
             digests, failure = {}, err
-        # Every rank learns whether any failed: the shards' digests, or why not.
-        outcome = None if failure is None else self._not_saved(failure, final)
-        parts = _all_gather((digests, outcome and (isinstance(outcome, RunStopped), str(outcome))), self.world)
-        failures = [failed for _, failed in parts if failed]
-        if failures:
+        error = None if failure is None else self._not_saved(failure, final)  # a full disk: RunStopped
+        report = None if error is None else (str(error), isinstance(error, RunStopped))
+        parts = _all_gather((digests, report), self.world)  # every rank learns whether any failed
+        reports = [report for _, report in parts if report]
+        if reports:
             if self.world.is_main:
                 shutil.rmtree(staging, ignore_errors=True)
-            full_disk = next((text for stopped, text in failures if stopped), None)
-            raise RunStopped(full_disk) if full_disk else outcome or RuntimeError(
-                f"another rank could not write its part of {final.name}: {failures[0][1]}")
+            full_disk = [text for text, stopped in reports if stopped]
+            if full_disk:
+                raise RunStopped(full_disk[0])
+            raise error or RuntimeError(f"another rank could not write its part of {final.name}: {reports[0][0]}")
 
         def publish() -> None:  # rank 0: the JSON state, the marker with every checksum, the swap
             try:

@@ -213,8 +213,7 @@ class Trainer:
                     window_start = time.perf_counter()
                 stop = self.signals.at_step_boundary()  # SIGINT, SIGTERM or SLURM's requeue signal, on any rank
                 saved = None
-                if self.checkpointer.due(progress.step) or (stop and self.signals.saves(stop,
-                                                                                         self.checkpointer.enabled)):
+                if self.checkpointer.due(progress.step) or (stop and self.signals.saves(stop, self.checkpointer.enabled)):
                     self._stop_if_nonfinite()
                     saved = self.checkpointer.save(self.model, self.optimizer, self.scheduler, progress, self.window,
                                                    self.tokenizer, self.task.state_dict())
@@ -259,7 +258,7 @@ class Trainer:
             what, step = found
             latest = run_dir.latest_checkpoint(self.output_dir)
             raise RunStopped(
-                f"error: the {what} was not finite at step {step}; stopped without saving the model from that "
+                f"error: the {what} {'were' if ' and ' in what else 'was'} not finite at step {step}; stopped without saving the model from that "
                 f"step on (latest checkpoint: {latest or 'none'}). Lower optimizer.lr, set train.max_grad_norm, "
                 f"or check the data")
 
@@ -322,7 +321,6 @@ class FirstNonFinite:
             return None
         names = [name for name, at in (("loss", loss_step), ("gradient norm", norm_step)) if at == step]
         return " and ".join(names), step
-
 
 
 def optimizer_step(model, optimizer, micro_batches: list[dict], task: TrainingTask, world: World) -> StepResult:

@@ -34,6 +34,13 @@ def test_cpu_benchmarks_print_their_ratio_lines_and_one_summary():
     assert re.search(r"heavy imports in --cfg job\s+none", summary), summary
 
 
+def test_checksum_benchmark_prints_its_ratio_line():
+    result = _run(["bench/checksums.py", "--smoke"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _ratio(result.stdout, "save-with-checksums/plain") > 0
+    assert re.search(r"verification \(page cache\): +[0-9.]+ s/GiB", result.stdout), result.stdout
+
+
 def test_gpu_benchmark_runs_its_code_path_on_cpu_in_smoke_mode():
     result = _run(["bench/gpu_throughput.py", "--smoke"])
     assert result.returncode == 0, result.stderr[-3000:]

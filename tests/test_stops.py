@@ -160,7 +160,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_before_anything_is_saved_from_
     with pytest.raises(RunStopped) as stopped:
         Trainer(cfg, NanAtStep3(cfg)).run()
     assert str(stopped.value) == (
-        f"error: the loss and gradient norm was not finite at step 3; stopped without saving the model from that step "
+        f"error: the loss and gradient norm were not finite at step 3; stopped without saving the model from that step "
         f"on (latest checkpoint: {out / 'checkpoints' / 'checkpoint-00000002'}). Lower optimizer.lr, set "
         f"train.max_grad_norm, or check the data")
     assert stopped.value.exit_code == 1
