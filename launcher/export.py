@@ -51,12 +51,14 @@ def save_hf_model(
             failure = err
     failure = _write_weight_shards(model, staging, world, max_shard_bytes, failure)
 
-    def publish() -> None:
-        if failure is None:
+    def publish() -> None:  # rank 0; its failure is raised on every rank
+        try:
+            if failure is not None:
+                raise failure
             commit(staging, out_dir)
-            return
-        shutil.rmtree(staging, ignore_errors=True)
-        raise out_of_space(failure, out_dir, kept=_kept(out_dir)) or failure
+        except Exception as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise out_of_space(err, out_dir, kept=_kept(out_dir)) or err
 
     on_rank0_then_all(publish, world)
 
