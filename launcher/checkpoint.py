@@ -273,6 +273,22 @@ def checkpoint_problem(path: Path) -> Optional[str]:
     return problem or _content_problem(path, files)
 
 
+def check_before_loading(path: Path, key: str) -> None:
+    """Before any work: every recorded file is there with its size, the small ones (JSON state,
+    configs, tokenizer, DCP metadata) are intact and hold valid values. The shards are hashed when
+    they are loaded (`checkpoint_problem`)."""
+    path = Path(path)
+    try:
+        files = integrity.recorded_files(path)
+        small = [name for name, entry in files.items() if entry["bytes"] <= integrity.SMALL_FILE_BYTES]
+        problem = (integrity.size_problem(path, files) or integrity.digest_problem(path, files, small)
+                   or _content_problem(path, files))
+    except ValueError as err:
+        problem = str(err)
+    if problem:
+        raise ConfigError(f"{key}={path} cannot be loaded: {problem}")
+
+
 def _content_problem(path: Path, files: dict) -> Optional[str]:
     """The JSON state's values and the DCP metadata of a checkpoint whose files are intact."""
     try:

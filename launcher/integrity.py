@@ -15,7 +15,6 @@ from typing import Iterable, Optional
 import xxhash
 
 from launcher.atomic import COMPLETE
-from launcher.errors import ConfigError
 
 ALGORITHM = "xxh3_128"
 CHUNK_BYTES = 16 * 1024 * 1024
@@ -101,15 +100,3 @@ def digest_problem(directory: Path, files: dict, names: Iterable[str]) -> Option
             return f"{name} does not match its checksum (corrupt)"
     return None
 
-
-def check_small_files(directory: Path, key: str) -> None:
-    """Before any work: every recorded file is there with its size, and the small ones (JSON state,
-    configs, tokenizer) are intact. The shards are hashed when they are loaded."""
-    try:
-        files = recorded_files(directory)
-        small = [name for name, entry in files.items() if entry["bytes"] <= SMALL_FILE_BYTES]
-        problem = size_problem(directory, files) or digest_problem(directory, files, small)
-    except ValueError as err:
-        problem = str(err)
-    if problem:
-        raise ConfigError(f"{key}={directory} cannot be loaded: {problem}")

@@ -21,8 +21,8 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def _check_training_run(cfg: DictConfig) -> None:
+    from launcher.checkpoint import check_before_loading
     from launcher.data import check_data
-    from launcher.integrity import check_small_files
     from launcher.loggers import check_loggers
     from launcher.lora import check_peft, lora_enabled
     from launcher.modeling import check_model, read_hf_config
@@ -39,7 +39,7 @@ def _check_training_run(cfg: DictConfig) -> None:
     check_resume(cfg.resume)
     for key in ("resume", "checkpoint"):
         if cfg[key] not in (None, "auto", "never") and is_training_checkpoint(Path(cfg[key])):
-            check_small_files(Path(cfg[key]), key)
+            check_before_loading(Path(cfg[key]), key)
     if cfg.checkpoint is not None and not is_training_checkpoint(Path(cfg.checkpoint)):
         read_hf_config(cfg.checkpoint, "checkpoint")
     hf_config = check_model(model_config(cfg), cfg.train.max_seq_len)

@@ -100,6 +100,7 @@ def test_a_pickle_payload_in_the_dcp_metadata_is_refused_and_never_runs(referenc
     with pytest.raises(ConfigError, match=r"\.metadata refers to posix\.system, which is not checkpoint metadata"):
         run_task(compose_config(task_overrides(path, crafted, tmp_path)))
     assert not marker.exists()
+    assert not (tmp_path / "out").exists()  # refused before any work
 
 
 def test_the_refusal_is_one_line_and_exit_2(reference, tmp_path):
@@ -180,7 +181,10 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(referen
     assert (checkpoint(out, 6) / "rank-0.json").is_file() and "checksums" in (checkpoint(out, 6) / "COMPLETE").read_text()
 
 
-def test_a_flipped_bit_is_named_and_an_explicit_resume_of_it_is_refused(reference, tmp_path):
+def test_a_flipped_bit_is_named_and_an_explicit_resume_of_it_is_refused(reference, tmp_path, monkeypatch):
+    from launcher import integrity
+
+    monkeypatch.setattr(integrity, "SMALL_FILE_BYTES", 0)  # like a large shard: hashed at load, not before
     out = copy_run(reference, tmp_path)
     expected = flip_a_bit(checkpoint(out, 4))
     with pytest.raises(ConfigError, match=rf"resume=.*checkpoint-00000004 cannot be loaded: {expected}"):
@@ -220,7 +224,7 @@ def test_trainer_state_values_no_save_could_write_are_refused(reference, tmp_pat
     rewrite_marker(latest)
     with pytest.raises(ConfigError, match=re.escape(message)):
         run_task(compose_config([*SMALL, f"resume={latest}", f"output_dir={tmp_path / 'other'}"]))
-    assert not (tmp_path / "other" / "checkpoints").exists()
+    assert not (tmp_path / "other").exists()  # refused before any work
 
 
 def test_a_checkpoint_without_checksums_is_refused_naming_why(reference, tmp_path):

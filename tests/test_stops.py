@@ -56,7 +56,7 @@ def saved_step(line: str) -> int:
     return int(line.split(" after step ")[1].split(":")[0])
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_checkpoints_at_the_next_step_and_stops_with_one_line(tmp_path, signum):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "launcher", *LONG, "data.num_workers=1", f"output_dir={out}"]
