@@ -1,6 +1,7 @@
 """Launch overhead: `python -m launcher --cfg job` against a minimal `@hydra.main` app on the same
 config tree, time to the first optimizer step of the default run, and the launcher time to submit
-a sweep of 8 points to SLURM (through hydra-submitit-launcher, with a stand-in `sbatch`).
+a sweep of 8 points to SLURM (through hydra-submitit-launcher, with stand-in `sbatch`, `sinfo` and
+`srun`: no SLURM needs to be installed).
 
     python bench/startup.py            # ~2 min on a 2-core machine
     python bench/startup.py --smoke    # one run of each, a 1-step tiny run
@@ -37,6 +38,12 @@ echo "Submitted batch job 4242"
 # Stands in for SLURM's sinfo (the launcher checks requests against the partition): one node.
 FAKE_SINFO = """#!/bin/sh
 echo 'debug*|n1|16|64000|(null)'
+"""
+
+# submitit's SLURM executor only checks that srun exists (the job script runs it on the cluster).
+FAKE_SRUN = """#!/bin/sh
+echo 'srun stand-in: the benchmark submits, it runs no job' >&2
+exit 1
 """
 
 
@@ -80,7 +87,7 @@ def slurm_submission_time(work: Path) -> float:
     """
     bin_dir = work / "fake-slurm"
     bin_dir.mkdir(exist_ok=True)
-    for name, script in (("sbatch", FAKE_SBATCH), ("sinfo", FAKE_SINFO)):
+    for name, script in (("sbatch", FAKE_SBATCH), ("sinfo", FAKE_SINFO), ("srun", FAKE_SRUN)):
         (bin_dir / name).write_text(script)
         (bin_dir / name).chmod(0o755)
     marker = work / "submitted-at"

@@ -6,6 +6,7 @@ torch; the task module is imported only when a job really runs.
 
 import logging
 import os
+import signal
 import sys
 
 import hydra
@@ -13,7 +14,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig
 
 from launcher import schema  # noqa: F401  (registers the schema and the asset resolver)
-from launcher.errors import ConfigError
+from launcher.errors import ConfigError, RunStopped
 from launcher.loggers import scrub_hydra_outputs
 from launcher.objective import objective_value
 from launcher.validate import check_config
@@ -37,6 +38,13 @@ def _hydra_main(cfg: DictConfig):
         where = f" (rank {rank})" if rank not in (None, "0") else ""
         print(f"hydralm: error{where}: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except RunStopped as stopped:  # every rank stops alike; rank 0 says why
+        if os.environ.get("RANK", "0") == "0":
+            print(f"hydralm: {stopped}", file=sys.stderr, flush=True)
+        sys.exit(stopped.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints instead)
+        print("hydralm: interrupted", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)
     return objective_value(cfg, result)  # the float a sweeper (Optuna) optimises
 
 

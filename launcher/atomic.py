@@ -5,18 +5,24 @@ sibling `.<name>.partial/` directory, marked complete, then swapped in with rena
 therefore sees either the previous complete result or the new one, never a half-written one,
 whatever instant a process dies at. A result is deleted the same way round: renamed to
 `.<name>.removing/` first, then deleted, so a half-deleted directory never carries the result's
-name. `recover` finishes or undoes a swap or a removal that a kill interrupted.
+name. `recover` finishes or undoes a swap or a removal that a kill interrupted. A write that
+fails (a full disk) removes its staging directory; `out_of_space` turns the failure into the one
+line a run stops with. A checkpoint's COMPLETE marker holds the checksum of every file
+(launcher/integrity.py).
 
 This module imports no torch: `--cfg job` and the checks before any work use it.
 """
 
+import errno
 import json
 import os
 import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
+
+from launcher.errors import RunStopped
 
 COMPLETE = "COMPLETE"
 
@@ -150,3 +156,36 @@ def fsync_directory(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space(err: BaseException) -> Optional[str]:
+    """The OS's words ("No space left on device", "Disk quota exceeded") when `err` or an error
+    it wraps (a cause, a context, torch.distributed.checkpoint's per-rank failures) is a full disk
+    or quota, else None. Libraries that keep only the text (safetensors) are matched by it."""
+    pending, seen = [err], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in NO_SPACE:
+            return os.strerror(current.errno)
+        words = next((os.strerror(n) for n in NO_SPACE if os.strerror(n) in str(current)), None)
+        if words:
+            return words
+        failures = getattr(current, "failures", None)
+        pending += [current.__cause__, current.__context__,
+                    *(failure[0] for failure in (failures.values() if isinstance(failures, dict) else ()))]
+    return None
+
+
+def out_of_space(err: BaseException, target: Path, kept: str) -> Optional[RunStopped]:
+    """The one line a run stops with when writing `target` found the disk full, else None."""
+    words = no_space(err)
+    if words is None:
+        return None
+    return RunStopped(f"error: no space left on {Path(target).parent} ({words}) while writing {Path(target).name}: "
+                      f"its partial files are removed; kept: {kept}")

@@ -9,16 +9,28 @@ Layout of `<output_dir>/checkpoints/checkpoint-<step>/` (launcher/run_dir.py):
     COMPLETE              written last (launcher/atomic.py)
 
 Every rank writes into the staging directory; rank 0 marks it complete and swaps it in, so a
-kill at any moment leaves the previous checkpoint the latest.
+kill at any moment leaves the previous checkpoint the latest. The COMPLETE marker records every
+file's size and checksum (launcher/integrity.py; the shards are hashed while they are written);
+they are checked before a checkpoint is loaded, and a damaged latest checkpoint gives way to the
+newest intact one (`resume=auto`).
+
+Nothing in a checkpoint runs code: DCP's `.metadata` pickle is read by an unpickler that builds
+only DCP's own metadata classes, and non-tensor values (optimizer hyperparameters) only as plain
+data (`torch.load(weights_only=True)`); everything else is JSON.
 
 Test hook (the only one): HYDRALM_TEST_KILL_IN_SAVE=<step> makes rank 0 SIGKILL itself inside the
 save of that step, after the shards are written and before the checkpoint is complete.
 """
 
 import json
+import math
 import os
+import pickle
+import shutil
 import signal
-from dataclasses import asdict, dataclass
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +38,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -34,15 +50,15 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from launcher import atomic, run_dir
-from launcher.distributed import World, barrier
-from launcher.errors import ConfigError
+from launcher import atomic, integrity, run_dir
+from launcher.distributed import World, barrier, on_rank0_then_all
+from launcher.errors import ConfigError, RunStopped
 from launcher.export import save_hf_metadata
 from launcher.identity import layout_keys
 from launcher.metrics import Window
 from launcher.rng import rng_state, set_rng_state
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: checksums in the COMPLETE marker
 KILL_HOOK = "HYDRALM_TEST_KILL_IN_SAVE"
 
 
@@ -57,13 +73,6 @@ class Progress:
     last_eval_loss: Optional[float] = None
 
 
-def resume_source(resume: str, output_dir: Path) -> Optional[Path]:
-    """`resume=auto`: the latest complete checkpoint of `output_dir` (if any); `never`; or a path."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        return run_dir.latest_checkpoint(output_dir)
-    return Path(resume)  # checked before any work (launcher/validate.py)
 
 
 def _state_options(model: torch.nn.Module) -> StateDictOptions:
@@ -85,43 +94,97 @@ class Checkpointer:
         self.fingerprint = fingerprint
         # An explicit resume=<checkpoint> may change the batch layout (a resharded resume).
         self.may_differ = layout_keys(cfg) if cfg.resume not in ("auto", "never") else set()
-        chosen = [str(resume_source(cfg.resume, output_dir) or "")] if world.is_main else [None]
-        if world.size > 1:
-            dist.broadcast_object_list(chosen, src=0)
-        self.resume_from = Path(chosen[0]) if chosen[0] else None
+        self.resume_from = self._resume_source(cfg.resume)
+
+    def _resume_source(self, resume: str) -> Optional[Path]:
+        """`resume=auto`: the newest intact checkpoint of `output_dir` (if any); `never`; or a path.
+        Collective (the ranks share the checksum reading)."""
+        if resume == "never":
+            return None
+        if resume != "auto":
+            problem = checkpoint_problem(Path(resume))
+            if problem:
+                raise ConfigError(f"resume={resume} cannot be loaded: {problem}")
+            return Path(resume)
+        damaged = []
+        listed = on_rank0_then_all(lambda: run_dir.complete_checkpoints(self.output_dir), self.world)
+        for path in reversed(listed):  # newest first
+            problem = checkpoint_problem(path)
+            if problem is None:
+                if damaged and self.world.is_main:
+                    print(f"hydralm: warning: {_describe_damage(damaged)}; resuming from {path} instead",
+                          file=sys.stderr, flush=True)
+                return path
+            damaged.append((path, problem))
+        if damaged:
+            raise ConfigError(f"resume=auto: no intact checkpoint in {self.output_dir / run_dir.CHECKPOINTS_DIR}: "
+                              f"{_describe_damage(damaged)}; move them aside, or use resume=never")
+        return None
 
     def due(self, step: int) -> bool:
         return self.enabled and step % self.interval == 0
 
     def save(self, model, optimizer, scheduler, progress: Progress, window: Window, tokenizer,
              task_state: dict) -> Path:
-        """Collective. Returns the new checkpoint directory."""
+        """Collective. Returns the new checkpoint directory. A save that fails on any rank removes
+        its staging directory on every path out; a full disk stops the run with one line."""
         final = run_dir.checkpoint_dir(self.output_dir, progress.step)
         staging = atomic.partial_path(final)
         if self.world.is_main:
             atomic.begin(final)
         barrier()
+        try:
+            digests, failure = self._write_rank_files(staging, model, optimizer, window), None
+        except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException
+            digests, failure = {}, err
+        error = None if failure is None else self._not_saved(failure, final)  # a full disk: RunStopped
+        report = None if error is None else (str(error), isinstance(error, RunStopped))
+        parts = _all_gather((digests, report), self.world)  # every rank learns whether any failed
+        reports = [report for _, report in parts if report]
+        if reports:
+            if self.world.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+            full_disk = [text for text, stopped in reports if stopped]
+            if full_disk:
+                raise RunStopped(full_disk[0])
+            raise error or RuntimeError(f"another rank could not write its part of {final.name}: {reports[0][0]}")
+
+        def publish() -> None:  # rank 0: the JSON state, the marker with every checksum, the swap
+            try:
+                save_hf_metadata(model, tokenizer, run_dir.hf_dir(staging))
+                atomic.write_json(staging / run_dir.TRAINER_STATE, {
+                    "format_version": FORMAT_VERSION,
+                    "world_size": self.world.size,
+                    "progress": asdict(progress),
+                    "scheduler": scheduler.state_dict(),
+                    "fingerprint": self.fingerprint,
+                    "task": task_state,
+                }, fsync=True)
+                if os.environ.get(KILL_HOOK) == str(progress.step):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                shards = {name: digest for part, _ in parts for name, digest in part.items()}  # hashed as written
+                atomic.commit(staging, final, {"checksums": integrity.manifest(staging, shards)}, fsync=True)
+            except Exception as err:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise self._not_saved(err, final) from None
+            self._prune(keep=final)
+
+        on_rank0_then_all(publish, self.world)  # its failure reaches every rank
+        return final
+
+    def _write_rank_files(self, staging: Path, model, optimizer, window: Window) -> dict[str, str]:
+        """This rank's shards (DCP) and rank-<r>.json; the shards' digests, computed while writing."""
         model_state, optim_state = get_state_dict(model, optimizer, options=_state_options(model))
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=staging)
+        writer = _ChecksummingWriter(staging)
+        dcp.save({"model": model_state, "optim": optim_state}, storage_writer=writer)
         atomic.write_json(staging / f"rank-{self.world.rank}.json",
                           {"rng": rng_state(), "window": window.state_dict()}, fsync=True)
-        barrier()
-        if self.world.is_main:
-            save_hf_metadata(model, tokenizer, run_dir.hf_dir(staging))
-            atomic.write_json(staging / run_dir.TRAINER_STATE, {
-                "format_version": FORMAT_VERSION,
-                "world_size": self.world.size,
-                "progress": asdict(progress),
-                "scheduler": scheduler.state_dict(),
-                "fingerprint": self.fingerprint,
-                "task": task_state,
-            }, fsync=True)
-            if os.environ.get(KILL_HOOK) == str(progress.step):
-                os.kill(os.getpid(), signal.SIGKILL)
-            atomic.commit(staging, final, fsync=True)
-            self._prune(keep=final)
-        barrier()
-        return final
+        return writer.fs.digests
+
+    def _not_saved(self, err: Exception, final: Path) -> Exception:
+        """A full disk becomes the run's one-line stop, naming what is kept; anything else as it is."""
+        latest = run_dir.latest_checkpoint(self.output_dir)
+        return atomic.out_of_space(err, final, kept=str(latest or "no checkpoint")) or err
 
     def _prune(self, keep: Path) -> None:
         """Keep the newest `keep_last_n` by step: every checkpoint here is this run's
@@ -138,12 +201,14 @@ class Checkpointer:
         path = self.resume_from
         if path is None:
             return None
-        state = json.loads((path / run_dir.TRAINER_STATE).read_text())
-        run_dir.check_compatible(state["fingerprint"], self.fingerprint, path, ignore=self.may_differ)
+        # An explicit resume=<checkpoint> may change the batch layout (a resharded resume).
+        self.may_differ = layout_keys(cfg) if cfg.resume not in ("auto", "never") else set()
+        state = json.loads((path / run_dir.TRAINER_STATE).read_text())  # checked by checkpoint_problem
+        check_compatible(state["fingerprint"], self.fingerprint, path)
         options = _state_options(model)
         model_state, optim_state = get_state_dict(model, optimizer, options=options)
         loaded = {"model": model_state, "optim": optim_state}
-        dcp.load(loaded, checkpoint_id=path)
+        _load(loaded, path)
         set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"],
                        options=options)
         scheduler.load_state_dict(state["scheduler"])
@@ -179,6 +244,222 @@ class Checkpointer:
 
 def load_model_weights(model: torch.nn.Module, path: Path) -> None:
     """Only the model part of a training checkpoint, into an already sharded model (collective)."""
+    problem = checkpoint_problem(path)
+    if problem:
+        raise ConfigError(f"checkpoint={path} cannot be loaded: {problem}")
     loaded = {"model": get_model_state_dict(model)}
-    dcp.load(loaded, checkpoint_id=path)
+    _load(loaded, path)
     set_model_state_dict(model, loaded["model"])
+
+
+# ---------------------------------------------------------------------- integrity
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why the checkpoint at `path` must not be loaded (a missing, truncated or corrupt file,
+    invalid counters, metadata that is more than DCP's), or None. Collective: each rank hashes
+    its share of the files."""
+    path = Path(path)
+    rank, size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    files, problem = {}, None
+    try:
+        files = integrity.recorded_files(path)
+        problem = integrity.size_problem(path, files) or integrity.digest_problem(path, files, sorted(files)[rank::size])
+    except ValueError as err:
+        problem = str(err)
+    if size > 1:
+        problems = [None] * size
+        dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), None)
+    return problem or _content_problem(path, files)
+
+
+def check_before_loading(path: Path, key: str) -> None:
+    """Before any work: every recorded file is there with its size, the small ones (JSON state,
+    configs, tokenizer, DCP metadata) are intact and hold valid values. The shards are hashed when
+    they are loaded (`checkpoint_problem`)."""
+    path = Path(path)
+    try:
+        files = integrity.recorded_files(path)
+        small = [name for name, entry in files.items() if entry["bytes"] <= integrity.SMALL_FILE_BYTES]
+        problem = (integrity.size_problem(path, files) or integrity.digest_problem(path, files, small)
+                   or _content_problem(path, files))
+    except ValueError as err:
+        problem = str(err)
+    if problem:
+        raise ConfigError(f"{key}={path} cannot be loaded: {problem}")
+
+
+def _content_problem(path: Path, files: dict) -> Optional[str]:
+    """The JSON state's values and the DCP metadata of a checkpoint whose files are intact."""
+    try:
+        state = json.loads((path / run_dir.TRAINER_STATE).read_text())
+        check_trainer_state(state, run_dir.checkpoint_step(path))
+        missing = [f"rank-{r}.json" for r in range(state["world_size"]) if f"rank-{r}.json" not in files]
+        if missing:
+            return f"{missing[0]} is missing"
+        metadata = read_metadata(path)
+    except ValueError as err:
+        return str(err)
+    unlisted = {info.relative_path for info in metadata.storage_data.values()} - set(files)
+    if unlisted:
+        return f".metadata names {sorted(unlisted)[0]!r}, which is not a file of this checkpoint"
+    return None
+
+
+def check_trainer_state(state: dict, step_of_name: Optional[int]) -> None:
+    """Raises ValueError naming the first field of trainer_state.json that no save could have written."""
+    def fail(key, value, valid):
+        raise ValueError(f"{run_dir.TRAINER_STATE}: {key}={value!r} is not valid ({valid})")
+
+    def count(key, value, minimum):
+        if type(value) is not int or value < minimum:
+            fail(key, value, f"an integer >= {minimum}")
+
+    if not isinstance(state, dict):
+        fail("(the file)", type(state).__name__, "a JSON object")
+    if state.get("format_version") != FORMAT_VERSION:
+        fail("format_version", state.get("format_version"), f"{FORMAT_VERSION}; written by another hydralm version")
+    count("world_size", state.get("world_size"), 1)
+    progress = state.get("progress")
+    names = [f.name for f in fields(Progress)]
+    if not isinstance(progress, dict) or sorted(progress) != sorted(names):
+        fail("progress", progress, f"an object with the keys {', '.join(names)}")
+    count("progress.step", progress["step"], 1)
+    if step_of_name is not None and progress["step"] != step_of_name:
+        fail("progress.step", progress["step"], f"the directory is named for step {step_of_name}")
+    for key in ("epoch", "epoch_samples", "tokens_seen", "trained_tokens"):
+        count(f"progress.{key}", progress[key], 0)
+    for key in ("initial_eval_loss", "last_eval_loss"):
+        value = progress[key]
+        if value is not None and (type(value) not in (int, float) or not math.isfinite(value)):
+            fail(f"progress.{key}", value, "a finite number or null")
+    for key in ("scheduler", "fingerprint", "task"):
+        if not isinstance(state.get(key), dict):
+            fail(key, state.get(key), "a JSON object")
+
+
+def _describe_damage(damaged: list[tuple[Path, str]]) -> str:
+    (latest, problem), older = damaged[0], len(damaged) - 1
+    return f"{latest} cannot be loaded ({problem})" + (f", nor {older} older checkpoint(s)" if older else "")
+
+
+# ---------------------------------------------------------------------- DCP without code, with checksums
+
+
+# What DCP's `.metadata` pickle may build: its metadata dataclasses, torch.Size, dtypes, layouts, paths.
+_METADATA_GLOBALS = {
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib._local", "PosixPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                    torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refers to {module}.{name}, which is not checkpoint metadata (refused: "
+                                     f"loading it could run code)")
+
+
+def read_metadata(path: Path, rank: Optional[int] = None) -> Metadata:
+    """DCP's metadata file of a checkpoint, built only from the allowed classes. Raises ValueError."""
+    name = ".metadata" if rank is None else f"__{rank}.metadata"
+    try:
+        with open(Path(path) / name, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except Exception as err:  # any malformed pickle: UnpicklingError, EOFError, TypeError, ...
+        raise ValueError(f"{name} {err}" if isinstance(err, pickle.UnpicklingError)
+                         else f"{name} cannot be read ({type(err).__name__}: {err})") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+        raise ValueError(f"{name} holds a {type(metadata).__name__}, not DCP's Metadata")
+    return metadata
+
+
+class _SafeReader(FileSystemReader):
+    """FileSystemReader whose metadata read builds nothing but DCP's metadata (torch's own uses
+    plain `pickle.load`)."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        metadata = read_metadata(Path(self.path), kwargs.get("rank"))
+        metadata.storage_meta = metadata.storage_meta or StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _PlainDataPlanner(DefaultLoadPlanner):
+    """The default planner loads non-tensor values with `torch.load(weights_only=False)`; here a
+    value must first load as plain data (numbers, strings, containers, tensors)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    def load_bytes(self, read_item, value) -> None:
+        try:
+            torch.load(value, weights_only=True)
+        except pickle.UnpicklingError:
+            raise ConfigError(f"checkpoint {self.path}: the value of {read_item.dest_index.fqn} is not plain data "
+                              f"(refused: loading it could run code)") from None
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
+def _load(state: dict, path: Path) -> None:
+    """dcp.load without running code from the checkpoint; a refusal is one ConfigError."""
+    try:
+        dcp.load(state, storage_reader=_SafeReader(path), planner=_PlainDataPlanner(path))
+    except CheckpointException as err:
+        refused = [failure for failure, _ in err.failures.values() if isinstance(failure, ConfigError)]
+        if refused:
+            raise refused[0] from None
+        raise
+
+
+class _HashingFileSystem(FileSystem):
+    """DCP's local filesystem, hashing each file while it is written: `digests[name]`."""
+
+    def __init__(self):
+        super().__init__()
+        self.digests: dict[str, str] = {}
+
+    @contextmanager
+    def create_stream(self, path, mode):
+        with super().create_stream(path, mode) as stream:
+            if "r" in mode:
+                yield stream
+                return
+            writer = integrity.HashingWriter(stream)
+            try:
+                yield writer
+            except Exception as err:
+                if writer.error is not None and writer.error is not err:
+                    raise writer.error from err  # torch.save reports a failed write as "unexpected pos"
+                raise
+            self.digests[Path(path).name] = writer.hexdigest()
+
+    def rename(self, path, new_path) -> None:  # the metadata is written to a temporary name first
+        super().rename(path, new_path)
+        if Path(path).name in self.digests:
+            self.digests[Path(new_path).name] = self.digests.pop(Path(path).name)
+
+
+class _ChecksummingWriter(FileSystemWriter):
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.fs = _HashingFileSystem()
+
+
+def _all_gather(value, world: World) -> list:
+    if world.size == 1:
+        return [value]
+    gathered = [None] * world.size
+    dist.all_gather_object(gathered, value)
+    return gathered
+

@@ -22,7 +22,6 @@ from typing import Callable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import xxhash
 from datasets import Dataset, Features, List, Value, load_from_disk
 from datasets.arrow_writer import ArrowWriter
 from filelock import FileLock, Timeout
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 
 from launcher import formats
 from launcher.atomic import atomic_directory, is_complete
+from launcher.integrity import CHECKSUMS, damaged_files, file_checksums
 from launcher.distributed import World, on_rank0_then_all
 from launcher.errors import ConfigError, at_least, choice_error
 from launcher.identity import identity
@@ -58,7 +58,6 @@ TOKEN_FEATURES = Features({
     "dropped": Value("string"),  # why the example is not used ("" when it is)
     "source_index": Value("int64"),
 })
-CHECKSUMS = "checksums.json"
 
 # build(cfg, tokenizer, raw splits, staging dir) -> report: writes {train,eval}/ into the staging dir.
 Builder = Callable[[DictConfig, object, dict, Path], dict]
@@ -195,33 +194,6 @@ def one_builder(path: Path) -> Iterator[None]:
         yield
     finally:
         lock.release()
-
-
-def file_checksums(directory: Path, under: str = "") -> dict[str, str]:
-    """xxh3-128 of every file under `directory` (or its subdirectory `under`) by relative path,
-    the checksum record itself and the COMPLETE marker excluded: what `damaged_files` compares."""
-    sums = {}
-    for file in sorted(p for p in (Path(directory) / under).rglob("*") if p.is_file()):
-        name = file.relative_to(directory).as_posix()
-        if name not in (CHECKSUMS, "COMPLETE"):
-            digest = xxhash.xxh3_128()
-            with open(file, "rb") as f:
-                while chunk := f.read(1 << 23):
-                    digest.update(chunk)
-            sums[name] = digest.hexdigest()
-    return sums
-
-
-def damaged_files(directory: Path, under: str = "") -> list[str]:
-    """Files of `directory` (or of its subdirectory `under`) that are missing, changed or added
-    since their checksums were recorded; the record itself when it is missing or unreadable."""
-    try:
-        recorded = json.loads((Path(directory) / CHECKSUMS).read_text())
-    except (OSError, ValueError):
-        return [CHECKSUMS]
-    recorded = {name: digest for name, digest in recorded.items() if name.startswith(under)}
-    current = file_checksums(directory, under)
-    return sorted(name for name in set(recorded) | set(current) if recorded.get(name) != current.get(name))
 
 
 def check_tokenized(splits: dict[str, Dataset], tokenizer, ignore_index: int) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from launcher.errors import ConfigError
+from launcher.errors import ConfigError, RunStopped
 
 T = TypeVar("T")
 
@@ -75,24 +75,24 @@ def barrier() -> None:
 
 
 def on_rank0_then_all(work: Callable[[], T], world: World) -> T:
-    """Run `work` on rank 0 alone and hand its result to every rank. A ConfigError on rank 0 is
-    raised on every rank (each prints its one line and exits), so no rank waits for a rank 0
-    that gave up."""
+    """Run `work` on rank 0 alone and hand its result to every rank. A ConfigError or RunStopped
+    on rank 0 is raised on every rank (each exits with its one line), so no rank waits for a
+    rank 0 that gave up."""
     if world.size == 1:
         return work()
     outcome = [None]
     if world.is_main:
         try:
             outcome = [("ok", work())]
-        except ConfigError as err:
-            outcome = [("config_error", str(err))]
+        except (ConfigError, RunStopped) as err:
+            outcome = [("raise", err)]
         except BaseException as err:
             dist.broadcast_object_list([("crash", f"{type(err).__name__}: {err}")], src=0)
             raise
     dist.broadcast_object_list(outcome, src=0)
     status, value = outcome[0]
-    if status == "config_error":
-        raise ConfigError(value)
+    if status == "raise":
+        raise value
     if status == "crash":
         raise RuntimeError(f"rank 0 failed: {value}")
     return value

@@ -8,6 +8,18 @@ class ConfigError(ValueError):
     """A config value, path or combination that cannot work. The message names the key."""
 
 
+class RunStopped(Exception):
+    """A run stops early on purpose (a signal, a non-finite loss): the entry point prints the
+    message as one line and exits with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def __reduce__(self):  # crosses ranks (launcher.distributed.on_rank0_then_all) with its exit code
+        return RunStopped, (str(self), self.exit_code)
+
+
 def choice_error(key: str, value: object, choices) -> ConfigError:
     listed = ", ".join(str(c) for c in choices)
     return ConfigError(f"{key}={value!r} is not valid; choose one of: {listed}")

@@ -5,6 +5,7 @@ eval padding rows (EvenShard) carry no loss for any task.
 """
 
 import math
+import signal
 
 import numpy as np
 import torch
@@ -81,6 +82,7 @@ def train_loader(dataset: Dataset, cfg: DictConfig, world: World, collate) -> Da
         num_workers=cfg.data.num_workers,
         pin_memory=world.device.type == "cuda",  # lets the step's host-to-device copies run async
         generator=_own_generator(cfg),
+        worker_init_fn=_leave_stop_signals_to_the_trainer,
     )
 
 
@@ -92,6 +94,7 @@ def eval_loader(dataset: Dataset, cfg: DictConfig, world: World, collate) -> Dat
         num_workers=cfg.data.num_workers,
         pin_memory=world.device.type == "cuda",
         generator=_own_generator(cfg),
+        worker_init_fn=_leave_stop_signals_to_the_trainer,
     )
 
 
@@ -99,3 +102,11 @@ def _own_generator(cfg: DictConfig) -> torch.Generator:
     """Each new iterator draws a worker seed; from its own generator, that draw leaves the global
     RNG alone, so dropout after a resume sees the same random stream as the uninterrupted run."""
     return torch.Generator().manual_seed(cfg.train.seed)
+
+
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """Ctrl-C (and torchrun's forwarded signal) reach the whole process group; loader workers keep
+    serving batches while the trainer checkpoints at the next step boundary (launcher/preemption.py).
+    They exit with the trainer."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -1,11 +1,19 @@
-"""Preemption inside a SLURM job: submitit's requeue signal becomes a checkpoint at the next
-optimizer-step boundary, then a requeue.
+"""Stop signals: SIGINT (Ctrl-C), SIGTERM and, inside a SLURM job, submitit's requeue signal
+become a checkpoint at the next optimizer-step boundary, then a clean stop (or a requeue).
 
-On the signal submitit forwards (USR2 by default, `cluster.signal_delay_s` before the time limit,
-or on preemption) every rank finishes its step, the ranks write a checkpoint together, and rank 0
-hands over to submitit's own handler, which resubmits the same Hydra job and requeues it; the
-requeued job finds the checkpoint in the same output directory (`resume=auto`) and continues
-exactly where it stopped. Outside a submitit job nothing is installed.
+- SIGINT, SIGTERM (outside SLURM): the ranks finish their step and write a checkpoint together
+  (when `train.checkpointing_enabled`), and the run stops with one line and exit code
+  128 + the signal's number. A second Ctrl-C exits at once, without a checkpoint.
+- The requeue signal (USR2 by default, `cluster.signal_delay_s` before the time limit, or on
+  preemption): a checkpoint (even with checkpointing off), then submitit's own handler resubmits
+  the same Hydra job, which finds the checkpoint in its output directory (`resume=auto`). Inside
+  a SLURM job, SIGTERM stays submitit's (it ignores the SIGTERM SLURM sends after the requeue
+  signal).
+
+The ranks must stop at the same step, without waiting for the device every step: a handler only
+records the signal; at each step boundary the ranks start an asynchronous all-reduce of what
+they received on a CPU (gloo) group and act on the one started a step earlier, so every rank
+reads the same answer at the same step and the exchange has a whole step to complete.
 """
 
 import os
@@ -17,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from launcher.distributed import World, barrier, in_submitit_job
+from launcher.errors import RunStopped
 
 
 def requeue_signal() -> signal.Signals:
@@ -24,32 +33,62 @@ def requeue_signal() -> signal.Signals:
     return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
 
 
-class Preemption:
+class StopSignals:
+    """Installed for the training loop (a context manager); the previous handlers come back after."""
+
     def __init__(self, world: World):
         self.world = world
         self.received: Optional[int] = None
-        self.submitit_handler = None
-        if in_submitit_job():
-            signum = requeue_signal()
-            self.submitit_handler = signal.getsignal(signum)
-            signal.signal(signum, self._record)
+        self.handled = [requeue_signal()] if in_submitit_job() else [signal.SIGINT, signal.SIGTERM]
+        self.previous: dict = {}
+        self.group = dist.new_group(backend="gloo") if world.size > 1 else None
+        self.exchange = None  # (work, tensor) of the all-reduce started at the previous step boundary
+
+    def __enter__(self) -> "StopSignals":
+        self.previous = {signum: signal.signal(signum, self._record) for signum in self.handled}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.exchange is not None:
+            self.exchange[0].wait()
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     def _record(self, signum, frame) -> None:
-        self.received = signum
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            print("hydralm: interrupted again: exiting now, without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.received = self.received or signum
 
-    def requested(self) -> bool:
-        """Collective when active: true on every rank once any rank got the signal."""
-        if self.submitit_handler is None:
-            return False
-        flag = torch.tensor([0 if self.received is None else 1], device=self.world.device)
-        if self.world.size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def at_step_boundary(self) -> Optional[int]:
+        """The signal any rank had received by the previous boundary (every rank: the same answer
+        at the same step), or None. Collective; never waits for the device."""
+        if self.world.size == 1:
+            return self.received
+        agreed = None
+        if self.exchange is not None:
+            work, flag = self.exchange
+            work.wait()
+            agreed = int(flag) or None
+        flag = torch.tensor(self.received or 0, dtype=torch.int64)
+        self.exchange = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        return agreed
 
-    def requeue(self) -> None:
-        """After the checkpoint: rank 0 lets submitit resubmit the job and requeue it; it exits."""
+    def saves(self, signum: int, checkpointing_enabled: bool) -> bool:
+        """The requeue signal always checkpoints (the requeued job resumes from it)."""
+        return checkpointing_enabled or self.requeues(signum)
+
+    def requeues(self, signum: int) -> bool:
+        return in_submitit_job() and signum == requeue_signal()
+
+    def stop(self, signum: int, step: int, checkpoint) -> None:
+        """After the checkpoint (if any): requeue, or stop with one line. Never returns."""
         barrier()
-        print(f"hydralm: rank {self.world.rank} stopping for requeue after the checkpoint", flush=True)
-        if self.world.is_main:
-            self.submitit_handler(self.received or requeue_signal(), None)  # requeues, then sys.exit
-        sys.exit(-1)
+        if self.requeues(signum):
+            print(f"hydralm: rank {self.world.rank} stopping for requeue after the checkpoint", flush=True)
+            if self.world.is_main:
+                self.previous[signum](signum, None)  # submitit's handler: requeues, then sys.exit
+            sys.exit(-1)
+        saved = (f"saved {checkpoint}; the same command resumes from it" if checkpoint else
+                 "nothing saved (train.checkpointing_enabled=false)")
+        raise RunStopped(f"stopped by {signal.Signals(signum).name} after step {step}: {saved}", 128 + signum)

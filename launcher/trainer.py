@@ -8,11 +8,14 @@ read top to bottom:
              data, model (LoRA, FSDP2), optimizer and schedule, checkpoint restore, the task's
              own setup, loggers
     loop     `optimizer_step` over `train.gradient_accumulation_steps` micro-batches; every
-             `train.logging_steps` a train row and an eval row; checkpoints; preemption
+             `train.logging_steps` a train row and an eval row; checkpoints; stop signals
+             (SIGINT, SIGTERM, SLURM's requeue signal); a non-finite loss or gradient norm
+             stops the run before anything is saved from it
     finish   the final model, summary.json and the printed summary
 """
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +31,7 @@ from launcher import atomic, run_dir
 from launcher.checkpoint import Checkpointer, Progress
 from launcher.data import tokenizer_fingerprint
 from launcher.distributed import World, distributed, on_rank0_then_all, seed_everything
-from launcher.errors import ConfigError, at_least
+from launcher.errors import ConfigError, RunStopped, at_least
 from launcher.export import save_base_model, save_final_model
 from launcher.identity import TOKENIZER, TRAIN_SEQUENCES, run_identity
 from launcher.loaders import eval_loader, train_loader
@@ -40,7 +43,7 @@ from launcher.modeling import build_model, load_tokenizer
 from launcher.objective import check_objective
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.outputs import claimed_output_dir
-from launcher.preemption import Preemption
+from launcher.preemption import StopSignals
 from launcher.sharding import local_parameter_bytes, prepare_model, set_gradient_sync
 
 log = logging.getLogger("hydralm")
@@ -126,7 +129,13 @@ class Trainer:
                 self.progress.initial_eval_loss = self._log_eval()
             self.start = time.perf_counter()
             self.time_to_first_step = None
-            self._train(task_start)
+            try:
+                with StopSignals(world) as self.signals:
+                    self._train(task_start)
+                self._stop_if_nonfinite()  # the final model is never non-finite
+            except RunStopped:
+                self.run_log.close()
+                raise
             return self._finish()
 
     # ------------------------------------------------------------------ setup
@@ -183,7 +192,7 @@ class Trainer:
         self.process_tokens = 0
         self.inherited_tokens = self.window.global_sums()["input_tokens"] if task_state is not None else 0.0
         self.step_lr = self.scheduler.get_last_lr()[0]  # the lr of the step a row reports
-        self.preemption = Preemption(self.world)
+        self.nonfinite = FirstNonFinite(self.world)
         return task_state is not None
 
     def _setup_logging(self) -> None:
@@ -215,20 +224,24 @@ class Trainer:
                 progress.epoch_samples += self.global_batch
                 if self.time_to_first_step is None:  # data, model, first eval, one step: what a user waits for
                     self.time_to_first_step = _seconds_since(task_start, self.world)
+                self.nonfinite.observe(progress.step, step.loss, step.grad_norm)
                 self.window.add(loss=step.loss, weight=step.weight, input_tokens=step.input_tokens,
                                 trained_tokens=step.trained_tokens, grad_norm=step.grad_norm,
                                 steps=torch.ones_like(step.loss), **step.metrics)
                 self.run_log.advance()
                 if progress.step % cfg.train.logging_steps == 0 or progress.step == self.total_steps:
+                    self._stop_if_nonfinite()
                     self._log_train(time.perf_counter() - window_start)
                     self._log_eval()
                     window_start = time.perf_counter()
-                stop = self.preemption.requested()  # SLURM's time-limit / preemption signal, on any rank
-                if self.checkpointer.due(progress.step) or stop:
-                    self.checkpointer.save(self.model, self.optimizer, self.scheduler, progress, self.window,
-                                           self.tokenizer, self.task.state_dict())
+                stop = self.signals.at_step_boundary()  # SIGINT, SIGTERM or SLURM's requeue signal, on any rank
+                saved = None
+                if self.checkpointer.due(progress.step) or (stop and self.signals.saves(stop, self.checkpointer.enabled)):
+                    self._stop_if_nonfinite()
+                    saved = self.checkpointer.save(self.model, self.optimizer, self.scheduler, progress, self.window,
+                                                   self.tokenizer, self.task.state_dict())
                 if stop:
-                    self.preemption.requeue()  # exits; the requeued job resumes from this checkpoint
+                    self.signals.stop(stop, progress.step, saved)  # requeues, or raises RunStopped
             progress.epoch += 1
             progress.epoch_samples = 0
 
@@ -264,6 +277,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ finish
 
+    def _stop_if_nonfinite(self) -> None:
+        """Before a row is logged and before anything is saved (one host read)."""
+        found = self.nonfinite.first()
+        if found:
+            what, step = found
+            latest = run_dir.latest_checkpoint(self.output_dir)
+            raise RunStopped(
+                f"error: the {what} {'were' if ' and ' in what else 'was'} not finite at step {step}; stopped without saving the model from that "
+                f"step on (latest checkpoint: {latest or 'none'}). Lower optimizer.lr, set train.max_grad_norm, "
+                f"or check the data")
+
     def _finish(self) -> dict:
         world, progress = self.world, self.progress
         wall_time = time.perf_counter() - self.start
@@ -297,6 +321,34 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- one optimizer step
+
+
+class FirstNonFinite:
+    """The first step whose loss or gradient norm was not finite (NaN, inf), kept on the device:
+    `observe` adds three tiny device operations per step and never waits for the device; `first`
+    (one all-reduce, one host read) runs at log points and before saves and the export."""
+
+    NEVER = 2**62
+
+    def __init__(self, world: World):
+        self.world = world
+        self.steps = torch.full((2,), self.NEVER, dtype=torch.int64, device=world.device)  # loss, grad norm
+
+    def observe(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        finite = torch.stack([loss.detach().float(), grad_norm.detach().float()]).isfinite()
+        self.steps = torch.minimum(self.steps, torch.where(finite, self.NEVER, step))
+
+    def first(self) -> Optional[tuple[str, int]]:
+        """("loss" / "gradient norm" / "loss and gradient norm", step), or None: on every rank."""
+        steps = self.steps.clone()
+        if self.world.size > 1:
+            dist.all_reduce(steps, op=dist.ReduceOp.MIN)
+        loss_step, norm_step = steps.tolist()
+        step = min(loss_step, norm_step)
+        if step == self.NEVER:
+            return None
+        names = [name for name, at in (("loss", loss_step), ("gradient norm", norm_step)) if at == step]
+        return " and ".join(names), step
 
 
 def optimizer_step(model, optimizer, micro_batches: list[dict], task: TrainingTask, world: World) -> StepResult:
@@ -363,8 +415,9 @@ def check_train(train: DictConfig) -> None:
     at_least(train.max_seq_len, 8, "train.max_seq_len")
     at_least(train.max_eval_batches, 1, "train.max_eval_batches")
     at_least(train.activation_checkpointing_every, 1, "train.activation_checkpointing_every")
-    if train.max_grad_norm is not None and train.max_grad_norm <= 0:
-        raise ConfigError(f"train.max_grad_norm={train.max_grad_norm} must be > 0 (or null to disable clipping)")
+    if train.max_grad_norm is not None and not (math.isfinite(train.max_grad_norm) and train.max_grad_norm > 0):
+        raise ConfigError(f"train.max_grad_norm={train.max_grad_norm} must be a finite number > 0 "
+                          f"(or null to disable clipping)")
     if not 0 < train.save_frequency <= 1:
         raise ConfigError(f"train.save_frequency={train.save_frequency} must be in (0, 1]")
     at_least(train.save_steps, 1, "train.save_steps")

@@ -21,6 +21,7 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def _check_training_run(cfg: DictConfig) -> None:
+    from launcher.checkpoint import check_before_loading
     from launcher.data import check_data
     from launcher.loggers import check_loggers
     from launcher.losses import check_loss
@@ -37,6 +38,9 @@ def _check_training_run(cfg: DictConfig) -> None:
     check_sharding(cfg)
     check_data(cfg)
     check_resume(cfg.resume)
+    for key in ("resume", "checkpoint"):
+        if cfg[key] not in (None, "auto", "never") and is_training_checkpoint(Path(cfg[key])):
+            check_before_loading(Path(cfg[key]), key)
     if cfg.checkpoint is not None and not is_training_checkpoint(Path(cfg.checkpoint)):
         read_hf_config(cfg.checkpoint, "checkpoint")
     hf_config = check_model(model_config(cfg), cfg.train.max_seq_len, cfg.task.trains)

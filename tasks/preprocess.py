@@ -11,10 +11,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from launcher.atomic import atomic_directory
-from launcher.data import (CHECKSUMS, check_tokenizer, ensure_built, file_checksums, mix_components, one_builder,
+from launcher.data import (check_tokenizer, ensure_built, mix_components, one_builder,
                            prepared_splits, preprocess_settings)
 from launcher.distributed import World
 from launcher.errors import ConfigError
+from launcher.integrity import CHECKSUMS, file_checksums
 from launcher.mixture import describe_mixture
 from launcher.modeling import load_tokenizer
 from launcher.outputs import resolve_output_dir

@@ -14,7 +14,8 @@ from datasets import load_from_disk
 from filelock import FileLock
 
 from conftest import ROOT, compose_config
-from launcher.data import damaged_files, lock_path, prepared_splits
+from launcher.data import lock_path, prepared_splits
+from launcher.integrity import damaged_files
 from launcher.distributed import World
 from launcher.modeling import load_tokenizer
 
