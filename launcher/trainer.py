@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 
 from launcher import atomic, run_dir
 from launcher.checkpoint import Checkpointer, Progress
+from launcher.console import announce
 from launcher.data import tokenizer_fingerprint
 from launcher.distributed import World, distributed, seed_everything
 from launcher.errors import ConfigError, at_least
@@ -328,6 +329,8 @@ def evaluate(model, loader, task: TrainingTask, world: World, max_batches: Optio
 
 def check_train(train: DictConfig) -> None:
     """The `train` keys the loop depends on."""
+    if not 0 <= train.seed < 2**32:
+        raise ConfigError(f"train.seed={train.seed} must be in [0, 2**32 - 1] (the range numpy's generator takes)")
     at_least(train.epochs, 1, "train.epochs")
     at_least(train.max_steps, 1, "train.max_steps")
     at_least(train.gradient_accumulation_steps, 1, "train.gradient_accumulation_steps")
@@ -401,11 +404,10 @@ def _describe_parameters(trainable: int, total: int) -> str:
 
 
 def _print_summary(summary: dict) -> None:
-    print(
+    announce(
         f"\nhydralm: trained {summary['steps']} steps, {summary['tokens_seen']} tokens in "
         f"{summary['train_wall_time_s']:.1f} s ({summary['tokens_per_s']:.0f} tokens/s)\n"
         f"  eval loss:   {summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}\n"
         f"  final model: {summary['final_model']}\n"
-        f"  metrics:     {summary['metrics']}",
-        flush=True,
+        f"  metrics:     {summary['metrics']}"
     )
