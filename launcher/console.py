@@ -20,13 +20,6 @@ from launcher.loggers import learn_secrets, mask_secrets
 log = logging.getLogger("hydralm")
 
 _FULL_ERROR = "HYDRA_FULL_ERROR"
-_jobs_started = False  # set once the composed config reaches hydralm (ChecksBeforeWork)
-
-
-def jobs_start() -> None:
-    """From here on an exception is a job's, reported as Hydra reports it, not a composition error."""
-    global _jobs_started
-    _jobs_started = True
 
 
 def refuse(message, what: str = "") -> NoReturn:
@@ -87,15 +80,19 @@ def masked_console():
 
 @contextmanager
 def one_line_errors():
-    """Around Hydra's entry point: composition errors in one line (exit 2); a job's exception
-    reported as Hydra does (its frames above the task stripped, exit 1) unless HYDRA_FULL_ERROR
-    is set, which Hydra needs to let us see the exception at all."""
+    """Around Hydra's entry point: an error composing the config is one line (exit 2); a job's
+    exception is reported as Hydra would (the frames above the task stripped, exit 1), or raw
+    when the user set HYDRA_FULL_ERROR. (Hydra prints errors itself unless HYDRA_FULL_ERROR is
+    set, so hydralm sets it while Hydra runs.)"""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     user_wants_full = os.environ.get(_FULL_ERROR)
     os.environ[_FULL_ERROR] = "1"
     try:
         yield
     except Exception as err:  # noqa: BLE001 (reported below, as Hydra would)
-        if not _jobs_started:
+        if isinstance(err, (HydraException, OmegaConfBaseException)) and _job_frame(err) is None:
             refuse(describe_composition_error(err))
         if user_wants_full:
             raise
@@ -107,11 +104,17 @@ def one_line_errors():
             os.environ[_FULL_ERROR] = user_wants_full
 
 
-def _report_job_error(err: Exception) -> NoReturn:
+def _job_frame(err: Exception):
+    """The traceback entry of Hydra's run_job, when `err` came from a job (None: from composing)."""
     tb = err.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_name != "run_job":
         tb = tb.tb_next
-    traceback.print_exception(type(err), err, tb.tb_next if tb is not None else err.__traceback__)
+    return tb
+
+
+def _report_job_error(err: Exception) -> NoReturn:
+    job = _job_frame(err)
+    traceback.print_exception(type(err), err, job.tb_next if job is not None else err.__traceback__)
     print(f"\nSet the environment variable {_FULL_ERROR}=1 for a complete stack trace.", file=sys.stderr)
     sys.exit(1)
 

@@ -82,9 +82,6 @@ class ChecksBeforeWork(Callback):
     (the sweeper), so a refusal here leaves nothing on disk."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        from launcher.console import jobs_start
-
-        jobs_start()
         validating = config.task.name == VALIDATE
         with _refusals():
             _check_job(config, on_this_machine=not validating)
@@ -95,9 +92,7 @@ class ChecksBeforeWork(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         from launcher.cluster import SLURM_LAUNCHER, check_request, query_partition
-        from launcher.console import jobs_start
 
-        jobs_start()
         validating = config.task.name == VALIDATE
         launcher = config.hydra.launcher
         here = launcher.get("_target_") == BASIC_LAUNCHER and not validating
@@ -109,11 +104,11 @@ class ChecksBeforeWork(Callback):
                 _check_job(_point_config(config, overrides, index), on_this_machine=here)
             if validating:
                 print(f"hydralm: ok: #{index} {_described(overrides)}", flush=True)
-        if validating:
-            sys.exit(0)
         if launcher.get("_target_") == SLURM_LAUNCHER:
             with _refusals():
                 check_request(launcher, query_partition(launcher.get("partition")))
+        if validating:
+            sys.exit(0)
 
 
 @contextmanager

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from launcher.console import announce
 from launcher.data import build_and_save, is_up_to_date, packing_spec, preprocess_settings
 from launcher.distributed import World
 from launcher.errors import ConfigError
@@ -31,10 +32,10 @@ def preprocess(cfg: DictConfig) -> dict:
     settings = preprocess_settings(cfg, tokenizer, source, raw, "rows")
     if is_up_to_date(save_path, settings):
         report = json.loads((save_path / "report.json").read_text())
-        print(f"hydralm: {save_path} is up to date (same corpus, tokenizer and settings); nothing to do")
+        announce(f"hydralm: {save_path} is up to date (same corpus, tokenizer and settings); nothing to do")
         return {"save_path": str(save_path), "cached": True, **report}
     report = build_and_save(cfg, tokenizer, raw, save_path, settings)
-    print(
+    announce(
         f"hydralm: {report['train_rows']} train / {report['eval_rows']} eval sequences -> {save_path}\n"
         f"  train on it with: data=preprocessed data.train_ds={save_path / 'train'} data.eval_ds={save_path / 'eval'}"
     )

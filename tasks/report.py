@@ -7,11 +7,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from launcher.console import announce
 from launcher.report import write_report
 
 
 def report(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.report.out_dir) if cfg.report.out_dir else None
     result = write_report(Path(cfg.report.dir), out_dir)
-    print(f"{result['table']}\n\nhydralm: report -> {result['report']}")
+    announce(f"{result['table']}\n\nhydralm: report -> {result['report']}")
     return result
