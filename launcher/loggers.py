@@ -5,7 +5,8 @@ keyword arguments. A logger of your own is one class (subclass Logger) and one Y
 conf/logger/. Loggers live on rank 0 only and see a row only when metrics.jsonl does, once per
 logging interval, so they add nothing to the training step. Everything hydralm writes about the config (the run
 config of the loggers, Hydra's .hydra/ dumps) passes through `scrub` first: values of keys named
-like a secret (`api_key`, `hf_token`, `password`, `client_secret`, ...) are replaced by `***`.
+like a secret (`api_key`, `hf_token`, `password`, `client_secret`, ...) are replaced by `***`;
+`mask_secrets` does the same to any text (launcher/console.py applies it to everything printed).
 """
 
 import os
@@ -22,13 +23,9 @@ from launcher.errors import ConfigError, check_arguments
 
 REDACTED = "***"
 _SECRET_NAME = re.compile(r"(^|[_\-])(api_?key|key|token|password|passwd|secret)$", re.IGNORECASE)
-# `key=value` in override strings, also comma-joined ones (Hydra's override_dirname, sweeps).
-_ASSIGNMENT = re.compile(r"(?:^|,)[+~]*([\w.\-/]+)=")
 WANDB_RUN_ID_FILE = "wandb_run_id"
 # wandb.init arguments hydralm sets itself; `config` is always the composed config.
 WANDB_RESERVED = ("config",)
-
-
 _NOT_SECRET = ("full_key",)  # OmegaConf's error messages name the key this way
 
 
@@ -43,19 +40,8 @@ def scrub(value):
     if isinstance(value, (list, tuple)):
         return [scrub(v) for v in value]
     if isinstance(value, str):
-        return _scrub_assignments(value)
+        return mask_secrets(value)
     return value
-
-
-def _scrub_assignments(text: str) -> str:
-    """Redact the value of each secret `key=value` (up to the next `,key=` or the end)."""
-    matches = list(_ASSIGNMENT.finditer(text))
-    kept, position = [], 0
-    for i, match in enumerate(matches):
-        if is_secret_name(match.group(1).rsplit(".", 1)[-1]):
-            kept.append(text[position:match.end()] + REDACTED)
-            position = matches[i + 1].start() if i + 1 < len(matches) else len(text)
-    return "".join(kept) + text[position:]
 
 
 # `name=value`, `name: value`, `'name': 'value'` in free text (console lines, messages, tracebacks).

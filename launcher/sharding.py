@@ -113,7 +113,7 @@ def check_sharding(cfg: DictConfig) -> None:
     at_least(sharding.shard_group_size, 1, "sharding.shard_group_size")
     if sharding.backend not in ("auto", "gloo", "nccl"):
         raise choice_error("sharding.backend", sharding.backend, ("auto", "gloo", "nccl"))
-    STRATEGIES.get(sharding.strategy)
+    STRATEGIES.get(sharding.strategy)  # an unknown name is a ConfigError listing the registered ones
 
 
 def check_launch(cfg: DictConfig) -> None:
