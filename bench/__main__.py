@@ -42,6 +42,7 @@ def main() -> None:
         ("heavy imports in --cfg job", ", ".join(startup["heavy_imports"]) or "none", "none"),
         *((f"first step, default run ({label}) s", f"{times['task_to_first_step_s']:.2f}", "")
           for label, times in startup["first_step"].items()),
+        ("8-point task=validate s", f"{startup['validate_sweep']['wall_s']:.2f}", ""),
         ("8-point SLURM sweep submission s", f"{startup['slurm_submission_s']:.2f}", "< 2"),
     ]
     width = max(len(name) for name, _, _ in rows)

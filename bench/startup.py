@@ -1,7 +1,8 @@
 """Launch overhead: `python -m launcher --cfg job` against a minimal `@hydra.main` app on the same
-config tree, time to the first optimizer step of the default run, and the launcher time to submit
-a sweep of 8 points to SLURM (through hydra-submitit-launcher, with stand-in `sbatch`, `sinfo` and
-`srun`: no SLURM needs to be installed).
+config tree, time to the first optimizer step of the default run, the time `task=validate` takes
+to check a sweep of 8 points (and what it imports), and the launcher time to submit a sweep of 8
+points to SLURM (through hydra-submitit-launcher, with stand-in `sbatch`, `sinfo` and `srun`: no
+SLURM needs to be installed; every point's config is checked before it).
 
     python bench/startup.py            # ~2 min on a 2-core machine
     python bench/startup.py --smoke    # one run of each, a 1-step tiny run
@@ -63,12 +64,20 @@ def cfg_job_times(repeats: int, work: Path) -> dict:
     return {name: median(values) for name, values in times.items()}
 
 
-def heavy_imports(work: Path) -> list[str]:
-    """Heavy modules `--cfg job` imports (from `python -X importtime`); should be none."""
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "launcher", "--cfg", "job"], cwd=work,
+def heavy_imports(work: Path, args=("--cfg", "job")) -> list[str]:
+    """Heavy modules `python -m launcher ARGS` imports (from `python -X importtime`)."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "launcher", *args], cwd=work,
                             env=subprocess_env(), capture_output=True, text=True, check=True)
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
     return sorted(name for name in imported if name in HEAVY_MODULES)
+
+
+def validate_sweep(work: Path) -> dict:
+    """`task=validate` of an 8-point sweep: its wall time and the heavy modules it imports (the
+    optimizer's and the schedule's signatures live in torch and transformers)."""
+    args = ["-m", "task=validate", "optimizer.lr=" + ",".join(f"{i}e-4" for i in range(1, SWEEP_POINTS + 1))]
+    wall = wall_time([*LAUNCHER, *args], work, subprocess_env())
+    return {"wall_s": wall, "heavy_imports": heavy_imports(work, args)}
 
 
 def time_to_first_step(overrides: list[str], work: Path, cache: Path) -> dict:
@@ -130,6 +139,7 @@ def main(argv=None) -> dict:
             cache = work / "cache"
             first_step = {"cold cache": time_to_first_step([], work, cache),
                           "warm cache": time_to_first_step([], work, cache)}
+        validate = validate_sweep(work)
         submission = slurm_submission_time(work)
     ratio = cfg_job["launcher"] / cfg_job["minimal"]
     print(f"startup (median of {repeats} alternating runs each)")
@@ -139,8 +149,10 @@ def main(argv=None) -> dict:
     for label, times in first_step.items():
         print(f"  first optimizer step, default run ({label}): {times['task_to_first_step_s']:.2f} s from the "
               f"task's start; whole 1-step run {times['process_wall_s']:.2f} s wall")
+    print(f"  {SWEEP_POINTS}-point sweep checked by task=validate: {validate['wall_s']:.2f} s "
+          f"(imports {', '.join(validate['heavy_imports']) or 'nothing heavy'})")
     print(f"  {SWEEP_POINTS}-point sweep submitted to SLURM (launcher start -> sbatch): {submission:.2f} s")
-    result = {"cfg_job_s": cfg_job, "heavy_imports": heavy, "first_step": first_step,
+    result = {"cfg_job_s": cfg_job, "heavy_imports": heavy, "first_step": first_step, "validate_sweep": validate,
               "slurm_submission_s": submission, "ratio": ratio}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

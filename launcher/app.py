@@ -1,19 +1,23 @@
 """Entry point: `python -m launcher` / `hydralm`.
 
 Imports stay light (hydra + the schema) so that `--cfg job` and sweep submission never pay for
-torch; the task module is imported only when a job really runs.
+torch; the task module is imported only when a job really runs. The checks before work run in
+ChecksBeforeWork (launcher/validate.py), before Hydra creates any directory, and again here, where
+the job runs.
 """
 
 import logging
 import os
 import signal
 import sys
+import traceback
 
 import hydra
 from hydra.utils import get_method
 from omegaconf import DictConfig
 
 from launcher import schema  # noqa: F401  (registers the schema and the asset resolver)
+from launcher.console import masked_console, one_line_errors, record_in_job_log, refuse
 from launcher.errors import ConfigError, RunStopped
 from launcher.loggers import scrub_hydra_outputs
 from launcher.objective import objective_value
@@ -34,22 +38,28 @@ def _hydra_main(cfg: DictConfig):
     try:
         result = run_task(cfg)
     except ConfigError as err:
-        rank = os.environ.get("RANK")
-        where = f" (rank {rank})" if rank not in (None, "0") else ""
-        print(f"hydralm: error{where}: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        refuse(err)
     except RunStopped as stopped:  # every rank stops alike; rank 0 says why
         if os.environ.get("RANK", "0") == "0":
-            print(f"hydralm: {stopped}", file=sys.stderr, flush=True)
+            announce_stop(f"hydralm: {stopped}")
         sys.exit(stopped.exit_code)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints instead)
-        print("hydralm: interrupted", file=sys.stderr, flush=True)
+        announce_stop("hydralm: interrupted")
         sys.exit(128 + signal.SIGINT)
+    except Exception:
+        record_in_job_log(logging.ERROR, traceback.format_exc())  # hydralm.log keeps the error too
+        raise
     return objective_value(cfg, result)  # the float a sweeper (Optuna) optimises
+
+
+def announce_stop(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+    record_in_job_log(logging.WARNING, line)
 
 
 def main():
     """Under torchrun/SLURM only rank 0 keeps Hydra's config copies and job log."""
     if int(os.environ.get("RANK", 0)) > 0:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
-    return _hydra_main()
+    with masked_console(), one_line_errors():
+        return _hydra_main()

@@ -6,10 +6,8 @@ the requeue signal). This module imports no torch: it runs in the submitting pro
 """
 
 import subprocess
-import sys
 from typing import Optional
 
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from launcher.errors import ConfigError
@@ -18,21 +16,8 @@ SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmL
 
 
 # ---------------------------------------------------------------- before submitting
-
-
-class SubmissionChecks(Callback):
-    """Hydra callback (conf/config.yaml): checks a SLURM request against the partition before
-    the launcher queues anything."""
-
-    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        launcher = config.hydra.launcher
-        if launcher.get("_target_") != SLURM_LAUNCHER:
-            return
-        try:
-            check_request(launcher, query_partition(launcher.get("partition")))
-        except ConfigError as err:
-            print(f"hydralm: error: {err}", file=sys.stderr, flush=True)
-            sys.exit(2)
+# launcher/validate.py's ChecksBeforeWork calls these for a SLURM launcher, after the config checks
+# of every sweep point and before the launcher queues anything.
 
 
 def query_partition(partition: Optional[str]) -> list[dict]:

@@ -5,7 +5,8 @@ keyword arguments. A logger of your own is one class (subclass Logger) and one Y
 conf/logger/. Loggers live on rank 0 only and see a row only when metrics.jsonl does, once per
 logging interval, so they add nothing to the training step. Everything hydralm writes about the config (the run
 config of the loggers, Hydra's .hydra/ dumps) passes through `scrub` first: values of keys named
-like a secret (`api_key`, `hf_token`, `password`, `client_secret`, ...) are replaced by `***`.
+like a secret (`api_key`, `hf_token`, `password`, `client_secret`, ...) are replaced by `***`;
+`mask_secrets` does the same to any text (launcher/console.py applies it to everything printed).
 """
 
 import os
@@ -22,15 +23,14 @@ from launcher.errors import ConfigError, check_arguments
 
 REDACTED = "***"
 _SECRET_NAME = re.compile(r"(^|[_\-])(api_?key|key|token|password|passwd|secret)$", re.IGNORECASE)
-# `key=value` in override strings, also comma-joined ones (Hydra's override_dirname, sweeps).
-_ASSIGNMENT = re.compile(r"(?:^|,)[+~]*([\w.\-/]+)=")
 WANDB_RUN_ID_FILE = "wandb_run_id"
 # wandb.init arguments hydralm sets itself; `config` is always the composed config.
 WANDB_RESERVED = ("config",)
+_NOT_SECRET = ("full_key",)  # OmegaConf's error messages name the key this way
 
 
 def is_secret_name(name: str) -> bool:
-    return bool(_SECRET_NAME.search(str(name)))
+    return bool(_SECRET_NAME.search(str(name))) and str(name) not in _NOT_SECRET
 
 
 def scrub(value):
@@ -40,19 +40,46 @@ def scrub(value):
     if isinstance(value, (list, tuple)):
         return [scrub(v) for v in value]
     if isinstance(value, str):
-        return _scrub_assignments(value)
+        return mask_secrets(value)
     return value
 
 
-def _scrub_assignments(text: str) -> str:
-    """Redact the value of each secret `key=value` (up to the next `,key=` or the end)."""
-    matches = list(_ASSIGNMENT.finditer(text))
-    kept, position = [], 0
-    for i, match in enumerate(matches):
-        if is_secret_name(match.group(1).rsplit(".", 1)[-1]):
-            kept.append(text[position:match.end()] + REDACTED)
-            position = matches[i + 1].start() if i + 1 < len(matches) else len(text)
-    return "".join(kept) + text[position:]
+# `name=value`, `name: value`, `'name': 'value'` in free text (console lines, messages, tracebacks).
+_ASSIGNMENT_IN_TEXT = re.compile(
+    r"(?P<key>(?<![\w.\-/])[+~]*(?:[\w\-/]+\.)*(?:[\w\-]*[_\-])?(?:api_?key|key|token|password|passwd|secret))"
+    r"(?P<sep>['\"]?\s*[=:]\s*)(?P<value>'[^']*'|\"[^\"]*\"|[^\s,;'\"\]\)}]+)", re.IGNORECASE)
+# A bare `key:` or `token=` is prose ("Every key: see docs"); `hub.key=...`, `api_key: ...` are not.
+_PROSE = ("key", "token")
+_MIN_SECRET_LENGTH = 4  # shorter values are not worth masking wherever they appear
+_secret_values: set[str] = set()
+
+
+def learn_secrets(overrides) -> None:
+    """Remember the values of secret keys given as `key=value` overrides (a sweep's `a,b` too), so
+    that `mask_secrets` hides them even where they appear without their key."""
+    for override in overrides:
+        key, sep, value = str(override).partition("=")
+        if sep and is_secret_name(key.rsplit(".", 1)[-1]):
+            for part in {value, *value.split(",")}:
+                part = part.strip().strip("'\"")
+                if len(part) >= _MIN_SECRET_LENGTH:
+                    _secret_values.add(part)
+
+
+def mask_secrets(text: str) -> str:
+    """`text` with the value of every secret-named `key=value` / `key: value` and every learnt
+    secret value replaced by ***."""
+
+    def masked(match):
+        key = match.group("key").lstrip("+~")
+        if key.lower() in _PROSE or not is_secret_name(key.rsplit(".", 1)[-1]):
+            return match.group(0)
+        return match.group("key") + match.group("sep") + REDACTED
+
+    text = _ASSIGNMENT_IN_TEXT.sub(masked, text)
+    for value in _secret_values:
+        text = text.replace(value, REDACTED)
+    return text
 
 
 def scrubbed_config(cfg: DictConfig) -> dict:
@@ -170,7 +197,8 @@ def wandb_init_kwargs(cfg: DictConfig, output_dir: Path) -> dict:
     defaults = {"dir": str(output_dir), "id": wandb_run_id(output_dir), "resume": "allow", **_sweep_grouping()}
     user = OmegaConf.to_container(cfg.logger.wandb, resolve=True)
     user.pop("_target_", None)
-    return {**defaults, **user, "config": scrubbed_config(cfg)}
+    tags = list(dict.fromkeys([*cfg.tags, *(user.pop("tags", None) or [])]))  # the run's `tags`, then wandb's own
+    return {**defaults, **user, **({"tags": tags} if tags else {}), "config": scrubbed_config(cfg)}
 
 
 def wandb_run_id(output_dir: Path) -> str:
@@ -204,6 +232,8 @@ class TensorboardLogger(Logger):
         self.writer = SummaryWriter(log_dir or str(output_dir / "tensorboard"))
         config_yaml = OmegaConf.to_yaml(OmegaConf.create(scrubbed_config(cfg)))
         self.writer.add_text("config", "```\n" + config_yaml + "\n```")
+        if cfg.tags:
+            self.writer.add_text("tags", ", ".join(cfg.tags))
 
     def log(self, row: dict) -> None:
         for key, value in _numbers(row).items():

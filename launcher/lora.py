@@ -60,9 +60,8 @@ def apply_lora(model: torch.nn.Module, peft_cfg: DictConfig, base_name_or_path: 
     return peft_model
 
 
-def check_peft(peft_cfg: DictConfig, hf_config: dict, task: str) -> None:
-    """Value checks, then the adapters are injected into a weightless (meta) copy of the model, so
-    target_modules that match nothing fail before any weight is loaded."""
+def check_peft(peft_cfg: DictConfig, task: str) -> None:
+    """The `peft` values (check_lora_targets tries them on the model)."""
     if peft_cfg.name not in PEFT_METHODS:
         raise choice_error("peft.name", peft_cfg.name, PEFT_METHODS)
     if not lora_enabled(peft_cfg):
@@ -77,6 +76,13 @@ def check_peft(peft_cfg: DictConfig, hf_config: dict, task: str) -> None:
         raise ConfigError(f"peft.lora_dropout={peft_cfg.lora_dropout} must be in [0, 1)")
     if peft_cfg.inference_mode and task == "train":
         raise ConfigError("peft.inference_mode=true freezes the adapters: task=train would train nothing")
+
+
+def check_lora_targets(peft_cfg: DictConfig, hf_config: dict) -> None:
+    """The adapters are injected into a weightless (meta) copy of the model, so target_modules
+    that match nothing fail before any weight is loaded."""
+    if not lora_enabled(peft_cfg):
+        return
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 

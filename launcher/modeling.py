@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from launcher.distributed import World
-from launcher.errors import ConfigError, choice_error
+from launcher.errors import ConfigError, at_least, choice_error
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
 
@@ -87,21 +87,11 @@ def base_model_class(model: torch.nn.Module) -> type:
     return next(c for c in type(model).__mro__ if issubclass(c, PreTrainedModel) and not c.__name__.startswith("FSDP"))
 
 
-def check_model(model: DictConfig, max_seq_len: int, trains: bool = True) -> dict:
-    """The model exists where it is said to be, its attention can run here (and train, when the
-    task `trains`), and it fits `train.max_seq_len`; its HF config."""
+def check_model(model: DictConfig, max_seq_len: int) -> dict:
+    """The model exists where it is said to be and fits `train.max_seq_len`; its HF config."""
     if model.attention not in ATTENTION_IMPLEMENTATIONS:
         raise choice_error("model.attention", model.attention, ATTENTION_IMPLEMENTATIONS)
-    if model.attention == "flex_attention" and trains and not torch.cuda.is_available():
-        raise ConfigError(
-            f"model.attention=flex_attention cannot train on CPU: torch {torch.__version__} has no FlexAttention "
-            "backward there (forward only: task=evaluate works); train on CPU with model.attention=sdpa"
-        )
-    if model.attention == "flash_attention_2" and not (torch.cuda.is_available() and importlib.util.find_spec("flash_attn")):
-        raise ConfigError(
-            "model.attention=flash_attention_2 needs a CUDA device and the flash_attn package "
-            "(pip install 'hydralm[flash]'); use model.attention=sdpa or auto"
-        )
+    at_least(model.pad_vocab_to_multiple_of, 1, "model.pad_vocab_to_multiple_of")
     if model.path is None and model.config is None:
         raise ConfigError("model.path (a local HF checkpoint) or model.config (random init) must be set")
     if model.path is not None:
@@ -117,6 +107,21 @@ def check_model(model: DictConfig, max_seq_len: int, trains: bool = True) -> dic
             f"train.max_seq_len={max_seq_len} exceeds the model's max_position_embeddings={max_positions}"
         )
     return hf_config
+
+
+def check_attention_device(model: DictConfig, trains: bool = True) -> None:
+    """On the machine that runs the job: what `model.attention` needs is there (to train, when
+    the task `trains`)."""
+    if model.attention == "flex_attention" and trains and not torch.cuda.is_available():
+        raise ConfigError(
+            f"model.attention=flex_attention cannot train on CPU: torch {torch.__version__} has no FlexAttention "
+            "backward there (forward only: task=evaluate works); train on CPU with model.attention=sdpa"
+        )
+    if model.attention == "flash_attention_2" and not (torch.cuda.is_available() and importlib.util.find_spec("flash_attn")):
+        raise ConfigError(
+            "model.attention=flash_attention_2 needs a CUDA device and the flash_attn package "
+            "(pip install 'hydralm[flash]'); use model.attention=sdpa or auto"
+        )
 
 
 def read_hf_config(path: str, key: str) -> dict:

@@ -8,6 +8,7 @@ schedule proper starts at step W+1 (transformers' warmup starts at lr 0, so a 1-
 nothing). W = ceil(warmup_ratio x steps), at most steps - 1, so every run reaches the peak.
 """
 
+import inspect
 import math
 import warnings
 
@@ -16,7 +17,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
-from launcher.errors import ConfigError, check_arguments, choice_error
+from launcher.errors import ConfigError, check_arguments, choice_error, finite
 
 PLATEAU_WITH_WARMUP = "plateau_with_warmup"
 # VectorLM's spellings.
@@ -125,9 +126,27 @@ def scheduler_names() -> list[str]:
     return [s.value for s in SchedulerType] + [PLATEAU_WITH_WARMUP]
 
 
+def scheduler_target(name: str) -> tuple:
+    """The callable `scheduler.kwargs` go to for schedule `name`, its name for messages, and the
+    arguments hydralm passes itself (a kwarg that one ignores is refused, not dropped)."""
+    from transformers import SchedulerType
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, GreedyLR
+
+    if name in (PLATEAU_WITH_WARMUP, SchedulerType.REDUCE_ON_PLATEAU.value):
+        return ReduceLROnPlateau, "torch.optim.lr_scheduler.ReduceLROnPlateau", ("optimizer",)
+    if name == SchedulerType.GREEDY.value:
+        return GreedyLR, "transformers.optimization.GreedyLR", ("optimizer",)
+    function = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]
+    passed = ("optimizer", "num_warmup_steps", "num_training_steps", "last_epoch")
+    if name in (SchedulerType.CONSTANT.value, SchedulerType.CONSTANT_WITH_WARMUP.value):
+        passed = tuple(inspect.signature(function).parameters)  # get_scheduler passes them no kwargs
+    return function, function.__name__, passed
+
+
 def check_scheduler(scheduler_cfg: DictConfig) -> None:
-    """Accept VectorLM's spelling, check the name and ratio, then build the schedule on a
-    throwaway parameter so bad kwargs fail before any model loads."""
+    """Accept VectorLM's spelling, check the name and ratio, bind `scheduler.kwargs` to the
+    schedule's signature with types, then build the schedule on a throwaway parameter so bad
+    values fail before any model loads."""
     with open_dict(scheduler_cfg):
         scheduler_cfg.name = SCHEDULER_ALIASES.get(scheduler_cfg.name, scheduler_cfg.name)
     if not 0 <= scheduler_cfg.warmup_ratio <= 1:
@@ -135,11 +154,19 @@ def check_scheduler(scheduler_cfg: DictConfig) -> None:
     names = scheduler_names()
     if scheduler_cfg.name not in names:
         raise choice_error("scheduler.name", scheduler_cfg.name, names)
+    function, function_name, passed = scheduler_target(scheduler_cfg.name)
+    kwargs = OmegaConf.to_container(scheduler_cfg.kwargs, resolve=True)
+    try:
+        check_arguments("scheduler.kwargs", kwargs, function, function_name, passed)
+    except ConfigError as err:
+        raise ConfigError(f"scheduler={scheduler_cfg.name} cannot be built: {err}") from None
     build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), scheduler_cfg, total_steps=100)
 
 
 def check_optimizer(optimizer_cfg: DictConfig) -> None:
-    """`_target_` imports and every other key is a parameter of it (spell-sensitive)."""
+    """`_target_` imports, every other key is a parameter of it with a value of its type
+    (spell-sensitive), every number is finite, and the optimizer accepts the values: it is built
+    on a throwaway parameter, one key at a time, so the message names the key it refuses."""
     target = optimizer_cfg.get("_target_")
     if target is None:
         raise ConfigError("optimizer._target_ must name an optimizer class, e.g. torch.optim.AdamW")
@@ -147,5 +174,24 @@ def check_optimizer(optimizer_cfg: DictConfig) -> None:
         optimizer_class = get_class(target)
     except Exception as err:  # noqa: BLE001 (any import failure is the user's path)
         raise ConfigError(f"optimizer._target_={target} cannot be imported: {err}") from None
-    options = [k for k in optimizer_cfg if k != "_target_"]
+    options = {k: v for k, v in OmegaConf.to_container(optimizer_cfg, resolve=True).items() if k != "_target_"}
     check_arguments("optimizer", options, optimizer_class, target, ("self", "params"), noun="parameter")
+    for key, value in options.items():
+        if not finite(value):
+            raise ConfigError(f"optimizer.{key}={value} must be a finite number")
+    error = _refusal(optimizer_class, options)
+    if error is not None:
+        # The key whose removal makes the optimizer accept the rest is the one to name.
+        culprit = next((k for k in options if _refusal(optimizer_class, {o: v for o, v in options.items() if o != k})
+                        is None), None)
+        named = f"optimizer.{culprit}={options[culprit]}" if culprit else "optimizer"
+        raise ConfigError(f"{named} is refused by {target}: {error}")
+
+
+def _refusal(optimizer_class, options: dict):
+    """The optimizer's own complaint about `options` (built on a throwaway parameter), or None."""
+    try:
+        optimizer_class([torch.nn.Parameter(torch.zeros(1))], **options)
+    except (TypeError, ValueError, RuntimeError) as err:
+        return err
+    return None

@@ -3,25 +3,30 @@
 Hydra's record of the job (`.hydra/`: the config, Hydra's config, the overrides) is written here,
 not by Hydra (conf/config.yaml sets `hydra.output_subdir: null`): Hydra writes it before the task
 runs, which would overwrite the record of a run whose directory a training run then refuses
-(launcher/claim.py).
+(launcher/claim.py). No torch at import: the checks before any work use `check_output_dir`.
 """
 
+import os
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.claim import claim
-from launcher.distributed import World, on_rank0_then_all
 from launcher.errors import ConfigError
+
+if TYPE_CHECKING:
+    from launcher.distributed import World
 
 HYDRA_RECORD = ".hydra"
 
 
-def resolve_output_dir(cfg: DictConfig, world: World) -> Path:
+def resolve_output_dir(cfg: DictConfig, world: "World") -> Path:
     """Rank 0 decides and broadcasts: ranks started a second apart would see different Hydra dirs."""
+    import torch.distributed as dist  # (checks import this module before any torch is needed)
+
     chosen = [str(_local_choice(cfg))] if world.is_main else [None]
     if world.size > 1:
         dist.broadcast_object_list(chosen, src=0)
@@ -33,9 +38,11 @@ def resolve_output_dir(cfg: DictConfig, world: World) -> Path:
 
 
 @contextmanager
-def claimed_output_dir(cfg: DictConfig, world: World) -> Iterator[Path]:
+def claimed_output_dir(cfg: DictConfig, world: "World") -> Iterator[Path]:
     """A training run's output directory, locked for the run and checked by the directory rule
     (launcher/claim.py) before anything is written in it; a refusal is one ConfigError on every rank."""
+    from launcher.distributed import on_rank0_then_all
+
     lock = None
 
     def claim_on_rank0() -> str:
@@ -77,3 +84,23 @@ def _local_choice(cfg: DictConfig) -> Path:
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
     raise ConfigError("output_dir must be set when the task is called outside `python -m launcher`")
+
+
+def check_output_dir(path, key: str = "output_dir") -> None:
+    """Before any work: `path` is a directory hydralm can create or write into (tried with a
+    directory made and removed at once where it would be created)."""
+    if path is None:
+        return
+    if not str(path).strip():
+        raise ConfigError(f"{key}={str(path)!r} is empty: name a directory, or leave {key} unset for "
+                          "Hydra's outputs/<date>/<time>/")
+    target = Path(path).absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == target else f"is under a file ({existing})"
+        raise ConfigError(f"{key}={path} {where}, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".hydralm-probe-", dir=existing))
+    except OSError as err:
+        raise ConfigError(f"{key}={path} cannot be written: {existing} does not accept new directories "
+                          f"({err.strerror})") from None

@@ -28,6 +28,7 @@ from typing import Optional
 
 import yaml
 
+from launcher.console import announce
 from launcher.errors import ConfigError
 
 BEST_MARK = "★ best"
@@ -433,13 +434,14 @@ def check_report(cfg) -> None:
 
 
 def print_report(result: dict) -> None:
-    print(result["table"])
+    lines = [result["table"]]
     study = result["study"]
     if study is not None and study["best_trial"] is not None:
         params = ", ".join(f"{k}={_short(str(v))}" for k, v in study["best_params"].items())
-        print(f"\nOptuna study {study['name']}: {study['trials']} trials; best trial {study['best_trial']} "
-              f"({study['best_value']:.4f}): {params}")
-    print(f"\nhydralm: report -> {result['report']}")
+        lines.append(f"\nOptuna study {study['name']}: {study['trials']} trials; best trial {study['best_trial']} "
+                     f"({study['best_value']:.4f}): {params}")
+    lines.append(f"\nhydralm: report -> {result['report']}")
+    announce("\n".join(lines))
 
 
 def main(argv=None) -> None:

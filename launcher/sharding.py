@@ -106,16 +106,20 @@ def strategy_of(cfg: DictConfig, world: World) -> ShardingStrategy:
 
 
 def check_sharding(cfg: DictConfig) -> None:
-    """Before any work: the strategy exists (VectorLM's upper-case names are the canonical ones)
-    and fits this launch (world size from torchrun/SLURM, CUDA for what needs it)."""
-    import torch
-
+    """Before any work: the strategy exists (VectorLM's upper-case names are the canonical ones)."""
     sharding = cfg.sharding
     with open_dict(sharding):
         sharding.strategy = str(sharding.strategy).upper() if "." not in str(sharding.strategy) else sharding.strategy
     at_least(sharding.shard_group_size, 1, "sharding.shard_group_size")
     if sharding.backend not in ("auto", "gloo", "nccl"):
         raise choice_error("sharding.backend", sharding.backend, ("auto", "gloo", "nccl"))
+    STRATEGIES.get(sharding.strategy)  # an unknown name is a ConfigError listing the registered ones
+
+
+def check_launch(cfg: DictConfig) -> None:
+    """On the machine that runs the job: the strategy fits this launch (world size from
+    torchrun/SLURM) and CUDA is there for what needs it."""
+    sharding = cfg.sharding
     STRATEGIES.get(sharding.strategy).check(sharding, int(os.environ.get("WORLD_SIZE", 1)))
     cuda = torch.cuda.is_available()
     if sharding.backend == "nccl" and not cuda:

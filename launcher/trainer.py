@@ -29,6 +29,7 @@ from torch.distributed.tensor import DTensor
 
 from launcher import atomic, run_dir
 from launcher.checkpoint import Checkpointer, Progress
+from launcher.console import announce
 from launcher.data import tokenizer_fingerprint
 from launcher.distributed import World, distributed, on_rank0_then_all, seed_everything
 from launcher.errors import ConfigError, RunStopped, at_least
@@ -145,8 +146,8 @@ class Trainer:
         command changes nothing. Otherwise summary.json goes: from now on the run is unfinished."""
         summary = run_dir.finished_summary(self.output_dir)
         if summary is not None and self.cfg.resume == "auto":
-            print(f"hydralm: {self.output_dir} holds this run, finished at step {summary['steps']} "
-                  f"({run_dir.SUMMARY}): nothing to train (overwrite=true trains it again)", flush=True)
+            announce(f"hydralm: {self.output_dir} holds this run, finished at step {summary['steps']} "
+                     f"({run_dir.SUMMARY}): nothing to train (overwrite=true trains it again)")
             return summary
         (self.output_dir / run_dir.SUMMARY).unlink(missing_ok=True)
         return None
@@ -408,6 +409,8 @@ def evaluate(model, loader, task: TrainingTask, world: World, max_batches: Optio
 
 def check_train(train: DictConfig) -> None:
     """The `train` keys the loop depends on."""
+    if not 0 <= train.seed < 2**32:
+        raise ConfigError(f"train.seed={train.seed} must be in [0, 2**32 - 1] (the range numpy's generator takes)")
     at_least(train.epochs, 1, "train.epochs")
     at_least(train.max_steps, 1, "train.max_steps")
     at_least(train.gradient_accumulation_steps, 1, "train.gradient_accumulation_steps")
@@ -475,11 +478,10 @@ def _print_summary(summary: dict) -> None:
     resumed = summary["resumed_at_step"]
     trained = (f"trained {summary['steps']} steps" if resumed is None
                else f"resumed at step {resumed}, trained {summary['steps'] - resumed} more steps")
-    print(
+    announce(
         f"\nhydralm: {trained}, {summary['process_tokens']} tokens in "
         f"{summary['train_wall_time_s']:.1f} s ({summary['tokens_per_s']:.0f} tokens/s)\n"
         f"  eval loss:   {summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}\n"
         f"  final model: {summary['final_model']}\n"
-        f"  metrics:     {summary['metrics']}",
-        flush=True,
+        f"  metrics:     {summary['metrics']}"
     )

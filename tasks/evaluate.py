@@ -6,6 +6,7 @@ import math
 from omegaconf import DictConfig
 
 from launcher.atomic import write_json
+from launcher.console import announce
 from launcher.distributed import distributed, seed_everything
 from launcher.language_modeling import LanguageModeling
 from launcher.loaders import eval_loader
@@ -31,5 +32,5 @@ def evaluate(cfg: DictConfig) -> dict:
         }
         if world.is_main:
             write_json(output_dir / "eval.json", result)
-            print(f"hydralm: eval loss {loss:.4f} (perplexity {result['perplexity']:.2f}) -> {output_dir / 'eval.json'}")
+            announce(f"hydralm: eval loss {loss:.4f} (perplexity {result['perplexity']:.2f}) -> {output_dir / 'eval.json'}")
         return result

@@ -9,6 +9,7 @@ a multiple of `model.pad_vocab_to_multiple_of`) and gathered on rank 0.
 
 from omegaconf import DictConfig
 
+from launcher.console import announce
 from launcher.distributed import distributed
 from launcher.export import save_hf_model
 from launcher.outputs import resolve_output_dir
@@ -23,5 +24,5 @@ def export(cfg: DictConfig) -> dict:
         target = output_dir / FINAL_MODEL
         save_hf_model(model, tokenizer, target, world)
         if world.is_main:
-            print(f"hydralm: exported {model_cfg.path or model_cfg.name} -> {target}")
+            announce(f"hydralm: exported {model_cfg.path or model_cfg.name} -> {target}")
         return {"final_model": str(target)}

@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from launcher.atomic import atomic_directory
+from launcher.console import announce
 from launcher.data import (check_tokenizer, ensure_built, mix_components, one_builder,
                            prepared_splits, preprocess_settings)
 from launcher.distributed import World
@@ -38,7 +39,7 @@ def preprocess(cfg: DictConfig) -> dict:
     settings = preprocess_settings(cfg, tokenizer, source, raw, "rows")
     report, built = ensure_built(cfg, tokenizer, raw, save_path, settings)
     if not built:
-        print(f"hydralm: {save_path} is up to date (same corpus, tokenizer and settings); nothing to do")
+        announce(f"hydralm: {save_path} is up to date (same corpus, tokenizer and settings); nothing to do")
         return {"save_path": str(save_path), "cached": True, **report}
     _print_saved(report, save_path)
     return {"save_path": str(save_path), "cached": False, **report}
@@ -53,13 +54,13 @@ def _save_mixture(cfg: DictConfig, tokenizer, save_path: Path) -> dict:
                 dataset.flatten_indices().save_to_disk(str(staging / name))
             (staging / "report.json").write_text(json.dumps(report, indent=2))
             (staging / CHECKSUMS).write_text(json.dumps(file_checksums(staging), indent=1))
-    print(f"hydralm: mixture:\n{describe_mixture(report)}")
+    announce(f"hydralm: mixture:\n{describe_mixture(report)}")
     _print_saved(report, save_path)
     return {"save_path": str(save_path), "cached": False, **report}
 
 
 def _print_saved(report: dict, save_path: Path) -> None:
-    print(
+    announce(
         f"hydralm: {report['train_rows']} train / {report['eval_rows']} eval sequences -> {save_path}\n"
         f"  train on it with: data=preprocessed data.train_ds={save_path / 'train'} data.eval_ds={save_path / 'eval'}"
     )

@@ -21,6 +21,8 @@ def test_launcher_trains_learns_and_exports_a_reloadable_model(tmp_path):
     assert summary["steps"] == 8
     assert summary["final_eval_loss"] < summary["initial_eval_loss"] - 0.5
     assert "final model:" in result.stdout and "tokens/s" in result.stdout
+    job_log = (out / "hydralm.log").read_text()  # the summary is kept with the run, not only printed
+    assert "hydralm: trained 8 steps" in job_log and f"final model: {out / 'final-model'}" in job_log
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "train_loss" in r]

@@ -1,6 +1,10 @@
-"""Logger plumbing that needs no training run: secret scrubbing and the persistent wandb run id."""
+"""Logger plumbing that needs no training run: secret scrubbing and masking, the persistent wandb run id, tags."""
 
-from conftest import compose_config
+import os
+import subprocess
+import sys
+
+from conftest import ROOT, compose_config
 from launcher.loggers import REDACTED, scrub, wandb_init_kwargs
 
 
@@ -31,3 +35,33 @@ def test_wandb_run_id_is_kept_in_the_output_dir_so_a_requeued_job_resumes_the_ru
     other_run = tmp_path / "other"
     other_run.mkdir()
     assert wandb_init_kwargs(cfg, other_run)["id"] != first["id"]
+
+
+def test_masking_hides_secret_values_in_free_text_only():
+    from launcher.loggers import learn_secrets, mask_secrets
+
+    learn_secrets(["+hub.hf_token=tok-123456", "optimizer.lr=3e-4"])
+    text = ("#0 : +logger.wandb.settings.api_key=k-1 optimizer.lr=3e-4 | {'password': 'p w', 'monkey': 'ok'} | "
+            "client_secret: s1 | model.tokenizer=/tok | Every key: see docs | the token tok-123456 leaked")
+    assert mask_secrets(text) == (
+        "#0 : +logger.wandb.settings.api_key=*** optimizer.lr=3e-4 | {'password': ***, 'monkey': 'ok'} | "
+        "client_secret: *** | model.tokenizer=/tok | Every key: see docs | the token *** leaked")
+
+
+def test_tags_reach_wandb_and_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from wandb_records import offline_run
+
+    # In a process of its own: wandb has written everything once that process has exited.
+    code = ("import sys; from conftest import compose_config; from launcher.loggers import open_loggers\n"
+            "cfg = compose_config(['logger=[wandb,tensorboard]', 'tags=[baseline,lr-sweep]', '+logger.wandb.tags=[mine]'])\n"
+            "for logger in open_loggers(cfg, __import__('pathlib').Path(sys.argv[1])):\n"
+            "    logger.log({'step': 1, 'train_loss': 2.5})\n"
+            "    logger.close()\n")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, capture_output=True, timeout=300,
+                   env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "WANDB_MODE": "offline"})
+    assert list(offline_run(tmp_path)["run"].tags) == ["baseline", "lr-sweep", "mine"]
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0}).Reload()
+    (tags,) = events.Tensors("tags/text_summary")
+    assert tags.tensor_proto.string_val == [b"baseline, lr-sweep"]
