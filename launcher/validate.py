@@ -38,9 +38,9 @@ def check_config(cfg: DictConfig) -> None:
     _check_resume(cfg.resume)
     if cfg.checkpoint is not None and not _is_training_checkpoint(cfg.checkpoint):
         _read_hf_config(cfg.checkpoint, "checkpoint")
-    hf_config = _check_model(model_config(cfg), cfg.train.max_seq_len)
+    _check_model(model_config(cfg), cfg.train.max_seq_len)
     _check_optimizer(cfg.optimizer)
-    _check_peft(cfg, hf_config)
+    _check_peft(cfg)
     _check_loggers(cfg.logger)
 
 
@@ -60,6 +60,7 @@ def model_config(cfg: DictConfig) -> DictConfig:
             for key in ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
                 hf_config.pop(key, None)
             model.path, model.tokenizer, model.config = None, str(hf_dir), hf_config
+            model.pad_vocab_to_multiple_of = 1  # hf/config.json holds the trained vocabulary size
         else:
             model.path = model.tokenizer = cfg.checkpoint
             model.config = None
@@ -239,21 +240,18 @@ def _check_preprocessing(data: DictConfig, max_seq_len: int) -> None:
 def _check_model(model: DictConfig, max_seq_len: int) -> None:
     if model.attention not in ATTENTION_IMPLEMENTATIONS:
         raise choice_error("model.attention", model.attention, ATTENTION_IMPLEMENTATIONS)
+    if OmegaConf.is_missing(model, "path"):
+        raise ConfigError(f"model.path must be set for model={model.name}: a local directory with HF weights and tokenizer")
     if model.path is None and model.config is None:
         raise ConfigError("model.path (a local HF checkpoint) or model.config (random init) must be set")
     if model.path is not None:
-        hf_config = _read_hf_config(model.path, "model.path")
-    else:
-        hf_config = dict(model.config)
+        _read_hf_config(model.path, "model.path")
     tokenizer = model.tokenizer or model.path
     if tokenizer is None or not Path(tokenizer).is_dir():
         raise ConfigError(f"model.tokenizer={tokenizer} does not exist (a directory with a HF tokenizer)")
-    max_positions = hf_config.get("max_position_embeddings")
-    if max_positions is not None and max_seq_len > max_positions:
-        raise ConfigError(
-            f"train.max_seq_len={max_seq_len} exceeds the model's max_position_embeddings={max_positions}"
-        )
-    return hf_config
+    from launcher.modeling import check_model
+
+    check_model(model, max_seq_len)
 
 
 def _read_hf_config(path: str, key: str) -> dict:
@@ -286,10 +284,10 @@ def _check_optimizer(optimizer: DictConfig) -> None:
         )
 
 
-def _check_peft(cfg: DictConfig, hf_config: dict) -> None:
+def _check_peft(cfg: DictConfig) -> None:
     from launcher.lora import check_peft, lora_enabled
 
-    check_peft(cfg.peft, hf_config, cfg.task.name)
+    check_peft(cfg.peft, model_config(cfg), cfg.task.name)
     if cfg.export.merge_lora and not lora_enabled(cfg.peft):
         raise ConfigError("export.merge_lora=true needs peft=lora (there are no adapters to merge)")
 

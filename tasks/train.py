@@ -26,7 +26,7 @@ from launcher.loggers import open_loggers
 from launcher.lora import (apply_lora, base_needs_saving, lora_enabled, parameter_counts,
                            trainable_parameters)
 from launcher.metrics import RunLog, flops_per_token, peak_flops_per_device, peak_memory_gib
-from launcher.modeling import build_model, load_tokenizer
+from launcher.modeling import build_model, load_tokenizer, router_loss
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.outputs import resolve_output_dir
 from launcher.sharding import local_parameter_bytes, prepare_model, set_gradient_sync
@@ -214,8 +214,11 @@ def _train_step(model, optimizer, micro_batches: list[dict], cfg: DictConfig, wo
     step_loss = torch.zeros((), device=world.device)
     for i, batch in enumerate(micro_batches):
         set_gradient_sync(model, i == len(micro_batches) - 1)
-        loss_sum = _token_loss_sum(model, batch, ignore, world.device)
-        (loss_sum * scale).backward()
+        loss_sum, router = _token_loss_sum(model, batch, ignore, world.device)
+        objective = loss_sum * scale
+        if router is not None:  # MoE load balancing: its mean over micro-batches and ranks, as transformers adds it
+            objective = objective + router / len(micro_batches)
+        objective.backward()
         step_loss += loss_sum.detach()
     # max_grad_norm=None: an infinite bound measures the norm without clipping.
     max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else float("inf")
@@ -235,16 +238,19 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
 
 
-def _token_loss_sum(model, batch: dict, ignore_index: int, device: torch.device) -> torch.Tensor:
-    """Next-token cross-entropy summed over trained tokens (fp32 logits).
+def _token_loss_sum(model, batch: dict, ignore_index: int, device: torch.device):
+    """Next-token cross-entropy summed over trained tokens (fp32 logits), and the weighted router
+    loss of a mixture-of-experts model that computes one (else None).
 
     The labels are shifted rather than the logits, so the (batch, seq, vocab) logits are never
     sliced into a copy; the upcast is a no-op unless the model computes in bf16.
     """
     labels = batch["labels"].to(device, non_blocking=True)
     next_labels = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
-    logits = model(**model_inputs(batch, device)).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), next_labels.flatten(), ignore_index=ignore_index, reduction="sum")
+    output = model(**model_inputs(batch, device))
+    loss_sum = F.cross_entropy(output.logits.flatten(0, 1).float(), next_labels.flatten(), ignore_index=ignore_index,
+                               reduction="sum")
+    return loss_sum, router_loss(model, output)
 
 
 def model_inputs(batch: dict, device: torch.device) -> dict:
@@ -266,7 +272,7 @@ def eval_loss(model, loader, cfg: DictConfig, world: World) -> float:
     for i, batch in enumerate(loader):
         if cfg.train.max_eval_batches is not None and i >= cfg.train.max_eval_batches:
             break
-        totals[0] += _token_loss_sum(model, batch, cfg.data.ignore_index, world.device)
+        totals[0] += _token_loss_sum(model, batch, cfg.data.ignore_index, world.device)[0]
         totals[1] += int((batch["labels"][:, 1:] != cfg.data.ignore_index).sum())
     model.train()
     if dist.get_world_size() > 1:
