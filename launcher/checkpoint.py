@@ -17,10 +17,12 @@ save of that step, after the shards are written and before the checkpoint is com
 """
 
 import json
+import logging
 import os
 import random
 import shutil
 import signal
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -48,6 +50,8 @@ TRAINER_STATE = "trainer_state.json"
 HF_DIR = "hf"
 FORMAT_VERSION = 1
 KILL_HOOK = "HYDRALM_TEST_KILL_IN_SAVE"
+
+log = logging.getLogger("hydralm")
 
 
 @dataclass
@@ -153,6 +157,7 @@ class Checkpointer:
 
     def save(self, model, optimizer, scheduler, progress: Progress, window: torch.Tensor, tokenizer) -> Path:
         """Collective. Returns the new checkpoint directory."""
+        started = time.perf_counter()
         final = self.root / f"{PREFIX}{progress.step:08d}"
         partial = self.root / f".{final.name}.partial"
         if self.world.is_main:
@@ -184,6 +189,8 @@ class Checkpointer:
             _fsync_dir(self.root)
             self._prune(keep=final)
         barrier()
+        if self.world.is_main:
+            log.info("saved %s in %.2f s", final, time.perf_counter() - started)
         return final
 
     def _prune(self, keep: Path) -> None:
@@ -201,6 +208,7 @@ class Checkpointer:
         path = self.resume_from
         if path is None:
             return False
+        started = time.perf_counter()
         state = json.loads((path / TRAINER_STATE).read_text())
         check_compatible(state["fingerprint"], self.fingerprint, path)
         options = _state_options(model)
@@ -213,11 +221,12 @@ class Checkpointer:
         for key, value in state["progress"].items():
             setattr(progress, key, value)
         self._restore_rank_state(path, state["world_size"], window)
+        barrier()
         if self.world.is_main:
             _drop_metrics_after(self.root.parent / "metrics.jsonl", progress.step)
             print(f"hydralm: resuming from {path} (step {progress.step}, epoch {progress.epoch}, "
-                  f"{progress.epoch_samples} samples into the epoch)", flush=True)
-        barrier()
+                  f"{progress.epoch_samples} samples into the epoch; read in {time.perf_counter() - started:.2f} s)",
+                  flush=True)
         return True
 
     def _restore_rank_state(self, path: Path, saved_world_size: int, window: torch.Tensor) -> None:
@@ -259,8 +268,11 @@ def load_task_model(cfg: DictConfig, world: World):
 
     model_cfg = model_config(cfg)
     tokenizer = load_tokenizer(model_cfg)
-    model = prepare_model(build_model(model_cfg, tokenizer, world, cfg.sharding.low_cpu_mem_usage), cfg, world)
-    if cfg.checkpoint is not None and is_complete(Path(cfg.checkpoint)):
+    from_checkpoint = cfg.checkpoint is not None and is_complete(Path(cfg.checkpoint))
+    # From a training checkpoint no rank initialises weights: each allocates its shards and reads them.
+    model = build_model(model_cfg, tokenizer, world, cfg.sharding.low_cpu_mem_usage, empty=from_checkpoint)
+    model = prepare_model(model, cfg, world, weights_follow=from_checkpoint)
+    if from_checkpoint:
         load_model_weights(model, Path(cfg.checkpoint))
     return model_cfg, tokenizer, model
 

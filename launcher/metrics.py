@@ -5,13 +5,13 @@ peak memory.
 """
 
 import json
-import resource
-import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
+
+from launcher.host_memory import peak_host_memory_gib
 
 # Dense (no sparsity) bf16 tensor-core peak FLOP/s per device, matched as substrings of
 # torch.cuda.get_device_name(), most specific first. `train.peak_flops_per_device` overrides.
@@ -96,5 +96,4 @@ def peak_memory_gib(device: torch.device) -> float:
     """CUDA: the most memory tensors ever held on the device. CPU: the process's max resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return max_rss / (2**30 if sys.platform == "darwin" else 2**20)  # bytes on macOS, KiB on Linux
+    return peak_host_memory_gib()

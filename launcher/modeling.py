@@ -8,6 +8,7 @@ is untrusted input: its own Python code (config.json `auto_map`) runs only with
 `model.allow_pickled_weights=true`, and then with `torch.load(weights_only=True)`.
 """
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from accelerate import init_empty_weights
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -47,22 +49,26 @@ def attention_implementation(requested: str, device: torch.device, config) -> Op
 
 
 def build_model(
-    model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, world: World, low_cpu_mem_usage: bool = False
+    model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, world: World, low_cpu_mem_usage: bool = False,
+    empty: bool = False,
 ) -> PreTrainedModel:
     """fp32 master weights on the host; sharding/mixed precision decide what lands on the device.
 
     With `low_cpu_mem_usage`, only rank 0 reads (or initialises) the weights; the other ranks
-    build the same shapes on the meta device and receive the weights after sharding.
+    build the parameters on the meta device and receive the weights after sharding. `empty`:
+    every rank builds meta parameters, for weights loaded after sharding (a training checkpoint).
+    Buffers (rotary frequencies, embedding scales) are always computed as the model defines them.
     """
     config = hf_config(model_cfg, tokenizer)
     rows = vocab_rows(model_cfg, tokenizer, config.vocab_size)
     options = dict(dtype=torch.float32, attn_implementation=attention_implementation(model_cfg.attention, world.device, config),
                    trust_remote_code=model_cfg.trust_remote_code)
-    on_meta = low_cpu_mem_usage and not world.is_main
+    on_meta = empty or (low_cpu_mem_usage and not world.is_main)
     if model_cfg.path is None or on_meta:
         config.vocab_size = rows
-        with torch.device("meta" if on_meta else "cpu"):
+        with init_empty_weights(include_buffers=False) if on_meta else contextlib.nullcontext():
             model = AutoModelForCausalLM.from_config(config, **options)
+        model.tie_weights()  # inside init_empty_weights, tying made a second (meta) parameter
     else:
         model = AutoModelForCausalLM.from_pretrained(
             model_cfg.path, config=config, use_safetensors=None if model_cfg.allow_pickled_weights else True,

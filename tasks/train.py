@@ -25,6 +25,7 @@ from launcher.export import save_base_model, save_hf_model, save_lora_adapter
 from launcher.loggers import open_loggers
 from launcher.lora import (apply_lora, base_needs_saving, lora_enabled, parameter_counts,
                            trainable_parameters)
+from launcher.host_memory import peak_host_memory_gib
 from launcher.metrics import RunLog, flops_per_token, peak_flops_per_device, peak_memory_gib
 from launcher.modeling import build_model, load_tokenizer, router_loss
 from launcher.optim import build_optimizer, build_scheduler
@@ -170,6 +171,7 @@ def train(cfg: DictConfig) -> dict:
             "trainable_params": trainable,
             "total_params": total,
             "mfu_flops_per_token": throughput.flops_per_token,
+            "peak_host_mem_gib": _per_rank(peak_host_memory_gib(), world),
         }
         if world.is_main:
             (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -214,11 +216,8 @@ def _train_step(model, optimizer, micro_batches: list[dict], cfg: DictConfig, wo
     step_loss = torch.zeros((), device=world.device)
     for i, batch in enumerate(micro_batches):
         set_gradient_sync(model, i == len(micro_batches) - 1)
-        loss_sum, router = _token_loss_sum(model, batch, ignore, world.device)
-        objective = loss_sum * scale
-        if router is not None:  # MoE load balancing: its mean over micro-batches and ranks, as transformers adds it
-            objective = objective + router / len(micro_batches)
-        objective.backward()
+        loss_sum = _token_loss_sum(model, batch, ignore, world.device)
+        (loss_sum * scale).backward()
         step_loss += loss_sum.detach()
     # max_grad_norm=None: an infinite bound measures the norm without clipping.
     max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else float("inf")
@@ -238,9 +237,10 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
 
 
-def _token_loss_sum(model, batch: dict, ignore_index: int, device: torch.device):
-    """Next-token cross-entropy summed over trained tokens (fp32 logits), and the weighted router
-    loss of a mixture-of-experts model that computes one (else None).
+def _token_loss_sum(model, batch: dict, ignore_index: int, device: torch.device) -> torch.Tensor:
+    """Next-token cross-entropy summed over trained tokens (fp32 logits), plus, for a mixture of
+    experts that computes its router's load-balancing loss, that term once per trained token: the
+    token mean is then transformers' own loss of the batch.
 
     The labels are shifted rather than the logits, so the (batch, seq, vocab) logits are never
     sliced into a copy; the upcast is a no-op unless the model computes in bf16.
@@ -250,7 +250,8 @@ def _token_loss_sum(model, batch: dict, ignore_index: int, device: torch.device)
     output = model(**model_inputs(batch, device))
     loss_sum = F.cross_entropy(output.logits.flatten(0, 1).float(), next_labels.flatten(), ignore_index=ignore_index,
                                reduction="sum")
-    return loss_sum, router_loss(model, output)
+    router = router_loss(model, output)
+    return loss_sum if router is None else loss_sum + router * (next_labels != ignore_index).sum()
 
 
 def model_inputs(batch: dict, device: torch.device) -> dict:
@@ -272,7 +273,7 @@ def eval_loss(model, loader, cfg: DictConfig, world: World) -> float:
     for i, batch in enumerate(loader):
         if cfg.train.max_eval_batches is not None and i >= cfg.train.max_eval_batches:
             break
-        totals[0] += _token_loss_sum(model, batch, cfg.data.ignore_index, world.device)[0]
+        totals[0] += _token_loss_sum(model, batch, cfg.data.ignore_index, world.device)
         totals[1] += int((batch["labels"][:, 1:] != cfg.data.ignore_index).sum())
     model.train()
     if dist.get_world_size() > 1:
@@ -292,6 +293,13 @@ def _global_sum(value: torch.Tensor) -> list[float]:
         value = value.clone()
         dist.all_reduce(value)
     return value.tolist()
+
+
+def _per_rank(value: float, world: World) -> list[float]:
+    """`value` of every rank, in rank order (collective)."""
+    values = [None] * world.size
+    dist.all_gather_object(values, value)
+    return values
 
 
 def _print_summary(summary: dict) -> None:

@@ -151,12 +151,13 @@ def pad_id(checkpoint):
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def lm_loss(model, ids, labels):
-    """transformers' own causal-LM loss (the token mean), without a MoE router's auxiliary term."""
+def lm_loss(model, ids, labels, router_loss=True):
+    """transformers' own causal-LM loss (the token mean; with a MoE router's term when the config
+    asks for it), and the objective to train on (router_loss=False: without that term)."""
     output = model(input_ids=ids, labels=labels)
-    if getattr(output, "aux_loss", None) is not None:
-        return output.loss - model.config.router_aux_loss_coef * output.aux_loss, output.loss
-    return output.loss, output.loss
+    if router_loss or output.aux_loss is None:
+        return output.loss, output.loss
+    return output.loss, output.loss - model.config.router_aux_loss_coef * output.aux_loss
 
 
 @torch.no_grad()
@@ -166,9 +167,7 @@ def eval_loss(model, rows, pad_token):
 
 
 def plain_pytorch_run(checkpoint, rows, router_loss=True):
-    """The per-step losses and the final model of a plain loop over the same rows. The objective is
-    transformers' loss (with a MoE router's term when the config asks for it; router_loss=False
-    drops it); the logged loss is the language-modelling part."""
+    """The per-step losses (transformers' loss) and the final model of a plain loop over the same rows."""
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), **ADAMW)
@@ -179,8 +178,8 @@ def plain_pytorch_run(checkpoint, rows, router_loss=True):
     for step in range(STEPS):
         picked = order[step * BATCH : (step + 1) * BATCH]
         batch = {key: [rows["train"][key][i] for i in picked] for key in ("input_ids", "labels")}
-        logged, objective = lm_loss(model, *pad(batch, pad_token))
-        (objective if router_loss else logged).backward()
+        logged, objective = lm_loss(model, *pad(batch, pad_token), router_loss)
+        objective.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
         optimizer.step()
         schedule.step()
@@ -349,10 +348,13 @@ def test_only_a_random_init_is_padded_and_a_checkpoint_grows_only_for_a_bigger_t
 
 def test_a_mixture_of_experts_trains_with_its_router_loss_as_transformers_adds_it(rows, tmp_path):
     """output_router_logits=true in the config: transformers adds router_aux_loss_coef x the
-    load-balancing loss to its loss; hydralm's objective must too (its logged loss stays the LM loss)."""
+    load-balancing loss to its loss, and so does hydralm (once per trained token, so the loss of
+    one batch is transformers' loss of it, and with several it is their token-weighted mean)."""
     config = dict(FAMILIES["qwen3_moe"].config, output_router_logits=True, router_aux_loss_coef=1.0)
     checkpoint = save_checkpoint(config, tmp_path / "moe")
-    run_task(compose_config(overrides(checkpoint, rows, tmp_path / "run")))
+    summary = run_task(compose_config(overrides(checkpoint, rows, tmp_path / "run", **{"data.eval_bs": 8})))
+    original = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    assert summary["initial_eval_loss"] == pytest.approx(eval_loss(original, rows, pad_id(checkpoint)), rel=LOSS_RTOL)
     losses, _ = plain_pytorch_run(checkpoint, rows)
     assert train_losses(tmp_path / "run") == pytest.approx(losses, rel=LOSS_RTOL)
     without_router_loss, _ = plain_pytorch_run(checkpoint, rows, router_loss=False)
