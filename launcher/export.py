@@ -4,7 +4,7 @@ adapters merged into a plain HuggingFace model.
 
 Memory bound: the weights are gathered one tensor at a time and each is streamed into its place in
 a safetensors file (files of at most `max_shard_bytes`), so every rank holds at most one gathered
-tensor beyond its own shard of the model.
+tensor (and the all-gather's buffer) beyond its own shard of the model.
 """
 
 import json
@@ -118,9 +118,7 @@ def _write_weight_shards(model: torch.nn.Module, directory: Path, world: World, 
             tensor = state[name]
             full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach()  # collective
             if world.is_main:
-                for saved, part in saved_tensors(model, name, full).items():
-                    where[saved].write(saved, part)
-                part = None
+                _write_saved(model, name, full, where)
             del full  # before the next gather: one gathered tensor at a time
     finally:
         for writer in writers.values():
@@ -129,6 +127,11 @@ def _write_weight_shards(model: torch.nn.Module, directory: Path, world: World, 
         index = {"metadata": {"total_size": sum(w.data_bytes for w in writers.values())},
                  "weight_map": {saved: file for file, layout in files for saved in layout}}
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
+
+
+def _write_saved(model: torch.nn.Module, name: str, tensor: torch.Tensor, where: dict) -> None:
+    for saved, part in saved_tensors(model, name, tensor).items():
+        where[saved].write(saved, part)
 
 
 def saved_tensors(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:

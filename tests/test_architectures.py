@@ -302,6 +302,25 @@ def test_a_run_killed_with_sigkill_resumes_to_bit_equal_weights(family, uninterr
 
 # ---------------------------------------------------------------- beyond the matrix
 
+# Families with a preset or a close relative in the matrix: loading and single-process training only.
+MORE_FAMILIES = {
+    # the Gemma 3 text models (gemma3_1b): an embedding-scale buffer, sliding and global layers, tied
+    "gemma3_text": dict(model_type="gemma3_text", vocab_size=4101, head_dim=8, **SMALL),
+    "mixtral": dict(model_type="mixtral", vocab_size=4099, num_local_experts=4, num_experts_per_tok=2, **SMALL),
+}
+
+
+@pytest.mark.parametrize("name", list(MORE_FAMILIES))
+def test_more_families_load_unchanged_and_train_like_a_plain_pytorch_loop(name, rows, tmp_path):
+    checkpoint = save_checkpoint(MORE_FAMILIES[name], tmp_path / name)
+    summary = run_task(compose_config(overrides(checkpoint, rows, tmp_path / "run")))
+    original = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    assert summary["initial_eval_loss"] == pytest.approx(eval_loss(original, rows, pad_id(checkpoint)), rel=LOSS_RTOL)
+    losses, _ = plain_pytorch_run(checkpoint, rows)
+    assert train_losses(tmp_path / "run") == pytest.approx(losses, rel=LOSS_RTOL)
+    assert safetensors_keys(tmp_path / "run" / "final-model") == safetensors_keys(checkpoint)
+
+
 
 def test_a_checkpoint_whose_logits_share_a_large_offset_keeps_its_loss_and_vocabulary(rows, tmp_path):
     """The case that found the bug: GPT-2 style, 4133 rows (not a multiple of 64), an untied head,
