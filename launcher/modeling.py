@@ -127,6 +127,10 @@ def check_model(model_cfg: DictConfig, max_seq_len: int) -> None:
     except (ValueError, KeyError, OSError) as err:
         key = "model.path" if model_cfg.path is not None else "model.config"
         raise ConfigError(f"{key}: transformers cannot read the model config: {_first_line(err)}") from None
+    if config.get_text_config() is not config:
+        raise ConfigError(
+            f"model.path={model_cfg.path}: model_type={config.model_type} is a multimodal model (its config nests a "
+            f"text_config); hydralm trains text-only causal LMs: use the family's text-only checkpoint")
     model_class = _model_class(config)
     if model_class is None and not model_cfg.trust_remote_code:
         raise ConfigError(

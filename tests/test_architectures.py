@@ -378,3 +378,16 @@ def test_a_mixture_of_experts_trains_with_its_router_loss_as_transformers_adds_i
     assert train_losses(tmp_path / "run") == pytest.approx(losses, rel=LOSS_RTOL)
     without_router_loss, _ = plain_pytorch_run(checkpoint, rows, router_loss=False)
     assert without_router_loss[1:] != pytest.approx(losses[1:], rel=LOSS_RTOL)  # the check can tell
+
+
+def test_a_multimodal_checkpoint_is_refused_naming_what_to_use(tmp_path):
+    """Gemma 3 4B and up are vision-language checkpoints (Gemma3ForConditionalGeneration)."""
+    from conftest import assert_rejected_before_any_work
+
+    text = dict(vocab_size=4096, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=8, intermediate_size=64)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=28,
+                  patch_size=14)
+    checkpoint = save_checkpoint(dict(model_type="gemma3", text_config=text, vision_config=vision), tmp_path / "gemma3")
+    assert_rejected_before_any_work(["model=local", f"model.path={checkpoint}"],
+                                    "model_type=gemma3 is a multimodal model", tmp_path)
