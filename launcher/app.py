@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from launcher import schema  # noqa: F401  (registers the schema and the asset resolver)
 from launcher.console import masked_console, one_line_errors, record_in_job_log, refuse
 from launcher.errors import ConfigError, RunStopped
+from launcher.host_memory import return_large_freed_blocks
 from launcher.loggers import scrub_hydra_outputs
 from launcher.objective import objective_value
 from launcher.validate import check_config
@@ -28,6 +29,7 @@ log = logging.getLogger("hydralm")
 
 def run_task(cfg: DictConfig):
     """Validate `cfg` and call its task function. Tests call this with a composed config."""
+    return_large_freed_blocks()
     check_config(cfg)
     return get_method(cfg.task.fn)(cfg)
 

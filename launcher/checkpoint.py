@@ -23,12 +23,14 @@ save of that step, after the shards are written and before the checkpoint is com
 """
 
 import json
+import logging
 import math
 import os
 import pickle
 import shutil
 import signal
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -60,6 +62,8 @@ from launcher.rng import rng_state, set_rng_state
 
 FORMAT_VERSION = 3  # 3: checksums in the COMPLETE marker
 KILL_HOOK = "HYDRALM_TEST_KILL_IN_SAVE"
+
+log = logging.getLogger("hydralm")
 
 
 @dataclass
@@ -128,6 +132,7 @@ class Checkpointer:
              task_state: dict) -> Path:
         """Collective. Returns the new checkpoint directory. A save that fails on any rank removes
         its staging directory on every path out; a full disk stops the run with one line."""
+        started = time.perf_counter()
         final = run_dir.checkpoint_dir(self.output_dir, progress.step)
         staging = atomic.partial_path(final)
         if self.world.is_main:
@@ -170,6 +175,8 @@ class Checkpointer:
             self._prune(keep=final)
 
         on_rank0_then_all(publish, self.world)  # its failure reaches every rank
+        if self.world.is_main:
+            log.info("saved %s in %.2f s", final, time.perf_counter() - started)
         return final
 
     def _write_rank_files(self, staging: Path, model, optimizer, window: Window) -> dict[str, str]:
@@ -201,10 +208,9 @@ class Checkpointer:
         path = self.resume_from
         if path is None:
             return None
-        # An explicit resume=<checkpoint> may change the batch layout (a resharded resume).
-        self.may_differ = layout_keys(cfg) if cfg.resume not in ("auto", "never") else set()
+        started = time.perf_counter()
         state = json.loads((path / run_dir.TRAINER_STATE).read_text())  # checked by checkpoint_problem
-        check_compatible(state["fingerprint"], self.fingerprint, path)
+        run_dir.check_compatible(state["fingerprint"], self.fingerprint, path, ignore=self.may_differ)
         options = _state_options(model)
         model_state, optim_state = get_state_dict(model, optimizer, options=options)
         loaded = {"model": model_state, "optim": optim_state}
@@ -215,11 +221,12 @@ class Checkpointer:
         for key, value in state["progress"].items():
             setattr(progress, key, value)
         self._restore_rank_state(path, state["world_size"], window)
+        barrier()
         if self.world.is_main:
             run_dir.drop_metrics_after(self.output_dir, progress.step)
             abandoned = run_dir.remove_checkpoints_after(self.output_dir, progress.step)
             print(f"hydralm: resuming from {path} (step {progress.step}, epoch {progress.epoch}, "
-                  f"{progress.epoch_samples} samples into the epoch)"
+                  f"{progress.epoch_samples} samples into the epoch; read in {time.perf_counter() - started:.2f} s)"
                   + (f"; removed the later checkpoints it abandons: {', '.join(p.name for p in abandoned)}"
                      if abandoned else ""), flush=True)
         barrier()

@@ -19,6 +19,20 @@ from launcher.errors import ConfigError, choice_error
 PEFT_METHODS = ("none", "lora")
 TASK_TYPES = ("CAUSAL_LM",)  # hydralm trains AutoModelForCausalLM
 
+# peft.target_modules=null: every projection of each attention block, by model_type (names are
+# suffixes of module paths; GPT-2's c_attn and c_proj are Conv1D layers, which peft adapts with
+# fan_in_fan_out). Model types not listed: all-linear (every linear layer but the output head).
+ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+DEFAULT_TARGET_MODULES = {
+    **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+                     "gemma3_text"), ATTENTION_PROJECTIONS),
+    "phi3": ["qkv_proj", "o_proj"],
+    "gpt2": ["c_attn", "attn.c_proj"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "gpt_neox": ["query_key_value", "attention.dense"],
+}
+ALL_LINEAR = "all-linear"
+
 
 def lora_enabled(peft_cfg: DictConfig) -> bool:
     return peft_cfg.name == "lora"
@@ -29,12 +43,18 @@ def is_lora_model(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
-def lora_config(peft_cfg: DictConfig):
+def default_target_modules(model_type: str):
+    return DEFAULT_TARGET_MODULES.get(model_type, ALL_LINEAR)
+
+
+def lora_config(peft_cfg: DictConfig, model_type: str):
     from peft import LoraConfig
 
     target_modules = peft_cfg.target_modules
     if OmegaConf.is_config(target_modules):
         target_modules = OmegaConf.to_container(target_modules)
+    if target_modules is None:
+        target_modules = default_target_modules(model_type)
     return LoraConfig(
         task_type=peft_cfg.task_type,
         r=peft_cfg.r,
@@ -54,7 +74,7 @@ def apply_lora(model: torch.nn.Module, peft_cfg: DictConfig, base_name_or_path: 
         return model
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, lora_config(peft_cfg))
+    peft_model = get_peft_model(model, lora_config(peft_cfg, model.config.model_type))
     # get_peft_model records the model's own name_or_path, empty for a random init
     peft_model.active_peft_config.base_model_name_or_path = base_name_or_path
     return peft_model
@@ -78,18 +98,21 @@ def check_peft(peft_cfg: DictConfig, task: str) -> None:
         raise ConfigError("peft.inference_mode=true freezes the adapters: task=train would train nothing")
 
 
-def check_lora_targets(peft_cfg: DictConfig, hf_config: dict) -> None:
+def check_lora_targets(peft_cfg: DictConfig, model_cfg: DictConfig) -> None:
     """The adapters are injected into a weightless (meta) copy of the model, so target_modules
     that match nothing fail before any weight is loaded."""
     if not lora_enabled(peft_cfg):
         return
     from peft import get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    from launcher.modeling import hf_config
+
+    config = hf_config(model_cfg)
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config))
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
     try:
-        get_peft_model(skeleton, lora_config(peft_cfg))
+        get_peft_model(skeleton, lora_config(peft_cfg, config.model_type))
     except ValueError as err:
         linear = sorted({name.rsplit(".", 1)[-1] for name, m in skeleton.named_modules()
                          if isinstance(m, torch.nn.Linear)})
@@ -138,18 +161,19 @@ def load_trainable_state_dict(model: torch.nn.Module, state: dict, full: bool = 
 
 def base_needs_saving(model_cfg: DictConfig, model: torch.nn.Module) -> bool:
     """True when `model.path` alone cannot rebuild the frozen base the adapters apply to: a random
-    init, or embeddings padded beyond the checkpoint's vocabulary (new rows are random)."""
+    init, or embeddings grown beyond the checkpoint's vocabulary for a larger tokenizer."""
     if model_cfg.path is None:
         return True
-    from transformers import AutoConfig
+    from launcher.modeling import hf_config
 
-    return AutoConfig.from_pretrained(model_cfg.path).vocab_size != model.get_input_embeddings().num_embeddings
+    return hf_config(model_cfg).vocab_size != model.get_input_embeddings().num_embeddings
 
 
-def reload_lora_model(adapter_dir: Path):
+def reload_lora_model(adapter_dir: Path, trust_remote_code: bool = False):
     """The trained model from an adapter directory: its recorded base plus the adapters."""
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM
 
     base = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
-    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter_dir)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    return PeftModel.from_pretrained(model, adapter_dir)

@@ -22,6 +22,7 @@ from torch.distributed.fsdp import register_fsdp_forward_method
 from torch.utils.checkpoint import checkpoint
 
 from launcher.errors import ConfigError, choice_error
+from launcher.modeling import router_loss
 
 LOSSES = ("cross_entropy", "chunked_cross_entropy")
 # Model types whose causal-LM forward is exactly `lm_head(decoder(...).last_hidden_state)`: no
@@ -41,6 +42,9 @@ def check_loss(train_cfg, hf_config: dict) -> None:
     if train_cfg.loss_chunk_size < 1:
         raise ConfigError(f"train.loss_chunk_size={train_cfg.loss_chunk_size} must be >= 1")
     model_type = hf_config.get("model_type")
+    if train_cfg.loss == "chunked_cross_entropy" and hf_config.get("output_router_logits"):
+        raise ConfigError("train.loss=chunked_cross_entropy does not add a mixture of experts' router loss "
+                          "(the model's output_router_logits=true); use train.loss=cross_entropy")
     if train_cfg.loss == "chunked_cross_entropy" and model_type not in CHUNKED_MODEL_TYPES:
         raise ConfigError(
             f"train.loss=chunked_cross_entropy supports model types {', '.join(CHUNKED_MODEL_TYPES)} "
@@ -59,8 +63,11 @@ def token_loss_sum(model, batch: dict, ignore_index: int, device: torch.device,
     next_labels = F.pad(labels[:, 1:], (0, 1), value=ignore_index).flatten()
     inputs = model_inputs(batch, device)
     if chunk_size is None:
-        logits = model(**inputs).logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), next_labels, ignore_index=ignore_index, reduction="sum")
+        output = model(**inputs)
+        loss = F.cross_entropy(output.logits.flatten(0, 1).float(), next_labels, ignore_index=ignore_index,
+                               reduction="sum")
+        router = router_loss(model, output)  # a mixture of experts' load balancing, as transformers adds it
+        return loss if router is None else loss + router * (next_labels != ignore_index).sum()
     return _chunked_loss_method(model)(inputs, next_labels, ignore_index, chunk_size)
 
 

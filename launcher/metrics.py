@@ -4,8 +4,6 @@ numbers of a row: model FLOPs per token, MFU against the device's peak, and peak
 """
 
 import json
-import resource
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -14,6 +12,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from launcher.run_dir import METRICS
+from launcher.host_memory import peak_host_memory_gib
 
 # Dense (no sparsity) bf16 tensor-core peak FLOP/s per device, matched as substrings of
 # torch.cuda.get_device_name(), most specific first. `train.peak_flops_per_device` overrides.
@@ -156,5 +155,4 @@ def peak_memory_gib(device: torch.device) -> float:
     """CUDA: the most memory tensors ever held on the device. CPU: the process's max resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return max_rss / (2**30 if sys.platform == "darwin" else 2**20)  # bytes on macOS, KiB on Linux
+    return peak_host_memory_gib()

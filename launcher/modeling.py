@@ -1,74 +1,224 @@
-"""Tokenizer and model construction: a local HF checkpoint, or a random init from a config."""
+"""Tokenizer and model construction: a local HF checkpoint, loaded unchanged, or a random init
+from a config.
 
+A checkpoint is loaded as transformers loads it: its vocabulary, tying, attention implementation
+and weights are kept, so its loss in hydralm is its loss in transformers. A checkpoint directory
+is untrusted input: its own Python code (config.json `auto_map`) runs only with
+`model.trust_remote_code=true`, and pickled weights (`pytorch_model*.bin`) are read only with
+`model.allow_pickled_weights=true`, and then with `torch.load(weights_only=True)`.
+"""
+
+import contextlib
 import importlib.util
 import json
+import logging
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
+from accelerate import init_empty_weights
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from launcher.distributed import World
 from launcher.errors import ConfigError, at_least, choice_error
 
+log = logging.getLogger("hydralm")
+
 ATTENTION_IMPLEMENTATIONS = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
+SAFE_WEIGHTS = "*.safetensors"
+PICKLED_WEIGHTS = "pytorch_model*.bin"  # what transformers reads when a directory has no safetensors
 
 
 def load_tokenizer(model_cfg: DictConfig) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer or model_cfg.path)
+    tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer or model_cfg.path,
+                                              trust_remote_code=model_cfg.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def attention_implementation(requested: str, device: torch.device) -> str:
-    """`auto`: flash attention where it can run, else sdpa. (validate.py rejects an explicit
-    flash_attention_2 that cannot run here.)"""
+def attention_implementation(requested: str, device: torch.device, config) -> Optional[str]:
+    """`auto`: flash attention where it can run and the model supports it, else transformers' own
+    choice for the model (sdpa where supported; eager for e.g. Gemma 2, whose attention logits are
+    soft-capped). (check_model rejects an explicit choice the model or the machine cannot run.)"""
     if requested != "auto":
         return requested
     flash_ready = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
-    return "flash_attention_2" if flash_ready else "sdpa"
+    return "flash_attention_2" if flash_ready and getattr(_model_class(config), "_supports_flash_attn", False) else None
 
 
 def build_model(
-    model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, world: World, low_cpu_mem_usage: bool = False
+    model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, world: World, low_cpu_mem_usage: bool = False,
+    empty: bool = False,
 ) -> PreTrainedModel:
     """fp32 master weights on the host; sharding/mixed precision decide what lands on the device.
 
     With `low_cpu_mem_usage`, only rank 0 reads (or initialises) the weights; the other ranks
-    build the same shapes on the meta device and receive the weights after sharding.
+    build the parameters on the meta device and receive the weights after sharding. `empty`:
+    every rank builds meta parameters, for weights loaded after sharding (a training checkpoint).
+    Buffers (rotary frequencies, embedding scales) are always computed as the model defines them.
     """
-    attn = attention_implementation(model_cfg.attention, world.device)
-    config = _hf_config(model_cfg, tokenizer)
-    if low_cpu_mem_usage and not world.is_main:
-        config.vocab_size = _padded_vocab_size(config.vocab_size, tokenizer, model_cfg.pad_vocab_to_multiple_of)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
-    elif model_cfg.path is not None:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_cfg.path, config=config, dtype=torch.float32, attn_implementation=attn
-        )
+    config = hf_config(model_cfg, tokenizer)
+    rows = vocab_rows(model_cfg, tokenizer, config.vocab_size)
+    options = dict(dtype=torch.float32, attn_implementation=attention_implementation(model_cfg.attention, world.device, config),
+                   trust_remote_code=model_cfg.trust_remote_code)
+    on_meta = empty or (low_cpu_mem_usage and not world.is_main)
+    if model_cfg.path is None or on_meta:
+        config.vocab_size = rows
+        with init_empty_weights(include_buffers=False) if on_meta else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_config(config, **options)
+        model.tie_weights()  # inside init_empty_weights, tying made a second (meta) parameter
     else:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
-    rows = model.get_input_embeddings().num_embeddings
-    wanted = _padded_vocab_size(rows, tokenizer, model_cfg.pad_vocab_to_multiple_of)
-    if wanted != rows:
-        model.resize_token_embeddings(wanted, mean_resizing=False)
-    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model = AutoModelForCausalLM.from_pretrained(
+            model_cfg.path, config=config, use_safetensors=None if model_cfg.allow_pickled_weights else True,
+            weights_only=True, **options)
+        if rows != config.vocab_size:  # the tokenizer has tokens the checkpoint lacks: new rows at the mean
+            log.warning("model.tokenizer has %d tokens, model.path's vocabulary %d: the embeddings grow to %d rows",
+                        len(tokenizer), config.vocab_size, rows)
+            model.resize_token_embeddings(rows)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 
 
-def _hf_config(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase):
+def hf_config(model_cfg: DictConfig, tokenizer: Optional[PreTrainedTokenizerBase] = None):
+    """The transformers config: the checkpoint's own, or `model.config` (with the tokenizer's
+    special tokens) for a random init."""
     if model_cfg.path is not None:
-        return AutoConfig.from_pretrained(model_cfg.path)
+        return AutoConfig.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
     kwargs = OmegaConf.to_container(model_cfg.config, resolve=True)
-    special = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "pad")}
+    special = {} if tokenizer is None else {
+        f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "pad")}
     return AutoConfig.for_model(**{**special, **kwargs})
 
 
-def _padded_vocab_size(rows: int, tokenizer: PreTrainedTokenizerBase, multiple: int) -> int:
-    return math.ceil(max(rows, len(tokenizer)) / multiple) * multiple
+def vocab_rows(model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, rows: int) -> int:
+    """Embedding rows. A checkpoint keeps its own (grown only when the tokenizer has more tokens:
+    padding would add rows whose random logits join the softmax). A random init is padded to a
+    multiple of `model.pad_vocab_to_multiple_of`, which changes nothing there."""
+    needed = max(rows, len(tokenizer))
+    if model_cfg.path is not None:
+        return needed
+    return math.ceil(needed / model_cfg.pad_vocab_to_multiple_of) * model_cfg.pad_vocab_to_multiple_of
+
+
+def router_loss(model: torch.nn.Module, output) -> Optional[torch.Tensor]:
+    """A mixture-of-experts model's load-balancing loss, weighted as transformers adds it to its own
+    loss (`router_aux_loss_coef`), when the model computes it (`output_router_logits`)."""
+    aux = getattr(output, "aux_loss", None)
+    return None if aux is None else model.config.router_aux_loss_coef * aux
+
+
+# ---------------------------------------------------------------- checks before anything loads
+
+
+def check_model(model_cfg: DictConfig, max_seq_len: int) -> dict:
+    """What `build_model` would refuse or silently get wrong, found from the config files alone:
+    a missing model or tokenizer, custom code without `model.trust_remote_code`, pickled weights
+    without `model.allow_pickled_weights` (and unsafe pickles with it), a model transformers
+    cannot train as a causal LM, an attention implementation the model does not have, sequences
+    longer than its positions. Returns the model's config as a dict."""
+    if model_cfg.attention not in ATTENTION_IMPLEMENTATIONS:
+        raise choice_error("model.attention", model_cfg.attention, ATTENTION_IMPLEMENTATIONS)
+    at_least(model_cfg.pad_vocab_to_multiple_of, 1, "model.pad_vocab_to_multiple_of")
+    if model_cfg.path is None and model_cfg.config is None:
+        raise ConfigError("model.path (a local HF checkpoint) or model.config (random init) must be set")
+    tokenizer = model_cfg.tokenizer or model_cfg.path
+    if model_cfg.path is not None:
+        read_hf_config(model_cfg.path, "model.path")
+    if tokenizer is None or not Path(tokenizer).is_dir():
+        raise ConfigError(f"model.tokenizer={tokenizer} does not exist (a directory with a HF tokenizer)")
+    if model_cfg.path is not None:
+        _check_remote_code(model_cfg)
+        _check_weight_files(model_cfg)
+    try:
+        config = hf_config(model_cfg)
+    except (ValueError, KeyError, OSError) as err:
+        key = "model.path" if model_cfg.path is not None else "model.config"
+        raise ConfigError(f"{key}: transformers cannot read the model config: {_first_line(err)}") from None
+    if config.get_text_config() is not config:
+        raise ConfigError(
+            f"model.path={model_cfg.path}: model_type={config.model_type} is a multimodal model (its config nests a "
+            f"text_config); hydralm trains text-only causal LMs: use the family's text-only checkpoint")
+    model_class = _model_class(config)
+    if model_class is None and not model_cfg.trust_remote_code:
+        raise ConfigError(
+            f"model_type={config.model_type} has no causal-LM class in transformers (AutoModelForCausalLM); "
+            f"hydralm trains decoder-only language models")
+    requested = model_cfg.attention
+    if model_class is not None and requested in ("sdpa", "flash_attention_2"):
+        supported = getattr(model_class, "_supports_sdpa" if requested == "sdpa" else "_supports_flash_attn", False)
+        if not supported:
+            raise ConfigError(f"model.attention={requested} is not supported by {model_class.__name__}; "
+                              f"use model.attention=auto (transformers' choice for the model) or eager")
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if max_positions is not None and max_seq_len > max_positions:
+        raise ConfigError(f"train.max_seq_len={max_seq_len} exceeds the model's max_position_embeddings={max_positions}")
+    return config.to_dict()
+
+
+def _check_remote_code(model_cfg: DictConfig) -> None:
+    """An `auto_map` names Python files shipped with the checkpoint. Without trust_remote_code
+    they never run: transformers' own class is used when it has the architecture, otherwise the
+    checkpoint is refused."""
+    config = json.loads((Path(model_cfg.path) / "config.json").read_text())
+    if "auto_map" not in config or model_cfg.trust_remote_code:
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if config.get("model_type") not in CONFIG_MAPPING_NAMES:
+        raise ConfigError(
+            f"model.path={model_cfg.path}: config.json has auto_map (model_type={config.get('model_type')} is "
+            f"implemented by Python code in that directory, which hydralm does not run by default); "
+            f"set model.trust_remote_code=true if you trust that code")
+    log.info("model.path=%s: config.json's auto_map is ignored; transformers' own %s class is used",
+             model_cfg.path, config["model_type"])
+
+
+def _check_weight_files(model_cfg: DictConfig) -> None:
+    path = Path(model_cfg.path)
+    if any(path.glob(SAFE_WEIGHTS)):
+        return  # transformers reads only the safetensors files then (use_safetensors=True)
+    pickled = sorted(path.glob(PICKLED_WEIGHTS))
+    if not pickled:
+        raise ConfigError(f"model.path={path} holds no weights transformers reads "
+                          f"(model*.safetensors, or pytorch_model*.bin with model.allow_pickled_weights=true)")
+    if not model_cfg.allow_pickled_weights:
+        raise ConfigError(
+            f"model.path={path} holds pickled weights ({pickled[0].name}), which can run code when read; "
+            f"convert them to safetensors, or set model.allow_pickled_weights=true to read them with "
+            f"torch.load(weights_only=True)")
+    for file in pickled:  # unpickling only (tensors memory-mapped, not read): quick even for large files
+        try:
+            torch.load(file, map_location="cpu", weights_only=True, mmap=_is_zip(file))
+        except Exception as err:  # weights_only refuses anything but tensors and plain containers
+            raise ConfigError(f"model.path: {file} is not a plain tensor file, refused by "
+                              f"torch.load(weights_only=True): {_first_line(err)}") from None
+
+
+def _is_zip(file: Path) -> bool:
+    import zipfile
+
+    return zipfile.is_zipfile(file)
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _model_class(config) -> Optional[type]:
+    """transformers' causal-LM class for `config`, or None (custom code, not a causal LM)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return None
+
+
+# ---------------------------------------------------------------- structure
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -80,33 +230,16 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
+def runs_remote_code(model: torch.nn.Module) -> bool:
+    """The model's class came from its checkpoint's own code (model.trust_remote_code=true)."""
+    return base_model_class(model).__module__.startswith("transformers_modules")
+
+
 def base_model_class(model: torch.nn.Module) -> type:
     """The HF class under FSDP2's dynamic `FSDP<Class>` subclass (and under a PeftModel)."""
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     return next(c for c in type(model).__mro__ if issubclass(c, PreTrainedModel) and not c.__name__.startswith("FSDP"))
-
-
-def check_model(model: DictConfig, max_seq_len: int) -> dict:
-    """The model exists where it is said to be and fits `train.max_seq_len`; its HF config."""
-    if model.attention not in ATTENTION_IMPLEMENTATIONS:
-        raise choice_error("model.attention", model.attention, ATTENTION_IMPLEMENTATIONS)
-    at_least(model.pad_vocab_to_multiple_of, 1, "model.pad_vocab_to_multiple_of")
-    if model.path is None and model.config is None:
-        raise ConfigError("model.path (a local HF checkpoint) or model.config (random init) must be set")
-    if model.path is not None:
-        hf_config = read_hf_config(model.path, "model.path")
-    else:
-        hf_config = dict(model.config)
-    tokenizer = model.tokenizer or model.path
-    if tokenizer is None or not Path(tokenizer).is_dir():
-        raise ConfigError(f"model.tokenizer={tokenizer} does not exist (a directory with a HF tokenizer)")
-    max_positions = hf_config.get("max_position_embeddings")
-    if max_positions is not None and max_seq_len > max_positions:
-        raise ConfigError(
-            f"train.max_seq_len={max_seq_len} exceeds the model's max_position_embeddings={max_positions}"
-        )
-    return hf_config
 
 
 def check_attention_device(model: DictConfig, trains: bool = True) -> None:

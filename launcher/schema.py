@@ -44,8 +44,13 @@ class ModelConfig:
     tokenizer: Optional[str] = None
     # auto | flash_attention_2 | flex_attention | sdpa | eager (transformers' attn_implementation).
     attention: str = affects(default="auto")
-    # Embedding rows are padded to a multiple of this (tensor-core friendly shapes).
+    # Embedding rows of a random init are padded to a multiple of this (tensor-core friendly
+    # shapes). A checkpoint (`path`) keeps its vocabulary: padding would change its predictions.
     pad_vocab_to_multiple_of: int = 64
+    # Run Python code shipped in the checkpoint directory (config.json `auto_map`).
+    trust_remote_code: bool = affects(default=False)
+    # Read pickled weights (pytorch_model*.bin) when there are no safetensors, with torch.load(weights_only=True).
+    allow_pickled_weights: bool = affects(default=False)
 
 
 @dataclass

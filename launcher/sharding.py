@@ -9,7 +9,6 @@ import logging
 import os
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, open_dict
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -131,7 +130,12 @@ def check_launch(cfg: DictConfig) -> None:
 
 
 def shard_model(model: torch.nn.Module, strategy: ShardingStrategy, cfg: DictConfig) -> torch.nn.Module:
-    """Apply fully_shard bottom-up: each decoder layer, then the root (embeddings, norm, head)."""
+    """Apply fully_shard bottom-up: each decoder layer, the input embeddings and the output head
+    (when not tied), then the root (the rest: final norm, positions, tied embeddings).
+
+    Embeddings and head as their own units are gathered only around their own forward and
+    backward, instead of for the whole step with the root (for a 0.5B Llama with a 32k vocabulary,
+    two 125 MiB matrices and their gradients)."""
     mesh = init_device_mesh(strategy.world.device.type, strategy.mesh_shape(), mesh_dim_names=MESH_DIMS)
     options = dict(
         mesh=strategy.layer_mesh(mesh),
@@ -143,15 +147,21 @@ def shard_model(model: torch.nn.Module, strategy: ShardingStrategy, cfg: DictCon
     )
     for layer in decoder_layers(model):
         fully_shard(layer, **options)
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and head.weight is not embeddings.weight:
+        fully_shard(embeddings, **options)
+        # the head's backward follows its forward at once: resharding in between only re-gathers it
+        fully_shard(head, **{**options, "reshard_after_forward": False})
     fully_shard(model, **options)
     return model
 
 
-def prepare_model(model: torch.nn.Module, cfg: DictConfig, world: World) -> torch.nn.Module:
+def prepare_model(model: torch.nn.Module, cfg: DictConfig, world: World, weights_follow: bool = False) -> torch.nn.Module:
     """Activation checkpointing, compile, FSDP2 (where it has work to do) and device placement,
-    in the order they compose."""
+    in the order they compose. Meta parameters (build_model's `low_cpu_mem_usage` on ranks > 0,
+    or `empty` with `weights_follow`: the caller loads the weights next) are allocated here."""
     # low_cpu_mem_usage: rank 0 keeps references to its full weights to scatter them after sharding.
-    scatter = cfg.sharding.low_cpu_mem_usage and world.size > 1
+    scatter = cfg.sharding.low_cpu_mem_usage and world.size > 1 and not weights_follow
     full_state = model.state_dict() if scatter and world.is_main else None
     if cfg.train.use_activation_checkpointing:
         enable_activation_checkpointing(model, cfg.train.activation_checkpointing_every)
@@ -162,16 +172,24 @@ def prepare_model(model: torch.nn.Module, cfg: DictConfig, world: World) -> torc
     if strategy.needs_fsdp(cfg):
         model = shard_model(model, strategy, cfg)
     home = torch.device("cpu") if cfg.sharding.cpu_offload else world.device
-    if scatter:
-        if world.is_main:
-            model.to(home)
-        else:
-            model.to_empty(device=home)
-        load_from_rank0(model, full_state or {})
+    if any(p.is_meta for p in model.parameters()):
+        _allocate(model, home)
     else:
         model.to(home)
+    if scatter:
+        load_from_rank0(model, full_state or {})
     model.train()
     return model
+
+
+def _allocate(model: torch.nn.Module, device: torch.device) -> None:
+    """Give meta parameters (empty) storage on `device`; the buffers keep the values computed when
+    the model was built (to_empty alone would leave them empty too)."""
+    buffers = {name: buffer.to(device, copy=True) for name, buffer in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
 
 
 def enable_activation_checkpointing(model: torch.nn.Module, every: int) -> None:
@@ -189,13 +207,6 @@ def enable_activation_checkpointing(model: torch.nn.Module, every: int) -> None:
 def load_from_rank0(model: torch.nn.Module, full_state: dict) -> None:
     """Scatter rank 0's full weights into every rank's shards (other ranks pass {})."""
     set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    _broadcast_buffers(model)
-
-
-def _broadcast_buffers(model: torch.nn.Module) -> None:
-    """Buffers are not in the state dict when non-persistent (e.g. rotary inv_freq): send them too."""
-    for buffer in model.buffers():
-        dist.broadcast(buffer, src=0)
 
 
 def local_parameter_bytes(model: torch.nn.Module) -> int:

@@ -23,6 +23,7 @@ def model_config(cfg: DictConfig) -> DictConfig:
             for key in ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
                 hf_config.pop(key, None)
             model.path, model.tokenizer, model.config = None, str(directory), hf_config
+            model.pad_vocab_to_multiple_of = 1  # hf/config.json holds the trained vocabulary size
         else:
             model.path = model.tokenizer = cfg.checkpoint
             model.config = None
@@ -37,7 +38,10 @@ def load_task_model(cfg: DictConfig, world):
 
     model_cfg = model_config(cfg)
     tokenizer = load_tokenizer(model_cfg)
-    model = prepare_model(build_model(model_cfg, tokenizer, world, cfg.sharding.low_cpu_mem_usage), cfg, world)
-    if cfg.checkpoint is not None and is_training_checkpoint(Path(cfg.checkpoint)):
+    from_checkpoint = cfg.checkpoint is not None and is_training_checkpoint(Path(cfg.checkpoint))
+    # From a training checkpoint no rank initialises weights: each allocates its shards and reads them.
+    model = build_model(model_cfg, tokenizer, world, cfg.sharding.low_cpu_mem_usage, empty=from_checkpoint)
+    model = prepare_model(model, cfg, world, weights_follow=from_checkpoint)
+    if from_checkpoint:
         load_model_weights(model, Path(cfg.checkpoint))
     return model_cfg, tokenizer, model

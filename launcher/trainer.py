@@ -34,6 +34,7 @@ from launcher.data import tokenizer_fingerprint
 from launcher.distributed import World, distributed, on_rank0_then_all, seed_everything
 from launcher.errors import ConfigError, RunStopped, at_least
 from launcher.export import save_base_model, save_final_model
+from launcher.host_memory import peak_host_memory_gib
 from launcher.identity import TOKENIZER, TRAIN_SEQUENCES, run_identity
 from launcher.loaders import eval_loader, train_loader
 from launcher.loggers import open_loggers
@@ -314,6 +315,7 @@ class Trainer:
             "trainable_params": self.trainable,
             "total_params": self.total,
             "mfu_flops_per_token": self.throughput.flops_per_token,
+            "peak_host_mem_gib": _per_rank(peak_host_memory_gib(), world),
         }
         if world.is_main:
             atomic.write_json(self.output_dir / run_dir.SUMMARY, summary)
@@ -452,6 +454,13 @@ def run_fingerprint(cfg: DictConfig, tokenizer, train_sequences: int) -> dict:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _per_rank(value: float, world: World) -> list[float]:
+    """`value` of every rank, in rank order (collective)."""
+    values = [None] * world.size
+    dist.all_gather_object(values, value)
+    return values
 
 
 def _local(value: torch.Tensor) -> torch.Tensor:

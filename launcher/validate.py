@@ -76,7 +76,7 @@ def _check_training_run(cfg: DictConfig, on_this_machine: bool) -> None:
     if on_this_machine:
         check_launch(cfg)
         check_attention_device(cfg.model, cfg.task.trains)
-        check_lora_targets(cfg.peft, hf_config)
+        check_lora_targets(cfg.peft, model_config(cfg))
 
 
 # ---------------------------------------------------------------------- before Hydra's directories

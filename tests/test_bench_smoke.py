@@ -106,3 +106,14 @@ def test_gpu_check_without_cuda_says_so():
     result = _run(["bench/gpu_check.py"], timeout=120)
     assert result.returncode == 2
     assert "needs a CUDA GPU" in result.stderr
+
+
+def test_memory_benchmark_prints_each_figure_and_a_verdict():
+    result = _run(["bench/memory.py", "--smoke"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    for figure in ("runtime baseline", "loading (export of model.path), low_cpu_mem_usage=true: peak rank 0",
+                   "training, 2 steps + checkpoint, low_cpu_mem_usage=true: peak rank 0", "summary.json:",
+                   "checkpoint (model + AdamW state, 2 ranks):", "export of the 2-rank checkpoint: rank 0 peak"):
+        assert figure in out, out
+    assert re.search(r"^verdict: (PASS|FAIL) \(smoke", out, re.MULTILINE), out

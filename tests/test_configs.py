@@ -65,3 +65,17 @@ def test_schema_rejects_misspelt_keys_and_wrong_types():
         compose_config(["train.epochz=2"])
     with pytest.raises(ConfigCompositionException, match="train.epochs"):
         compose_config(["train.epochs=abc"])
+
+
+def test_the_70b_experiment_shards_the_training_state_over_every_gpu():
+    cfg = compose_config(["+experiment=llama3_1_70b"])
+    assert cfg.model.path == "/model-weights/Meta-Llama-3.1-70B"
+    assert cfg.sharding.strategy == "FULL_SHARD" and cfg.sharding.low_cpu_mem_usage
+    assert cfg.train.use_mp and cfg.train.use_activation_checkpointing
+    assert compose_config(["+experiment=llama3_1_70b", "model=llama3_1_70b_instruct"]).model.path.endswith("-Instruct")
+
+
+def test_a_local_checkpoint_preset_needs_its_path(tmp_path):
+    from conftest import assert_rejected_before_any_work
+
+    assert_rejected_before_any_work(["model=local"], "model=local needs model.path (a local directory with HF weights and tokenizer)", tmp_path)
