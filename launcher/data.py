@@ -172,7 +172,7 @@ def packing_spec(cfg: DictConfig, tokenizer) -> PackingSpec:
 def build_and_save(cfg: DictConfig, tokenizer, raw: dict, path: Path, settings: dict,
                    build: Builder = None) -> dict:
     """Preprocess into `path` ({train,eval}/, settings.json, report.json), atomically: a failure
-    never leaves a half-written dataset."""
+    never leaves a half-written dataset. The builder warns about what its report says."""
     build = build or build_rows
     with atomic_directory(path) as staging:
         clock = time.perf_counter()
@@ -180,7 +180,6 @@ def build_and_save(cfg: DictConfig, tokenizer, raw: dict, path: Path, settings: 
         report.setdefault("seconds", {})["total"] = time.perf_counter() - clock
         (staging / "settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True))
         (staging / "report.json").write_text(json.dumps(report, indent=2))
-    _warn_about(report, cfg)
     return report
 
 
@@ -192,7 +191,9 @@ def build_rows(cfg: DictConfig, tokenizer, raw: dict, out: Path) -> dict:
         if dataset is not None and data.data_field not in dataset.column_names:
             raise ConfigError(f"data.data_field={data.data_field} is not a column of the dataset; "
                               f"columns: {', '.join(dataset.column_names)}")
-    return _build(raw, tokenizer, spec, data, out)
+    report = _build(raw, tokenizer, spec, data, out)
+    _warn_about(report, cfg)
+    return report
 
 
 def _build(raw: dict[str, Dataset | None], tokenizer, spec: PackingSpec, data: DictConfig, out: Path) -> dict:
@@ -231,10 +232,7 @@ class Tokenize:
         self.tokenizer, self.field, self.pre_pend, self.separator = tokenizer, field, pre_pend, separator
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is None:  # a slow (Python) tokenizer
-            return self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        return encode_texts(self.tokenizer, texts)
 
     def __call__(self, batch: pa.Table, indices: list[int]) -> pa.Table:
         texts = [text or "" for text in batch.column(self.field).to_pylist()]
@@ -255,6 +253,14 @@ class Tokenize:
             "prompt_length": pa.array(prompt_lengths, type=pa.int32()),
             "source_index": pa.array(indices, type=pa.int64()),
         })
+
+
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens (the fast tokenizer's batch path when it has one)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow (Python) tokenizer
+        return tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
 
 
 def tokenize(dataset: Dataset, tokenizer, data: DictConfig, cache_file: Path) -> Dataset:
