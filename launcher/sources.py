@@ -106,10 +106,11 @@ def pydoc_documents() -> list[tuple[str, str]]:
 
 @SOURCES.register("pydoc_pairs")
 class PydocPairsSource(DataSource):
-    """Preference pairs from the embedded corpus (task=dpo): each topic's words in consecutive
-    windows; the prompt is a window's first PROMPT_WORDS words, `chosen` the RESPONSE_WORDS that
-    follow, `rejected` those words shuffled (seeded by topic and window). Every `eval_every`-th
-    topic is the eval split, so eval measures what carries over to unseen topics."""
+    """Preference pairs from the embedded corpus (task=dpo): from every other window of a
+    topic's words, the prompt is the window's first PROMPT_WORDS words, `chosen` the
+    RESPONSE_WORDS that follow, `rejected` those words shuffled (seeded by topic and window).
+    Every `eval_every`-th topic is the eval split, so eval measures what carries over to unseen
+    topics."""
 
     PROMPT_WORDS, RESPONSE_WORDS = 16, 24
 
@@ -130,7 +131,7 @@ class PydocPairsSource(DataSource):
         import random
 
         words, size, rows = text.split(), cls.PROMPT_WORDS + cls.RESPONSE_WORDS, []
-        for start in range(0, len(words) - size + 1, size):
+        for start in range(0, len(words) - size + 1, 2 * size):
             prompt, response = words[start:start + cls.PROMPT_WORDS], words[start + cls.PROMPT_WORDS:start + size]
             shuffled = random.Random(f"{topic}:{start}").sample(response, len(response))
             if shuffled != response:

@@ -12,6 +12,7 @@ the policy with, which is the model before training:
 """
 
 import base64
+import itertools
 import logging
 import time
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
 from launcher.errors import ConfigError, at_least
 from launcher.loaders import PairCollator, eval_loader, train_loader
@@ -160,13 +162,14 @@ class InitialLogProbs:
         """Log-probs of the loaders' pairs on this rank, summed over ranks (each pair is one rank's)."""
         table = torch.zeros(pairs, 2, device=world.device)
         seen = torch.zeros(pairs, device=world.device)
-        for loader in loaders:
-            for batch in loader:
-                batch = {name: tensor.to(world.device) for name, tensor in batch.items()}
-                real = self.task.real_pairs(batch)
-                ids = batch["pair_id"][real]
-                table[ids] = self.task.log_probs(model, batch).view(2, -1).T[real]
-                seen[ids] += 1
+        batches = sum(len(loader) for loader in loaders)
+        for batch in tqdm(itertools.chain(*loaders), total=batches, desc="reference log-probs", unit="batch",
+                          disable=not world.is_main, leave=False):
+            batch = {name: tensor.to(world.device) for name, tensor in batch.items()}
+            real = self.task.real_pairs(batch)
+            ids = batch["pair_id"][real]
+            table[ids] = self.task.log_probs(model, batch).view(2, -1).T[real]
+            seen[ids] += 1
         if world.size > 1:
             dist.all_reduce(table)
             dist.all_reduce(seen)

@@ -331,5 +331,5 @@ def test_the_embedded_default_learns_to_prefer_real_text(tmp_path):
                                        "train.logging_steps=40", f"output_dir={tmp_path}"]))
     final = summary["final_eval"]
     assert summary["initial_eval_loss"] == pytest.approx(LN2, rel=1e-15, abs=0)
-    assert final["eval_reward_accuracy"] > 0.75 and final["eval_reward_margin"] > 0.2
+    assert final["eval_reward_accuracy"] > 0.7 and final["eval_reward_margin"] > 0.2
     assert summary["final_eval_loss"] < LN2 - 0.1
