@@ -116,7 +116,7 @@ def plain_dpo(model, reference, pairs, beta, smoothing=0.0):
     chosen_rewards = beta * (policy_chosen - reference_chosen).detach()
     rejected_rewards = beta * (policy_rejected - reference_rejected).detach()
     return loss, {"rewards_chosen": chosen_rewards.mean().item(), "rewards_rejected": rejected_rewards.mean().item(),
-                  "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean().item()}
+                  "reward_accuracy": (chosen_rewards > rejected_rewards).double().mean().item()}
 
 
 def plain_pytorch_run(root, seed=11):
