@@ -499,7 +499,7 @@ def _announce(report: dict, cfg: DictConfig, built: bool = False) -> None:
     if report.get("dropped"):
         log.warning("data: dropped %d of %d examples: %s", sum(report["dropped"].values()), report["examples"],
                     _dropped_text(report))
-    if built and report["longer_than_max_seq_len"] and not data.packing_type and not data.truncate:
+    if built and report.get("longer_than_max_seq_len") and not data.packing_type and not data.truncate:
         log.warning(
             "%d of %d examples are longer than train.max_seq_len=%d and are kept whole; "
             "set data.packing_type or data.truncate=true to cut them",

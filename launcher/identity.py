@@ -64,8 +64,10 @@ def _collect(schema: type, node: DictConfig, prefix: str, inherited: frozenset, 
         key = f"{prefix}{field.name}"
         value = OmegaConf.select(node, field.name, throw_on_missing=False) if node is not None else None
         nested = _dataclass_of(field.type)
-        if nested is not None and value is not None:
-            _collect(nested, value, key + ".", purposes, purpose, found)
+        if nested is not None:
+            # An unset optional group (cluster, dpo) adds nothing: adding one changes no identity.
+            if value is not None:
+                _collect(nested, value, key + ".", purposes, purpose, found)
         elif purpose in purposes:
             found[key] = _plain(value)
 

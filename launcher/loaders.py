@@ -46,6 +46,21 @@ class PadCollator:
         return batch
 
 
+class PairCollator:
+    """Preference pairs into one batch of 2 x B sequences, the chosen sides then the rejected
+    ones, so one forward pass scores both; padded like PadCollator. `pair_id` holds each pair's
+    `id` (unique over train and eval)."""
+
+    def __init__(self, pad_id: int, ignore_index: int):
+        self.pad = PadCollator(pad_id, ignore_index)
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.pad([{"input_ids": row[f"{side}_input_ids"], "labels": row[f"{side}_labels"]}
+                          for side in ("chosen", "rejected") for row in rows])
+        batch["pair_id"] = torch.tensor([int(row["id"]) for row in rows])
+        return batch
+
+
 class EvenShard(torch.utils.data.Dataset):
     """This rank's strided share of an eval set, padded so every rank runs the same number of
     forward passes (FSDP collectives must match); padding rows carry only ignored labels (every

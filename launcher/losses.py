@@ -115,3 +115,25 @@ def _head_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Te
 def trained_tokens(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Tokens with a next-token target (a row's first token is never one)."""
     return (labels[:, 1:] != ignore_index).sum()
+
+
+def sequence_log_probs(model, batch: dict, ignore_index: int) -> torch.Tensor:
+    """log p(trained tokens | the tokens before them) of each row, summed over the row (fp32)."""
+    labels = batch["labels"]
+    next_labels = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+    logits = model(**model_inputs(batch, labels.device)).logits
+    token_nll = F.cross_entropy(logits.flatten(0, 1).float(), next_labels.flatten(), ignore_index=ignore_index,
+                                reduction="none")
+    return -token_nll.view(labels.shape).sum(dim=1)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+             reference_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0):
+    """The sigmoid DPO loss of each pair (Rafailov et al. 2023), conservative with
+    `label_smoothing` (the probability that a preference is flipped), and the implicit rewards
+    beta * log(policy / reference) of both responses. Arguments are sequence log-probs."""
+    chosen_rewards = beta * (policy_chosen - reference_chosen)
+    rejected_rewards = beta * (policy_rejected - reference_rejected)
+    margin = chosen_rewards - rejected_rewards
+    losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    return losses, chosen_rewards, rejected_rewards

@@ -198,6 +198,23 @@ class PeftConfig:
 
 
 @dataclass
+class DPOConfig:
+    """task=dpo: preference pairs and the sigmoid DPO loss (conf/task/dpo.yaml sets it)."""
+
+    # The implicit reward is beta * log(policy / reference): larger keeps the policy nearer the reference.
+    beta: float = affects(RUN, default=0.1)
+    # Conservative DPO: the probability that a pair's preference label is wrong, in [0, 0.5).
+    label_smoothing: float = affects(RUN, default=0.0)
+    # Columns of the preference data: the prompt, the preferred and the dispreferred response.
+    prompt_field: str = "prompt"
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    # A pair longer than train.max_seq_len keeps at most this many prompt tokens (its end),
+    # then its responses are cut; None: half of train.max_seq_len.
+    max_prompt_len: Optional[int] = None
+
+
+@dataclass
 class ExportConfig:
     # With peft=lora: also write the adapters merged into the base as a plain HF model.
     merge_lora: bool = False
@@ -249,6 +266,8 @@ class Config:
     # metrics.jsonl and the progress bar only.
     logger: Dict[str, Any] = affects(factory=dict)
     export: ExportConfig = affects(factory=ExportConfig)
+    # task=dpo only (conf/task/dpo.yaml); null for every other task.
+    dpo: Optional[DPOConfig] = affects(PREPROCESSING, RUN, default=None)
     report: ReportConfig = affects(factory=ReportConfig)
     # SLURM site preset; null runs locally.
     cluster: Optional[ClusterConfig] = affects(default=None)

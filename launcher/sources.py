@@ -475,3 +475,43 @@ def _data_preset(name: str, key: str) -> Path:
     if not path.is_file():
         raise choice_error(key, name, sorted(p.stem for p in presets.glob("*.yaml") if p.stem != "mixture"))
     return path
+
+
+@SOURCES.register("pydoc_pairs")
+class PydocPairsSource(DataSource):
+    """Preference pairs from the embedded corpus (task=dpo): from every other window of a
+    topic's words, the prompt is the window's first PROMPT_WORDS words, `chosen` the
+    RESPONSE_WORDS that follow, `rejected` those words shuffled (seeded by topic and window).
+    Every `eval_every`-th topic is the eval split, so eval measures what carries over to unseen
+    topics."""
+
+    PROMPT_WORDS, RESPONSE_WORDS = 16, 24
+
+    @classmethod
+    def check(cls, data: DictConfig) -> None:
+        PydocSource.check(data)
+
+    def splits(self) -> dict:
+        from datasets import Dataset
+
+        splits = {"train": [], "eval": []}
+        for index, (topic, text) in enumerate(pydoc_documents()):
+            splits["eval" if index % self.data.eval_every == 0 else "train"] += self.pairs(topic, text)
+        return {name: Dataset.from_list(rows) for name, rows in splits.items()}
+
+    @classmethod
+    def pairs(cls, topic: str, text: str) -> list[dict]:
+        import random
+
+        words, size, rows = text.split(), cls.PROMPT_WORDS + cls.RESPONSE_WORDS, []
+        for start in range(0, len(words) - size + 1, 2 * size):
+            prompt, response = words[start:start + cls.PROMPT_WORDS], words[start + cls.PROMPT_WORDS:start + size]
+            shuffled = random.Random(f"{topic}:{start}").sample(response, len(response))
+            if shuffled != response:
+                rows.append({"prompt": " ".join(prompt), "chosen": " " + " ".join(response),
+                             "rejected": " " + " ".join(shuffled)})
+        return rows
+
+    def fingerprint(self, splits: dict) -> str:
+        return text_fingerprint(f"{name}\0{row['prompt']}\0{row['chosen']}\0{row['rejected']}"
+                                for name, dataset in splits.items() for row in dataset)

@@ -487,10 +487,13 @@ def _print_summary(summary: dict) -> None:
     resumed = summary["resumed_at_step"]
     trained = (f"trained {summary['steps']} steps" if resumed is None
                else f"resumed at step {resumed}, trained {summary['steps'] - resumed} more steps")
+    task_metrics = ", ".join(f"{name.removeprefix('eval_')} {value:.4g}"
+                             for name, value in summary["final_eval"].items() if name != "eval_loss")
     announce(
         f"\nhydralm: {trained}, {summary['process_tokens']} tokens in "
         f"{summary['train_wall_time_s']:.1f} s ({summary['tokens_per_s']:.0f} tokens/s)\n"
         f"  eval loss:   {summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f}\n"
-        f"  final model: {summary['final_model']}\n"
+        + (f"  final eval:  {task_metrics}\n" if task_metrics else "")
+        + f"  final model: {summary['final_model']}\n"
         f"  metrics:     {summary['metrics']}"
     )
