@@ -174,15 +174,9 @@ def _paragraph_groups(text: str, size: int) -> list[str]:
     return groups + [current] if current else groups
 
 
-@SOURCES.register("disk")
-class DiskSource(DataSource):
-    """A dataset written by datasets' `save_to_disk` (a Dataset, or a DatasetDict and a split)."""
-
-    @classmethod
-    def check(cls, data: DictConfig) -> None:
-        path = _required(data, "load_path")
-        if not Path(path).is_dir():
-            raise ConfigError(f"data.load_path={path} does not exist (a directory written by datasets' save_to_disk)")
+class SplitSource(DataSource):
+    """A source of named splits: `data.split` to train on, `data.eval_split` (a split name) for
+    eval; subclasses load one split (`_load`)."""
 
     def splits(self) -> dict:
         data = self.data
@@ -190,6 +184,20 @@ class DiskSource(DataSource):
 
     def describe(self, split: str) -> str:
         return f"{self.data.load_path} (split {self.data.split if split == 'train' else self.data.eval_split})"
+
+    def _load(self, split: str):
+        raise NotImplementedError
+
+
+@SOURCES.register("disk")
+class DiskSource(SplitSource):
+    """A dataset written by datasets' `save_to_disk` (a Dataset, or a DatasetDict and a split)."""
+
+    @classmethod
+    def check(cls, data: DictConfig) -> None:
+        path = _required(data, "load_path")
+        if not Path(path).is_dir():
+            raise ConfigError(f"data.load_path={path} does not exist (a directory written by datasets' save_to_disk)")
 
     def _load(self, split: str):
         from datasets import DatasetDict, load_from_disk
@@ -332,20 +340,13 @@ def read_problem(err: BaseException, builder: str) -> str:
 
 
 @SOURCES.register("hub")
-class HubSource(DataSource):
+class HubSource(SplitSource):
     """`datasets.load_dataset(load_path, split=...)`. Without network, only the local datasets
     cache is tried (datasets' offline mode), so a missing dataset fails in seconds."""
 
     @classmethod
     def check(cls, data: DictConfig) -> None:
         _required(data, "load_path")
-
-    def splits(self) -> dict:
-        data = self.data
-        return {"train": self._load(data.split), "eval": None if data.eval_split is None else self._load(data.eval_split)}
-
-    def describe(self, split: str) -> str:
-        return f"{self.data.load_path} (split {self.data.split if split == 'train' else self.data.eval_split})"
 
     def _load(self, split: str):
         import datasets.config

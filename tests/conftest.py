@@ -50,3 +50,15 @@ def assert_rejected_before_any_work(overrides, message, tmp_path):
 
 # A short schedule for end-to-end runs: few steps, small eval.
 QUICK = ["train.max_steps=4", "train.logging_steps=2", "train.max_eval_batches=2"]
+
+
+def run_in_fresh_python(argv, cwd):
+    """`hydralm ARGV` in a fresh interpreter; its stdout ends with `EXIT <code>` and TORCH_IMPORTED
+    or NO_TORCH, for tests of what a command imports."""
+    code = (
+        f"import sys; from launcher.app import main; sys.argv = ['hydralm', *{list(argv)!r}]\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    print('EXIT', exit.code)\n"
+        "print('TORCH_IMPORTED' if 'torch' in sys.modules else 'NO_TORCH')"
+    )
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)

@@ -3,12 +3,10 @@ before Hydra makes any directory (for every sweep point before anything is queue
 --help, the job log, and secrets kept off the console."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import CONF_DIR, QUICK, ROOT, run_launcher
+from conftest import CONF_DIR, QUICK, run_in_fresh_python, run_launcher
 
 SECRET = "hydralm-test-secret-5f2c9a"
 WANDB_KEY = f"+logger.wandb.settings.api_key={SECRET}"
@@ -73,13 +71,7 @@ def test_validate_checks_every_sweep_point_and_runs_nothing(tmp_path):
 
 
 def test_validate_refuses_a_bad_path_without_importing_torch(tmp_path):
-    code = (
-        "import sys; from launcher.app import main; sys.argv = ['hydralm', 'task=validate', 'output_dir=/proc/x']\n"
-        "try:\n    main()\nexcept SystemExit as exit:\n    print('EXIT', exit.code)\n"
-        "print('TORCH_IMPORTED' if 'torch' in sys.modules else 'NO_TORCH')"
-    )
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
+    result = run_in_fresh_python(["task=validate", "output_dir=/proc/x"], tmp_path)
     assert "output_dir=/proc/x cannot be written" in result.stderr
     assert result.stdout.split() == ["EXIT", "2", "NO_TORCH"]
 

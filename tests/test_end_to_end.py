@@ -1,13 +1,11 @@
 """End-to-end: `python -m launcher` in subprocesses, and the task functions called in-process."""
 
 import json
-import subprocess
-import sys
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import QUICK, ROOT, compose_config, run_launcher
+from conftest import QUICK, compose_config, run_in_fresh_python, run_launcher
 from launcher.app import run_task
 
 METRIC_KEYS = {"step", "epoch", "train_loss", "lr", "tokens_seen", "tokens_per_s"}
@@ -90,13 +88,7 @@ def test_sweep_runs_one_job_per_point_in_its_own_directory(tmp_path):
 
 
 def test_cfg_job_prints_the_config_without_importing_torch(tmp_path):
-    code = (
-        "import sys; from launcher.app import main; sys.argv = ['hydralm', '--cfg', 'job', 'train.epochs=3'];\n"
-        "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "print('TORCH_IMPORTED' if 'torch' in sys.modules else 'NO_TORCH')"
-    )
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
+    result = run_in_fresh_python(["--cfg", "job", "train.epochs=3"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert "epochs: 3" in result.stdout and "_target_: torch.optim.AdamW" in result.stdout
     assert result.stdout.strip().endswith("NO_TORCH")
