@@ -24,7 +24,7 @@ from conftest import assert_rejected_before_any_work, compose_config, run_launch
         (["task=evaluate", "checkpoint=/no/model"], "checkpoint=/no/model does not exist"),
         (["train.loss=fused"], "train.loss='fused' is not valid; choose one of: cross_entropy, chunked_cross_entropy"),
         (["train.loss_chunk_size=0"], "train.loss_chunk_size=0 must be >= 1"),
-        (["train.loss=chunked_cross_entropy", "model.config.model_type=gemma2"],
+        (["train.loss=chunked_cross_entropy", "model.config.model_type=gemma2", "model.attention=eager"],
          "train.loss=chunked_cross_entropy supports model types llama, mistral"),
     ],
 )

@@ -45,6 +45,14 @@ def copy_run(reference: Path, tmp_path: Path) -> Path:
     return out
 
 
+def copy_unfinished_run(reference: Path, tmp_path: Path) -> Path:
+    """The reference as a run killed after its last checkpoint: no final model, no summary."""
+    out = copy_run(reference, tmp_path)
+    shutil.rmtree(out / "final-model")
+    (out / "summary.json").unlink()
+    return out
+
+
 def rewrite_marker(directory: Path) -> None:
     """What an attacker does after editing a checkpoint: a COMPLETE marker whose checksums match
     (computed here with xxhash directly, as the format documents)."""
@@ -165,8 +173,7 @@ def flip_a_bit(path: Path) -> str:
 
 @pytest.mark.parametrize("damage", [truncate_shard, cut_off_trainer_state, remove_rank_file])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(reference, tmp_path, capfd, damage):
-    out = copy_run(reference, tmp_path)
-    shutil.rmtree(out / "final-model")
+    out = copy_unfinished_run(reference, tmp_path)
     expected_problem = damage(checkpoint(out, 6))
     summary = run_task(compose_config([*SMALL, f"output_dir={out}"]))
     captured = capfd.readouterr()
@@ -194,7 +201,7 @@ def test_a_flipped_bit_is_named_and_an_explicit_resume_of_it_is_refused(referenc
 
 
 def test_when_no_checkpoint_is_intact_resume_auto_stops_naming_the_latest(reference, tmp_path):
-    out = copy_run(reference, tmp_path)
+    out = copy_unfinished_run(reference, tmp_path)
     for step in (2, 4, 6):
         truncate_shard(checkpoint(out, step))
     with pytest.raises(ConfigError, match=rf"resume=auto: no intact checkpoint in {out / 'checkpoints'}: "

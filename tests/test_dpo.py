@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, get_cosine_schedule_with_warmup
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from conftest import assert_rejected_before_any_work, compose_config, run_launcher
 from launcher.app import run_task
@@ -121,12 +121,19 @@ def plain_dpo(model, reference, pairs, beta, smoothing=0.0):
 
 def plain_pytorch_run(root, seed=11):
     """The hydralm config's run: AdamW (conf/optimizer/adamw.yaml with lr 1e-3), cosine with 5%
-    warmup, clipping at 1.0; epoch e's order is randperm(seed + e), 4 pairs a step."""
+    warmup as documented (update s of W warmup updates at s/(W+1) of the peak, then cosine from the
+    peak at update W+1), clipping at 1.0; epoch e's order is randperm(seed + e), 4 pairs a step."""
     pairs = encoded_pairs(root, "train")
     model = AutoModelForCausalLM.from_pretrained(root / "model", attn_implementation="sdpa")
     reference = copy.deepcopy(model).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-5)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(0.05 * STEPS), STEPS)
+    warmup = math.ceil(0.05 * STEPS)
+
+    def lr_of_update(s: int) -> float:
+        if s <= warmup:
+            return 1e-3 * s / (warmup + 1)
+        return 1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 1 - warmup) / (STEPS - warmup)))
+
     steps = []
     for epoch in range(2):
         order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
@@ -135,8 +142,9 @@ def plain_pytorch_run(root, seed=11):
             loss, metrics = plain_dpo(model, reference, batch, BETA, SMOOTHING)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_of_update(len(steps) + 1)
             optimizer.step()
-            scheduler.step()
             optimizer.zero_grad()
             steps.append({"train_loss": loss.item(), **metrics})
     return steps
@@ -336,12 +344,22 @@ def test_chat_pairs_train_exactly_the_response_turn(tmp_path):
     (["dpo.label_smoothing=0.5"], "dpo.label_smoothing=0.5 must be in [0, 0.5)"),
     (["dpo.max_prompt_len=255"], "dpo.max_prompt_len=255 must leave room"),
     (["dpo.max_prompt_len=0"], "dpo.max_prompt_len=0 must be >= 1"),
-    (["data=preprocessed", "data.train_ds=.", "data.eval_ds=."], "task=dpo reads prompt/chosen/rejected pairs"),
     (["data.separator=Answer:"], "data.separator does not apply to task=dpo"),
     (["peft=lora", "peft.inference_mode=true"], "task=dpo would train nothing"),
 ])
 def test_bad_dpo_settings_are_named_before_any_work(overrides, message, tmp_path):
     assert_rejected_before_any_work(["task=dpo", "data=pydoc_pairs", *overrides], message, tmp_path)
+
+
+def test_tokenized_rows_for_dpo_are_refused_naming_what_it_reads(tmp_path):
+    from datasets import Dataset
+
+    packed = Dataset.from_dict({"input_ids": [[1, 2, 3]], "labels": [[1, 2, 3]]})  # what task=preprocess writes
+    for split in ("train", "eval"):
+        packed.save_to_disk(str(tmp_path / split))
+    assert_rejected_before_any_work(["task=dpo", "data=preprocessed", f"data.train_ds={tmp_path / 'train'}",
+                                     f"data.eval_ds={tmp_path / 'eval'}"],
+                                    "task=dpo reads prompt/chosen/rejected pairs", tmp_path)
 
 
 def test_text_data_for_dpo_names_the_missing_column(tmp_path):
