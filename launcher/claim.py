@@ -27,7 +27,7 @@ from typing import Optional
 from omegaconf import DictConfig, open_dict
 
 from launcher import atomic, run_dir
-from launcher.errors import ConfigError
+from launcher.errors import AnotherRunsDirectory, ConfigError
 from launcher.identity import TOKENIZER, TRAIN_SEQUENCES, differing_keys, layout_keys, run_identity
 
 LOCK_FILE = "run.lock"
@@ -76,7 +76,7 @@ def _apply_rule(cfg: DictConfig, output_dir: Path) -> None:
 def _check_same_run(cfg: DictConfig, output_dir: Path, record: Optional[dict], current: dict) -> None:
     what = run_dir.describe_run(output_dir)
     if record is None:
-        raise ConfigError(f"output_dir={output_dir} holds a run hydralm cannot identify ({what}; no {RUN_RECORD}): "
+        raise AnotherRunsDirectory(f"output_dir={output_dir} holds a run hydralm cannot identify ({what}; no {RUN_RECORD}): "
                           f"{WAYS_OUT}")
     explicit_resume = cfg.resume not in ("auto", "never")
     saved = record["identity"]
@@ -84,10 +84,10 @@ def _check_same_run(cfg: DictConfig, output_dir: Path, record: Optional[dict], c
     if differing:
         key = differing[0]
         more = f" and {len(differing) - 1} more key{'s' if len(differing) > 2 else ''}" if len(differing) > 1 else ""
-        raise ConfigError(f"output_dir={output_dir} holds another run ({key}={_shown(saved, key)} there, "
+        raise AnotherRunsDirectory(f"output_dir={output_dir} holds another run ({key}={_shown(saved, key)} there, "
                           f"{_shown(current, key)} now{more}; it has {what}): {WAYS_OUT}")
     if cfg.resume == "never":
-        raise ConfigError(f"output_dir={output_dir} holds a run of this config ({what}) and resume=never does not "
+        raise AnotherRunsDirectory(f"output_dir={output_dir} holds a run of this config ({what}) and resume=never does not "
                           f"start over on top of it: continue it with resume=auto, {WAYS_OUT}")
 
 
@@ -177,7 +177,7 @@ class RunLock:
         try:
             holder = _read_holder(fd)
             if holder is not None and not _stale(holder, locked):
-                raise ConfigError(_in_use(output_dir, holder, other_host=holder.get("host") != socket.gethostname()))
+                raise AnotherRunsDirectory(_in_use(output_dir, holder, other_host=holder.get("host") != socket.gethostname()))
             _write_holder(fd)
         except BaseException:
             os.close(fd)
@@ -199,7 +199,7 @@ def _open_locked(path: Path) -> tuple[int, bool]:
         except BlockingIOError:
             holder = _read_holder(fd) or {}
             os.close(fd)
-            raise ConfigError(_in_use(path.parent, holder, other_host=False)) from None
+            raise AnotherRunsDirectory(_in_use(path.parent, holder, other_host=False)) from None
         except OSError as err:
             if err.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
                 os.close(fd)

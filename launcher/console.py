@@ -14,7 +14,7 @@ import traceback
 from contextlib import contextmanager
 from typing import NoReturn, Optional
 
-from launcher.errors import closest
+from launcher.errors import AnotherRunsDirectory, closest
 from launcher.loggers import learn_secrets, mask_secrets
 
 log = logging.getLogger("hydralm")
@@ -23,13 +23,15 @@ _FULL_ERROR = "HYDRA_FULL_ERROR"
 
 
 def refuse(message, what: str = "") -> NoReturn:
-    """Print `hydralm: error: <message>` as one line, keep it in the job log, exit 2."""
+    """Print `hydralm: error: <message>` as one line, keep it in the job log (unless the job log is
+    another run's), exit 2."""
     rank = os.environ.get("RANK")
     where = f" (rank {rank})" if rank not in (None, "0") else ""
     text = " ".join(f"{what}{message}".split())
     line = mask_secrets(f"hydralm: error{where}: {text}")
     print(line, file=sys.stderr, flush=True)
-    record_in_job_log(logging.ERROR, line)
+    if not isinstance(message, AnotherRunsDirectory):
+        record_in_job_log(logging.ERROR, line)
     sys.exit(2)
 
 

@@ -16,6 +16,11 @@ class ConfigError(ValueError):
     """A config value, path or combination that cannot work. The message names the key."""
 
 
+class AnotherRunsDirectory(ConfigError):
+    """output_dir holds another run, or one in use: refused without writing anything there, the
+    job log included (launcher/claim.py)."""
+
+
 class RunStopped(Exception):
     """A run stops early on purpose (a signal, a non-finite loss): the entry point prints the
     message as one line and exits with `exit_code`."""

@@ -124,7 +124,8 @@ def check_model(model_cfg: DictConfig, max_seq_len: int) -> dict:
         raise choice_error("model.attention", model_cfg.attention, ATTENTION_IMPLEMENTATIONS)
     at_least(model_cfg.pad_vocab_to_multiple_of, 1, "model.pad_vocab_to_multiple_of")
     if model_cfg.path is None and model_cfg.config is None:
-        raise ConfigError("model.path (a local HF checkpoint) or model.config (random init) must be set")
+        raise ConfigError(f"model={model_cfg.name} needs model.path (a local directory with HF weights and tokenizer) "
+                          "or model.config (a random init)")
     tokenizer = model_cfg.tokenizer or model_cfg.path
     if model_cfg.path is not None:
         read_hf_config(model_cfg.path, "model.path")
