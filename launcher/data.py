@@ -318,14 +318,7 @@ def check_tokenizer(cfg: DictConfig, tokenizer) -> None:
 
 def packing_spec(cfg: DictConfig, tokenizer) -> PackingSpec:
     data = cfg.data
-    bos_eos = None
-    if frames_rows(data):
-        bos_eos = (tokenizer.bos_token_id, tokenizer.eos_token_id)
-        if None in bos_eos:
-            raise ConfigError(
-                f"data.add_bos_eos_tokens=true but the tokenizer has no BOS or EOS token "
-                f"(bos_token_id={bos_eos[0]}, eos_token_id={bos_eos[1]}); set data.add_bos_eos_tokens=false"
-            )
+    bos_eos = formats.bos_eos_ids(tokenizer, data) if frames_rows(data) else None
     mode = data.packing_type or ("truncate" if data.truncate else "none")
     return PackingSpec(mode, cfg.train.max_seq_len, data.overlap, bos_eos, data.ignore_index)
 

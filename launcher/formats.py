@@ -353,7 +353,7 @@ class PromptCompletionEncoder(Encoder):
 
     def __init__(self, tokenizer, data):
         super().__init__(tokenizer, data, (data.prompt_field, data.completion_field))
-        self.bos_eos = (tokenizer.bos_token_id, tokenizer.eos_token_id) if add_bos_eos(data) else None
+        self.bos_eos = bos_eos_ids(tokenizer, data)
 
     def __call__(self, columns, indices):
         prompts, completions = columns[self.data.prompt_field], columns[self.data.completion_field]
@@ -403,11 +403,7 @@ def encoder(tokenizer, data) -> Encoder:
     """The encoder of `data.format` for this tokenizer; checks what needs the tokenizer (BOS/EOS,
     a chat template that renders a probe conversation prefix-stably) before any data is read."""
     resolve_defaults(data)
-    if data.format == "prompt_completion" and add_bos_eos(data) and None in (tokenizer.bos_token_id, tokenizer.eos_token_id):
-        raise ConfigError(
-            f"data.add_bos_eos_tokens=true but the tokenizer has no BOS or EOS token (bos_token_id="
-            f"{tokenizer.bos_token_id}, eos_token_id={tokenizer.eos_token_id}); set data.add_bos_eos_tokens=false")
-    chosen = ENCODERS[data.format](tokenizer, data)
+    chosen = ENCODERS[data.format](tokenizer, data)  # (prompt_completion checks BOS/EOS here)
     if data.format == "chat":  # (prompt_completion needs a template only for conversations)
         if getattr(tokenizer, "backend_tokenizer", None) is None:
             raise ConfigError("data.format=chat needs a fast tokenizer (character offsets)")
@@ -428,6 +424,18 @@ def resolve_defaults(data) -> None:
         data.data_field = "messages" if data.format == "chat" else "text"
     if data.add_bos_eos_tokens is None:
         data.add_bos_eos_tokens = data.format != "chat"
+
+
+def bos_eos_ids(tokenizer, data) -> Optional[tuple[int, int]]:
+    """(BOS id, EOS id) when `data.add_bos_eos_tokens` (or its format's default) asks for them,
+    else None; a tokenizer without one of them is an error naming the key."""
+    if not add_bos_eos(data):
+        return None
+    ids = (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    if None in ids:
+        raise ConfigError(f"data.add_bos_eos_tokens=true but the tokenizer has no BOS or EOS token (bos_token_id="
+                          f"{ids[0]}, eos_token_id={ids[1]}); set data.add_bos_eos_tokens=false")
+    return ids
 
 
 def add_bos_eos(data) -> bool:

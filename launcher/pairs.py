@@ -97,10 +97,7 @@ class EncodePairs:
         self.fields = (dpo.prompt_field, dpo.chosen_field, dpo.rejected_field)
         self.chat = data.format == "chat"
         self.pre_pend, self.ignore_index = data.pre_pend or "", data.ignore_index
-        self.bos_eos = [tokenizer.bos_token_id, tokenizer.eos_token_id] if formats.add_bos_eos(data) else None
-        if self.bos_eos is not None and None in self.bos_eos:
-            raise ConfigError("data.add_bos_eos_tokens=true but the tokenizer has no BOS or EOS token; "
-                              "set data.add_bos_eos_tokens=false")
+        self.bos_eos = formats.bos_eos_ids(tokenizer, data)
         self.template = formats.chat_template(tokenizer, formats.load_chat_template(data.chat_template)) if self.chat else None
         self.max_len, self.max_prompt_len = cfg.train.max_seq_len, max_prompt_len(cfg)
 
