@@ -76,8 +76,8 @@ def _apply_rule(cfg: DictConfig, output_dir: Path) -> None:
 def _check_same_run(cfg: DictConfig, output_dir: Path, record: Optional[dict], current: dict) -> None:
     what = run_dir.describe_run(output_dir)
     if record is None:
-        raise AnotherRunsDirectory(f"output_dir={output_dir} holds a run hydralm cannot identify ({what}; no {RUN_RECORD}): "
-                          f"{WAYS_OUT}")
+        raise AnotherRunsDirectory(f"output_dir={output_dir} holds a run hydralm cannot identify ({what}; no "
+                                   f"{RUN_RECORD}): {WAYS_OUT}")
     explicit_resume = cfg.resume not in ("auto", "never")
     saved = record["identity"]
     differing = differing_keys(saved, current, ignore=layout_keys(cfg) if explicit_resume else ())
@@ -85,10 +85,10 @@ def _check_same_run(cfg: DictConfig, output_dir: Path, record: Optional[dict], c
         key = differing[0]
         more = f" and {len(differing) - 1} more key{'s' if len(differing) > 2 else ''}" if len(differing) > 1 else ""
         raise AnotherRunsDirectory(f"output_dir={output_dir} holds another run ({key}={_shown(saved, key)} there, "
-                          f"{_shown(current, key)} now{more}; it has {what}): {WAYS_OUT}")
+                                   f"{_shown(current, key)} now{more}; it has {what}): {WAYS_OUT}")
     if cfg.resume == "never":
-        raise AnotherRunsDirectory(f"output_dir={output_dir} holds a run of this config ({what}) and resume=never does not "
-                          f"start over on top of it: continue it with resume=auto, {WAYS_OUT}")
+        raise AnotherRunsDirectory(f"output_dir={output_dir} holds a run of this config ({what}) and resume=never "
+                                   f"does not start over on top of it: continue it with resume=auto, {WAYS_OUT}")
 
 
 def _check_resume_checkpoint(cfg: DictConfig, current: dict) -> None:
@@ -177,7 +177,8 @@ class RunLock:
         try:
             holder = _read_holder(fd)
             if holder is not None and not _stale(holder, locked):
-                raise AnotherRunsDirectory(_in_use(output_dir, holder, other_host=holder.get("host") != socket.gethostname()))
+                other_host = holder.get("host") != socket.gethostname()
+                raise AnotherRunsDirectory(_in_use(output_dir, holder, other_host=other_host))
             _write_holder(fd)
         except BaseException:
             os.close(fd)
