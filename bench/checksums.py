@@ -11,7 +11,6 @@ The last line is `ratio save-with-checksums/plain: <r>`.
 """
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -20,13 +19,14 @@ import time
 import warnings
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `launcher` importable
+if __package__ in (None, ""):  # run as a script: make `bench` and `launcher` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 
+from bench.common import publish
 from launcher import integrity
 from launcher.checkpoint import _ChecksummingWriter
 
@@ -81,10 +81,7 @@ def main(argv=None) -> dict:
           f"({result['save_extra_s_per_gib']:+.3f} s/GiB)")
     print(f"  verification (page cache):     {result['verify_s_per_gib']:7.3f} s/GiB "
           f"({1 / result['verify_s_per_gib']:.1f} GiB/s)")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    print(f"ratio save-with-checksums/plain: {result['ratio']:.3f}")
-    return result
+    return publish(result, args.json, {"save-with-checksums/plain": result["ratio"]})
 
 
 if __name__ == "__main__":

@@ -32,6 +32,16 @@ def last_json_line(text: str) -> dict:
     return json.loads(text.strip().splitlines()[-1])
 
 
+def publish(result: dict, json_path: Path | None, ratios: dict[str, float] | None = None) -> dict:
+    """A benchmark's ending: `result` to --json (what `python -m bench` reads), then its
+    `ratio <name>: <value>` lines, last (what readers and the smoke tests look for)."""
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+    for name, value in (ratios or {}).items():
+        print(f"ratio {name}: {value:.3f}")
+    return result
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

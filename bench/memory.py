@@ -36,7 +36,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, subprocess_env
+from bench.common import ROOT, publish, subprocess_env
 
 GIB = 2**30
 TOKENIZER = ROOT / "launcher" / "assets" / "tiny_bpe"
@@ -186,8 +186,7 @@ def main() -> None:
               "summary.json peaks match the OS": summary_agrees,
               f"export {beyond:.2f} <= {EXPORT_SLACK} x {bound:.2f} GiB": beyond <= EXPORT_SLACK * bound}
     figures["checks"] = checks
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2))
+    publish(figures, args.json)
     failed = [name for name, ok in checks.items() if not ok]
     smoke = " (smoke: figures mean nothing)" if args.smoke else ""
     print(f"verdict: {'PASS' if not failed else 'FAIL'}{smoke}: " + "; ".join(

@@ -23,7 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, median, run_checked, subprocess_env
+from bench.common import median, publish, run_checked, subprocess_env
 
 LAUNCHER = [sys.executable, "-m", "launcher"]
 MINIMAL_APP = [sys.executable, str(Path(__file__).with_name("minimal_hydra_app.py"))]
@@ -154,10 +154,7 @@ def main(argv=None) -> dict:
     print(f"  {SWEEP_POINTS}-point sweep submitted to SLURM (launcher start -> sbatch): {submission:.2f} s")
     result = {"cfg_job_s": cfg_job, "heavy_imports": heavy, "first_step": first_step, "validate_sweep": validate,
               "slurm_submission_s": submission, "ratio": ratio}
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    print(f"ratio cfg-job/minimal-hydra: {ratio:.3f}")
-    return result
+    return publish(result, args.json, {"cfg-job/minimal-hydra": ratio})
 
 
 if __name__ == "__main__":

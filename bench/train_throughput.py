@@ -27,7 +27,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import compose, last_json_line, median, run_checked, subprocess_env
+from bench.common import compose, last_json_line, median, publish, run_checked, subprocess_env
 
 CONTENDERS = ("hydralm", "trainer", "bare")
 CLOCKS = ("wall", "cpu")
@@ -248,11 +248,7 @@ def main(argv=None) -> dict:
     print(f"by {args.clock} time:")
     result.update(clock=args.clock, tokens_per_s=tps[args.clock], ratio_trainer=ratios[args.clock]["trainer"],
                   ratio_bare=ratios[args.clock]["bare"])
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    print(f"ratio hydralm/trainer: {result['ratio_trainer']:.3f}")
-    print(f"ratio hydralm/bare: {result['ratio_bare']:.3f}")
-    return result
+    return publish(result, args.json, {"hydralm/trainer": result["ratio_trainer"], "hydralm/bare": result["ratio_bare"]})
 
 
 if __name__ == "__main__":
