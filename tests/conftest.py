@@ -19,6 +19,22 @@ def _shared_cache(tmp_path_factory):
     os.environ.setdefault("WANDB_MODE", "offline")
 
 
+def final_weights(output_dir, file="model.safetensors") -> dict:
+    """The tensors of a run's final-model (`adapter_model.safetensors` for LoRA adapters)."""
+    from safetensors.torch import load_file
+
+    return load_file(Path(output_dir) / "final-model" / file)
+
+
+def assert_same_weights(actual: dict, expected: dict) -> None:
+    """Bit-equal: the same tensor names, each tensor torch.equal."""
+    import torch
+
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name
+
+
 def compose_config(overrides=()):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
-from conftest import ROOT, compose_config, run_launcher
+from conftest import ROOT, assert_same_weights, compose_config, final_weights, run_launcher
 from launcher.app import run_task
 from test_distributed import _torchrun
 
@@ -292,11 +292,7 @@ def test_a_run_killed_with_sigkill_resumes_to_bit_equal_weights(family, uninterr
     assert (out / "checkpoints" / "checkpoint-00000001" / "COMPLETE").is_file()
     assert not (out / "final-model").exists()
     run_task(compose_config(args))  # the same command
-    expected = load_file(reference / "final-model" / "model.safetensors")
-    actual = load_file(out / "final-model" / "model.safetensors")
-    assert actual.keys() == expected.keys()
-    for key in expected:
-        assert torch.equal(actual[key], expected[key]), key
+    assert_same_weights(final_weights(out), final_weights(reference))
     assert train_losses(out) == train_losses(reference)
 
 

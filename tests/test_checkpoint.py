@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT, compose_config, run_launcher
+from conftest import ROOT, assert_same_weights, compose_config, final_weights, run_launcher
 from launcher.app import run_task
 from launcher.checkpoint import KILL_HOOK
 from launcher.run_dir import latest_checkpoint
@@ -31,16 +30,6 @@ SMALL = ["train.max_seq_len=64", "data.train_bs=2", "data.eval_bs=4", "train.max
 
 def checkpoint(output_dir: Path, step: int) -> Path:
     return output_dir / "checkpoints" / f"checkpoint-{step:08d}"
-
-
-def final_weights(output_dir: Path) -> dict:
-    return load_file(output_dir / "final-model" / "model.safetensors")
-
-
-def assert_same_weights(actual: dict, expected: dict) -> None:
-    assert actual.keys() == expected.keys()
-    for name in expected:
-        assert torch.equal(actual[name], expected[name]), name
 
 
 def logged_steps(output_dir: Path) -> list:

@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import xxhash
-from safetensors.torch import load_file
 
-from conftest import compose_config, run_launcher
+from conftest import assert_same_weights, compose_config, final_weights, run_launcher
 from launcher.app import run_task
 from launcher.errors import ConfigError
 
@@ -71,15 +70,6 @@ class Payload:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
-
-
-def final_weights(output_dir: Path) -> dict:
-    return load_file(output_dir / "final-model" / "model.safetensors")
-
-
-def assert_same_weights(actual: dict, expected: dict) -> None:
-    assert actual.keys() == expected.keys()
-    assert all(torch.equal(actual[name], expected[name]) for name in expected)
 
 
 # ---------------------------------------------------------------------- no code from a checkpoint

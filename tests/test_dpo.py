@@ -16,10 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from conftest import assert_rejected_before_any_work, compose_config, run_launcher
+from conftest import assert_rejected_before_any_work, assert_same_weights, compose_config, final_weights, run_launcher
 from launcher.app import run_task
 from launcher.checkpoint import KILL_HOOK
 from launcher.schema import ASSETS_DIR
@@ -222,9 +221,7 @@ def test_kill_9_in_a_save_then_the_same_command_is_bit_equal(setup, single, tmp_
     result = run_launcher(args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "resuming from" in result.stdout and "reward_accuracy" in result.stdout
-    expected = load_file(single[0] / "final-model" / "model.safetensors")
-    actual = load_file(out / "final-model" / "model.safetensors")
-    assert actual.keys() == expected.keys() and all(torch.equal(actual[k], expected[k]) for k in expected)
+    assert_same_weights(final_weights(out), final_weights(single[0]))
     strip = lambda rows: [{k: r[k] for k in ROW_KEYS if k in r} for r in rows]  # noqa: E731 (no timings)
     assert strip(rows_of(out)) == strip(rows_of(single[0]))
 

@@ -5,10 +5,8 @@ import json
 from collections import Counter
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from conftest import compose_config
+from conftest import assert_same_weights, compose_config, final_weights
 from launcher.app import run_task
 from launcher.data import prepared_splits
 from launcher.distributed import World
@@ -84,9 +82,7 @@ def test_a_mixture_run_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupt
     assert state["progress"]["epoch"] == 0 and state["progress"]["epoch_samples"] == 4  # mid-epoch
     summary = run_task(compose_config([*small, f"resume={step2}", f"output_dir={tmp_path / 'resumed'}"]))
     assert summary["steps"] == 6
-    expected = load_file(tmp_path / "whole" / "final-model" / "model.safetensors")
-    actual = load_file(tmp_path / "resumed" / "final-model" / "model.safetensors")
-    assert expected.keys() == actual.keys() and all(torch.equal(actual[k], expected[k]) for k in expected)
+    assert_same_weights(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "whole"))
 
 
 def test_preprocess_writes_the_mixture_out_with_its_report(tmp_path):
