@@ -10,6 +10,12 @@ fails (a full disk) removes its staging directory; `out_of_space` turns the fail
 line a run stops with. A checkpoint's COMPLETE marker holds the checksum of every file
 (launcher/integrity.py).
 
+Ownership, the one rule: hydralm deletes or replaces only what it can prove it wrote. A result is
+hydralm's when it is a real directory holding hydralm's COMPLETE marker (a JSON object); a staging
+or trash directory while it holds the IN_PROGRESS mark written when it was made. Anything else
+under one of these names (a user's directory, a symlink, a file) is refused or left alone, never
+deleted (`owned`, `check_replaceable`).
+
 This module imports no torch: `--cfg job` and the checks before any work use it.
 """
 
@@ -22,9 +28,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from launcher.errors import RunStopped
+from launcher.errors import ConfigError, RunStopped
 
 COMPLETE = "COMPLETE"
+IN_PROGRESS = ".hydralm-in-progress"  # inside a staging or trash directory until it is committed or gone
+WRITTEN_BY = {"written_by": "hydralm"}
 
 
 def partial_path(target: Path) -> Path:
@@ -46,20 +54,78 @@ def is_complete(directory: Path) -> bool:
     return (Path(directory) / COMPLETE).is_file()
 
 
+def owned(path: Path) -> bool:
+    """hydralm can prove it wrote `path`: a real directory (not a symlink) holding its COMPLETE
+    marker (a regular file holding a JSON object) or its IN_PROGRESS mark (a regular file)."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return False
+    return _is_regular(path / IN_PROGRESS) or (_is_regular(path / COMPLETE) and _holds_json_object(path / COMPLETE))
+
+
+def _is_regular(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def _holds_json_object(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_text()), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def _mark_in_progress(directory: Path) -> None:
+    """Created in a directory hydralm has just made (no rename: any instant after leaves the mark)."""
+    with open(directory / IN_PROGRESS, "x") as f:
+        json.dump(WRITTEN_BY, f)
+
+
+def _is_empty_directory(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+def check_replaceable(target: Path, key: str) -> None:
+    """Before writing `target`: it is new, empty, or a result hydralm wrote; anything else is
+    refused, naming `key` (the setting that chose the path)."""
+    target = Path(target)
+    if not (target.exists() or target.is_symlink()) or owned(target) or _is_empty_directory(target):
+        return
+    what = ("a symlink" if target.is_symlink() else "a file" if not target.is_dir() else
+            f"a directory hydralm did not write (no {COMPLETE} marker of hydralm's in it)")
+    raise ConfigError(f"{key}={target} is {what}: hydralm replaces only what it wrote; name a new or empty "
+                      f"directory (or move that one away)")
+
+
+def _clear_way(path: Path, target: Path) -> None:
+    """Free the name `path` that hydralm needs beside `target`: delete it when it is hydralm's (or
+    an empty directory); refuse when it is anything else."""
+    if owned(path):
+        _delete(path)
+    elif _is_empty_directory(path):
+        path.rmdir()
+    elif path.exists() or path.is_symlink():
+        raise ConfigError(f"{path} is in the way of {Path(target).name} and hydralm did not write it: move it away")
+
+
 def recover(target: Path) -> None:
     """Finish or undo a swap or removal a kill interrupted: a complete `.previous` next to a
-    missing target is the last complete result (put it back); anything else beside the target
-    (a `.previous` being deleted, a `.partial` that was never swapped in, a `.removing`) is
-    garbage and deleted."""
+    missing target is the last complete result (put it back); anything else of hydralm's beside
+    the target (a `.previous` being deleted, a `.partial` that was never swapped in, a
+    `.removing`) is garbage and deleted. Entries under these names that hydralm cannot prove it
+    wrote are left alone."""
     target, previous = Path(target), previous_path(Path(target))
-    if previous.exists() and not target.exists() and is_complete(previous):
+    if owned(previous) and not (target.exists() or target.is_symlink()) and is_complete(previous):
         os.replace(previous, target)
     for leftover in (previous, partial_path(target), removing_path(target)):
-        _delete(leftover)
+        if owned(leftover):
+            _delete(leftover)
+        elif _is_empty_directory(leftover):  # made, then killed before its mark: nothing in it to lose
+            leftover.rmdir()
 
 
 def recover_all(directory: Path) -> None:
-    """`recover` every result of `directory` that has leftovers of an interrupted swap or removal."""
+    """`recover` every result of `directory` that has leftovers of an interrupted swap or removal
+    (only hydralm's own: `recover` leaves other entries alone)."""
     directory = Path(directory)
     if directory.is_dir():
         for entry in list(directory.iterdir()):
@@ -71,21 +137,43 @@ def recover_all(directory: Path) -> None:
 def remove(target: Path) -> None:
     """Delete a result so that no kill leaves a half-deleted directory under its name."""
     target = Path(target)
+    _clear_way(removing_path(target), target)  # a removal of hydralm's that a kill interrupted
     if target.exists():
-        _delete(removing_path(target))
         os.replace(target, removing_path(target))
-    _delete(removing_path(target))
+        _delete(removing_path(target))
+
+
+def trash_directory(target: Path) -> Path:
+    """A new, marked `.<name>.removing/` to move entries into before deleting them together."""
+    trash = removing_path(target)
+    _clear_way(trash, target)  # an earlier trash of hydralm's that a kill left behind
+    trash.mkdir()
+    _mark_in_progress(trash)
+    return trash
 
 
 def _delete(path: Path) -> None:
-    """Delete a file or a tree; what another process deleted first is fine, any other error is not."""
+    """Delete a file or a tree; what another process deleted first is fine, any other error is not.
+    A directory's ownership marks go last, so a kill midway leaves it still provably hydralm's."""
     try:
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, onerror=_unless_gone)
+            for entry in path.iterdir():
+                if entry.name not in (COMPLETE, IN_PROGRESS):
+                    _delete_entry(entry)
+            for mark in (COMPLETE, IN_PROGRESS):
+                (path / mark).unlink(missing_ok=True)
+            path.rmdir()
         else:
             path.unlink()
     except FileNotFoundError:
         pass
+
+
+def _delete_entry(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, onerror=_unless_gone)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _unless_gone(function, path, exc_info) -> None:
@@ -93,13 +181,17 @@ def _unless_gone(function, path, exc_info) -> None:
         raise exc_info[1]
 
 
-def begin(target: Path) -> Path:
-    """A fresh, empty staging directory for `target` (after recovering from any interrupted swap)."""
+def begin(target: Path, key: str = "path") -> Path:
+    """A fresh staging directory for `target` (after recovering from any interrupted swap),
+    marked as hydralm's. `target` must be new, empty or hydralm's (`check_replaceable`)."""
     target = Path(target)
+    check_replaceable(target, key)
     target.parent.mkdir(parents=True, exist_ok=True)
     recover(target)
     staging = partial_path(target)
+    _clear_way(staging, target)
     staging.mkdir()
+    _mark_in_progress(staging)
     return staging
 
 
@@ -107,7 +199,8 @@ def commit(staging: Path, target: Path, marker: dict | None = None, fsync: bool 
     """Mark `staging` complete (the COMPLETE marker holds `marker` as JSON) and swap it in as
     `target`. `fsync`: flush the marker and the directory entries, for results that must survive
     a power loss (checkpoints)."""
-    write_json(staging / COMPLETE, marker or {}, fsync=fsync)
+    write_json(staging / COMPLETE, {**WRITTEN_BY, **(marker or {})}, fsync=fsync)
+    (staging / IN_PROGRESS).unlink(missing_ok=True)  # after COMPLETE: it is hydralm's all along
     if fsync:
         fsync_directory(staging)
     publish(staging, Path(target))
@@ -129,9 +222,11 @@ def atomic_directory(target: Path, marker: dict | None = None, fsync: bool = Fal
 
 
 def publish(staging: Path, target: Path) -> None:
-    """Swap a complete staging directory in as `target` (the old one, if any, is removed)."""
+    """Swap a complete staging directory in as `target` (the old one, if any, is removed; it
+    must be hydralm's or empty, checked again here: it may have appeared since `begin`)."""
+    check_replaceable(target, "path")
     previous = previous_path(target)
-    _delete(previous)  # left by a kill while it was being deleted: os.replace needs the name free
+    _clear_way(previous, target)  # left by a kill while it was being deleted: os.replace needs the name free
     if target.exists():
         os.replace(target, previous)
     os.replace(staging, target)

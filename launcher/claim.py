@@ -7,6 +7,11 @@ holding a run's state (run_dir.RUN_STATE: checkpoints, metrics, model, ...) stop
 naming the first differing key, unless `overwrite=true`, which deletes the old run first. The
 check runs before anything is written, Hydra's record of the job (`.hydra/`) included.
 
+Ownership (launcher/atomic.py has the rule): `run.json` lists the names the run writes
+(`writes`). `overwrite=true` deletes only those, and only in a directory whose `run.json`
+hydralm wrote; state under those names without a `run.json` (a user's `wandb/`,
+`metrics.jsonl`, ...) is never deleted, and no refusal suggests a flag that would.
+
 One exception: an earlier attempt of this same SLURM job (a requeue: same SLURM_JOB_ID, a higher
 SLURM_RESTART_COUNT) is always continued, whatever `resume` and `overwrite` say, so a requeued
 `overwrite=true` job does not delete its own progress.
@@ -27,6 +32,7 @@ from typing import Optional
 from omegaconf import DictConfig, open_dict
 
 from launcher import atomic, run_dir
+from launcher.console import announce
 from launcher.errors import AnotherRunsDirectory, ConfigError
 from launcher.identity import TOKENIZER, TRAIN_SEQUENCES, differing_keys, layout_keys, run_identity
 
@@ -34,6 +40,9 @@ LOCK_FILE = "run.lock"
 RUN_RECORD = "run.json"
 OLD_RUN = "old-run"  # overwrite=true moves the old run into .old-run.removing/, then deletes it
 WAYS_OUT = "start fresh in another output_dir (resume=never), or add overwrite=true to delete that run first"
+# Rewritten by every job in the directory, never deleted: the lock, Hydra's record, the job log.
+JOB_RECORD = (LOCK_FILE, ".hydra", "hydralm.log")
+NOT_OURS = "hydralm deletes only what it wrote: use another output_dir, or move them away yourself"
 
 
 def claim(cfg: DictConfig, output_dir: Path) -> "RunLock":
@@ -61,23 +70,38 @@ def _apply_rule(cfg: DictConfig, output_dir: Path) -> None:
     _check_resume_checkpoint(cfg, current)
     record = _read_record(output_dir)
     present = run_dir.run_state(output_dir)
+    _check_all_ours(output_dir, record, present)
     if present and _earlier_attempt_of_this_job(record):
         with open_dict(cfg):
             cfg.resume = "auto"  # a requeued job continues its own checkpoints
     elif present and cfg.overwrite:
         _check_resume_survives_overwrite(cfg.resume, output_dir)
-        _remove_old_run(output_dir)
+        _remove_old_run(output_dir, _written_by_run(record))
     elif present:
         _check_same_run(cfg, output_dir, record, current)
     run_dir.tidy(output_dir)
-    atomic.write_json(output_dir / RUN_RECORD, {"identity": current, "slurm": _slurm_attempt()})
+    atomic.write_json(output_dir / RUN_RECORD, {"identity": current, "slurm": _slurm_attempt(),
+                                                "writes": list(run_dir.RUN_STATE)})
 
 
-def _check_same_run(cfg: DictConfig, output_dir: Path, record: Optional[dict], current: dict) -> None:
+def _written_by_run(record: Optional[dict]) -> set[str]:
+    """The names the run recorded in `run.json` writes (a run.json of before `writes`: every
+    name of run state, which that hydralm refused to find there without a run.json)."""
+    writes = (record or {}).get("writes", run_dir.RUN_STATE)
+    return {name for name in writes if isinstance(name, str)} if isinstance(writes, list) else set(run_dir.RUN_STATE)
+
+
+def _check_all_ours(output_dir: Path, record: Optional[dict], present: list[str]) -> None:
+    """Run state hydralm did not record writing is never continued, mixed with, or deleted."""
+    foreign = present if record is None else [name for name in present if name not in _written_by_run(record)]
+    if foreign:
+        why = f"no {RUN_RECORD}" if record is None else f"not listed in its {RUN_RECORD}"
+        raise AnotherRunsDirectory(f"output_dir={output_dir} holds {', '.join(foreign)} that hydralm did not "
+                                   f"record writing ({why}): {NOT_OURS}")
+
+
+def _check_same_run(cfg: DictConfig, output_dir: Path, record: dict, current: dict) -> None:
     what = run_dir.describe_run(output_dir)
-    if record is None:
-        raise AnotherRunsDirectory(f"output_dir={output_dir} holds a run hydralm cannot identify ({what}; no "
-                                   f"{RUN_RECORD}): {WAYS_OUT}")
     explicit_resume = cfg.resume not in ("auto", "never")
     saved = record["identity"]
     differing = differing_keys(saved, current, ignore=layout_keys(cfg) if explicit_resume else ())
@@ -116,18 +140,21 @@ def _check_resume_survives_overwrite(resume: str, output_dir: Path) -> None:
                           f"resume from a copy outside it, or drop overwrite=true")
 
 
-def _remove_old_run(output_dir: Path) -> None:
-    """Move the old run's state out of the way, then delete it. run.json goes first: a kill
-    midway leaves state nobody can identify, which the next run refuses (or overwrites again)."""
-    trash = atomic.removing_path(output_dir / OLD_RUN)
-    atomic.remove(output_dir / OLD_RUN)  # a trash an earlier overwrite left behind
-    trash.mkdir()
-    names = [RUN_RECORD] + [entry.name for entry in output_dir.iterdir()
-                            if run_dir.state_name(entry.name) in run_dir.RUN_STATE]
-    for name in names:
-        if (output_dir / name).exists():
-            os.replace(output_dir / name, trash / name)
+def _remove_old_run(output_dir: Path, written: set[str]) -> None:
+    """Move the old run's own entries (those its run.json lists, with their leftovers of
+    interrupted swaps) out of the way, then delete them, and say what went and what stayed.
+    run.json goes last: a kill midway leaves a run.json that still lists what is left."""
+    trash = atomic.trash_directory(output_dir / OLD_RUN)
+    ours = [entry.name for entry in output_dir.iterdir()
+            if run_dir.state_name(entry.name) in written and
+            (entry.name in written or atomic.owned(entry))]
+    for name in ours:
+        os.replace(output_dir / name, trash / name)
+    os.replace(output_dir / RUN_RECORD, trash / RUN_RECORD)
     atomic.remove(output_dir / OLD_RUN)
+    kept = sorted(entry.name for entry in output_dir.iterdir() if entry.name not in JOB_RECORD)
+    announce(f"hydralm: overwrite=true removed the old run's {', '.join(sorted(ours))} and {RUN_RECORD} from "
+             f"{output_dir}" + (f"; left what hydralm did not write there: {', '.join(kept)}" if kept else ""))
 
 
 def _read_record(output_dir: Path) -> Optional[dict]:

@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 
 import xxhash
 
-from launcher.atomic import COMPLETE
+from launcher.atomic import COMPLETE, IN_PROGRESS
 
 ALGORITHM = "xxh3_128"
 CHUNK_BYTES = 16 * 1024 * 1024
@@ -62,7 +62,7 @@ def manifest(directory: Path, digests: Optional[dict[str, str]] = None) -> dict:
     `digests` holds those already hashed while they were written; the rest are read here."""
     directory, digests = Path(directory), digests or {}
     files = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != IN_PROGRESS):
         name = path.relative_to(directory).as_posix()
         files[name] = {"bytes": path.stat().st_size, "digest": digests.get(name) or hash_file(path)}
     return {"algorithm": ALGORITHM, "files": files}
@@ -110,7 +110,7 @@ def file_checksums(directory: Path, under: str = "") -> dict[str, str]:
     sums = {}
     for file in sorted(p for p in (Path(directory) / under).rglob("*") if p.is_file()):
         name = file.relative_to(directory).as_posix()
-        if name not in (CHECKSUMS, COMPLETE):
+        if name not in (CHECKSUMS, COMPLETE, IN_PROGRESS):
             sums[name] = hash_file(file)
     return sums
 

@@ -60,11 +60,13 @@ def latest_checkpoint(output_dir: Path) -> Optional[Path]:
 
 
 def run_state(output_dir: Path) -> list[str]:
-    """The names of RUN_STATE present in `output_dir` (with leftovers of their atomic swaps)."""
+    """The names of RUN_STATE present in `output_dir` (with hydralm's leftovers of their atomic
+    swaps; a user's entry under a leftover's name is not run state)."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    present = {state_name(entry.name) for entry in output_dir.iterdir()}
+    present = {state_name(entry.name) for entry in output_dir.iterdir()
+               if not atomic.LEFTOVER.match(entry.name) or atomic.owned(entry)}
     return [name for name in RUN_STATE if name in present]
 
 

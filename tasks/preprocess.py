@@ -8,9 +8,9 @@ matches its checksum) and does nothing; two runs at once build it once.
 import json
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from launcher.atomic import atomic_directory
+from launcher.atomic import atomic_directory, check_replaceable, owned
 from launcher.console import announce
 from launcher.data import (check_tokenizer, ensure_built, mix_components, one_builder,
                            prepared_splits, preprocess_settings)
@@ -26,12 +26,25 @@ from launcher.task_model import model_config
 SINGLE_PROCESS = World(rank=0, local_rank=0, size=1, local_size=1, device=None)
 
 
+def check_save_path(cfg: DictConfig) -> None:
+    """Before any work: `data.save_path` is new, empty, or an earlier output of task=preprocess
+    (its COMPLETE marker and checksums); hydralm replaces nothing else there."""
+    if not cfg.data.save_path:
+        return  # <output_dir>/data: checked with the output directory
+    path = Path(cfg.data.save_path)
+    check_replaceable(path, "data.save_path")
+    if owned(path) and not (path / CHECKSUMS).is_file():
+        raise ConfigError(f"data.save_path={path} holds another hydralm result (a checkpoint or model), not an "
+                          f"output of task=preprocess: name a new or empty directory")
+
+
 def preprocess(cfg: DictConfig) -> dict:
     source = source_of(cfg.data)
     if source.tokenized:
         raise ConfigError(f"task=preprocess needs a raw corpus; data.source={cfg.data.source} is already preprocessed")
     tokenizer = load_tokenizer(model_config(cfg))
     save_path = Path(cfg.data.save_path or resolve_output_dir(cfg, SINGLE_PROCESS) / "data")
+    check_save_path(OmegaConf.merge(cfg, {"data": {"save_path": str(save_path)}}))
     if source.mixes:
         return _save_mixture(cfg, tokenizer, save_path)
     check_tokenizer(cfg, tokenizer)  # tokenizer-dependent checks before any loading

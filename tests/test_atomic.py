@@ -55,11 +55,15 @@ def killed_at_every_instant(operation, prepare, check):
             return k
 
 
-def write_result(path: Path, version: str) -> None:
-    path.mkdir(parents=True)
+def write_files(path: Path, version: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
     (path / "weights").write_text(version * 1000)
     (path / "nested").mkdir()
     (path / "nested" / "part").write_text(version)
+
+
+def write_result(path: Path, version: str) -> None:
+    write_files(path, version)
     (path / atomic.COMPLETE).write_text("{}")
 
 
@@ -83,8 +87,7 @@ def test_a_swap_killed_at_any_instant_recovers_to_the_old_or_the_new_result(tmp_
 
     def publish_new():
         staging = atomic.begin(target)
-        shutil.rmtree(staging)
-        write_result(staging, "new")
+        write_files(staging, "new")
         atomic.commit(staging, target)
 
     def check(finished):
@@ -103,7 +106,7 @@ def test_a_swap_killed_while_the_previous_result_is_deleted_does_not_wedge_the_n
     target = tmp_path / "final-model"
     write_result(target, "old")
     write_result(atomic.previous_path(target), "older")
-    (atomic.previous_path(target) / atomic.COMPLETE).unlink()  # half deleted
+    shutil.rmtree(atomic.previous_path(target) / "nested")  # half deleted (its COMPLETE marker goes last)
     staging = atomic.partial_path(target)
     write_result(staging, "new")
     atomic.publish(staging, target)
