@@ -27,8 +27,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 
 from bench.common import publish
-from launcher import integrity
-from launcher.checkpoint import _ChecksummingWriter
+from launcher.store import integrity
+from launcher.training.checkpoint import _ChecksummingWriter
 
 GIB = 1024**3
 

@@ -13,7 +13,7 @@ item's output and the next item starts; the JSON is rewritten after every item. 
 downloaded: models are random-init Llamas of the named shapes, data is the embedded corpus or
 random tokens.
 
-Throughput: hydralm's own model build, FSDP2 wrapping and optimizer step (`launcher.trainer`) on
+Throughput: hydralm's own model build, FSDP2 wrapping and optimizer step (`launcher.training.trainer`) on
 random tokens, bf16 compute with fp32 master weights, `sharding=full_shard`, fused AdamW, warm-up
 steps (compilation happens there), then timed steps. `mfu` uses hydralm's FLOPs per token (6N
 plus attention, as in metrics.jsonl); `mfu_6n` is 6 x parameters x tokens/s over the peak.
@@ -92,7 +92,7 @@ def environment(spec: dict) -> dict:
     import torch
     import transformers
 
-    from launcher.metrics import peak_flops_per_device
+    from launcher.training.metrics import peak_flops_per_device
 
     figures = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
                "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
@@ -118,11 +118,11 @@ def throughput(spec: dict) -> dict:
     import torch
 
     from launcher.distributed import distributed, seed_everything
-    from launcher.lora import trainable_parameters
-    from launcher.metrics import flops_per_token, peak_flops_per_device, peak_memory_gib
-    from launcher.modeling import build_model, load_tokenizer
-    from launcher.optim import build_optimizer
-    from launcher.sharding import prepare_model
+    from launcher.model.lora import trainable_parameters
+    from launcher.model.modeling import build_model, load_tokenizer
+    from launcher.model.sharding import prepare_model
+    from launcher.training.metrics import flops_per_token, peak_flops_per_device, peak_memory_gib
+    from launcher.training.optim import build_optimizer
 
     cfg = compose(_throughput_overrides(spec))
     with _torchrun_environment(), distributed(cfg.sharding.backend) as world:
@@ -188,8 +188,8 @@ def resume_after_kill(spec: dict) -> dict:
     """`python -m launcher` (bf16, full_shard, a checkpoint every 5 steps, torchrun's environment)
     is SIGKILLed inside the save of step 10 (the checkpoint's shards written, its marker not); the
     same config again resumes from step 5 and must end as the uninterrupted run did."""
-    from launcher.checkpoint import KILL_HOOK
-    from launcher.run_dir import checkpoint_dir, latest_checkpoint
+    from launcher.store.run_dir import checkpoint_dir, latest_checkpoint
+    from launcher.training.checkpoint import KILL_HOOK
 
     every = spec["run_steps"] // 4
     overrides = [*MP, "train.checkpointing_enabled=true", f"train.save_steps={every}"]
@@ -312,8 +312,8 @@ def _throughput_overrides(spec: dict) -> list[str]:
 def _optimizer_step(cfg, world):
     """hydralm's optimizer step over one micro-batch; returns (summed loss, trained tokens). The one
     place this file reaches into the training loop."""
-    from launcher.language_modeling import LanguageModeling
-    from launcher.trainer import optimizer_step
+    from launcher.training.trainer import optimizer_step
+    from tasks.train import LanguageModeling
 
     task = LanguageModeling(cfg)
 
@@ -357,9 +357,8 @@ def _memory_shortfall(cfg, world, spec: dict) -> Optional[str]:
     if world.device.type != "cuda":
         return None
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from omegaconf import OmegaConf
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(AutoConfig.for_model(**OmegaConf.to_container(cfg.model.config)))
@@ -392,7 +391,7 @@ def _train_run(spec: dict, name: str, overrides: list[str], torchrun: bool = Tru
 def _run_task(overrides: list[str], torchrun: bool):
     """hydralm's task in this process; `torchrun`: under the environment torchrun gives rank 0 of
     one (env:// rendezvous, device_id), else the plain world of one."""
-    from launcher.app import run_task
+    from launcher.cli.app import run_task
 
     with _torchrun_environment() if torchrun else nullcontext():
         return run_task(compose(overrides))
@@ -443,7 +442,7 @@ def _packed_vs_separate(attention: str, dtype, device, spec: dict) -> float:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from launcher.losses import token_loss_sum
+    from launcher.model.losses import token_loss_sum
 
     hidden, seq_len = (64, 64) if spec["smoke"] else (256, 1024)
     config = LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
@@ -523,7 +522,7 @@ class Runner:
     """Starts each item in its own process and waits for it under a timeout."""
 
     PRELOAD = ["bench.gpu_check", "torch", "transformers", "transformers.models.llama.modeling_llama",
-               "launcher.app", "tasks.train", "tasks.evaluate"]
+               "launcher.cli.app", "tasks.train", "tasks.evaluate"]
 
     def __init__(self, work: Path):
         self.work = work

@@ -3,7 +3,7 @@ else. bench/startup.py times `--cfg job` of this against `python -m launcher --c
 
 import hydra
 
-import launcher.schema  # noqa: F401  (registers the schema, as launcher/app.py does)
+import launcher.schema  # noqa: F401  (registers the schema, as launcher/cli/app.py does)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -4,7 +4,7 @@ Generates a deterministic text corpus (paragraphs of the embedded pydoc corpus, 
 fixed seed into documents; no download), saves it with `save_to_disk`, and times, in this run,
 with the same tokenizer and `num_proc`, at N and 2N bytes of text:
 
-- hydralm: what `task=preprocess` runs (`launcher.data.build_and_save`): load, tokenize, pack, save;
+- hydralm: what `task=preprocess` runs (`launcher.data.preprocessing.build_and_save`): load, tokenize, pack, save;
 - classic: `tokenizer(batch["text"])` in a batched `map`, then `group_texts` (chain the token
   lists, cut into blocks) in a batched `map`, then `save_to_disk`.
 
@@ -36,8 +36,8 @@ from datasets import Dataset, disable_caching, disable_progress_bars, load_from_
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from launcher.sources import pydoc_documents  # noqa: E402
-from launcher.modeling import load_tokenizer  # noqa: E402
+from launcher.data.sources import pydoc_documents  # noqa: E402
+from launcher.model.modeling import load_tokenizer  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -64,7 +64,7 @@ def compose(overrides: list[str]):
     from hydra import initialize_config_dir
 
     import launcher.schema  # noqa: F401  (registers the schema)
-    from launcher.validate import check_config
+    from launcher.cli.validate import check_config
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=overrides)
@@ -73,8 +73,8 @@ def compose(overrides: list[str]):
 
 
 def hydralm_run(corpus: Path, out: Path, num_proc: int, max_seq_len: int) -> dict:
-    from launcher.data import build_and_save, preprocess_settings
-    from launcher.sources import source_of
+    from launcher.data.preprocessing import build_and_save, preprocess_settings
+    from launcher.data.sources import source_of
 
     cfg = compose(["task=preprocess", "data=disk", f"data.load_path={corpus}", f"data.num_proc={num_proc}",
                    "data.packing_type=full", f"train.max_seq_len={max_seq_len}", f"data.save_path={out}"])

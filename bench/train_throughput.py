@@ -64,9 +64,9 @@ def prepare_data(spec: dict) -> None:
     """Pack the pydoc corpus at the benchmark's sequence length; keep exactly the rows needed."""
     import torch
 
-    from launcher.data import prepared_splits
+    from launcher.data.preprocessing import prepared_splits
     from launcher.distributed import World
-    from launcher.modeling import load_tokenizer
+    from launcher.model.modeling import load_tokenizer
 
     pydoc = [o for o in hydralm_overrides(spec) if not o.startswith(("data=", "data.train_ds", "data.eval_ds"))]
     cfg = compose(pydoc)
@@ -99,17 +99,17 @@ class StepClock:
 
 def hydralm_worker(spec: dict) -> dict:
     """hydralm's train task as `python -m launcher` runs it, timed at the end of every step."""
-    import launcher.metrics
-    from launcher.app import run_task
+    import launcher.training.metrics
+    from launcher.cli.app import run_task
 
     clock = StepClock(spec)
-    advance = launcher.metrics.RunLog.advance  # called once per optimizer step, after it
+    advance = launcher.training.metrics.RunLog.advance  # called once per optimizer step, after it
 
     def timed_advance(run_log):
         clock.tick()
         advance(run_log)
 
-    launcher.metrics.RunLog.advance = timed_advance
+    launcher.training.metrics.RunLog.advance = timed_advance
     with tempfile.TemporaryDirectory() as out:
         run_task(compose([*hydralm_overrides(spec), f"output_dir={out}"]))
     return clock.result()
@@ -119,7 +119,7 @@ def _model_and_config(spec: dict):
     import torch
 
     from launcher.distributed import World, seed_everything
-    from launcher.modeling import build_model, load_tokenizer
+    from launcher.model.modeling import build_model, load_tokenizer
 
     cfg = compose(hydralm_overrides(spec))
     seed_everything(cfg.train.seed)

@@ -1,3 +1,3 @@
-from launcher.app import main
+from launcher.cli.app import main
 
 main()

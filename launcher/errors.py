@@ -18,7 +18,7 @@ class ConfigError(ValueError):
 
 class AnotherRunsDirectory(ConfigError):
     """output_dir holds another run, or one in use: refused without writing anything there, the
-    job log included (launcher/claim.py)."""
+    job log included (launcher/store/claim.py)."""
 
 
 class RunStopped(Exception):

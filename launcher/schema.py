@@ -14,9 +14,9 @@ from omegaconf import MISSING, OmegaConf
 
 ASSETS_DIR = Path(__file__).parent / "assets"
 
-# What a setting affects, for launcher/identity.py: the preprocessed data (the cache key) and the
+# What a setting affects, for launcher/store/identity.py: the preprocessed data (the cache key) and the
 # training run (what `resume` must match, and what decides whether an output directory holds
-# this run or another one: launcher/claim.py). A field without `affects` inherits its group's, so
+# this run or another one: launcher/store/claim.py). A field without `affects` inherits its group's, so
 # a new key counts everywhere its group does until someone decides otherwise. Out of the run:
 # logging, output, checkpoint cadence, and speed/memory settings that leave the math alone
 # (sharding, compile, activation checkpointing, attention kernel, eval batch size, workers).
@@ -73,7 +73,7 @@ class DataConfig:
     # example of the train split is held out for eval.
     eval_split: Optional[str] = None
     eval_every: int = 10
-    # What an example is (launcher/formats.py): text | chat (a column of conversations, trained on
+    # What an example is (launcher/data/formats.py): text | chat (a column of conversations, trained on
     # the assistant turns) | prompt_completion (trained on the completion).
     format: str = "text"
     # The column of text (format text; default `text`) or of conversations (format chat; default `messages`).
@@ -108,7 +108,7 @@ class DataConfig:
     cache_dir: Optional[str] = affects(default=None)
     num_proc: Optional[int] = affects(default=None)
     num_workers: int = affects(default=0)
-    # data.source=mixture: components [{weight, preset, data keys...}] (launcher/sources.py).
+    # data.source=mixture: components [{weight, preset, data keys...}] (launcher/data/sources.py).
     mixture: Optional[List[Dict[str, Any]]] = None
 
 
@@ -151,7 +151,7 @@ class TrainConfig:
     activation_checkpointing_every: int = affects(default=1)
     compile: bool = affects(default=False)
     # cross_entropy: all logits at once, upcast to fp32. chunked_cross_entropy: the output head and
-    # the loss over loss_chunk_size tokens at a time, recomputed in backward (launcher/losses.py).
+    # the loss over loss_chunk_size tokens at a time, recomputed in backward (launcher/model/losses.py).
     # Both compute the same loss, so neither is part of the run's identity.
     loss: str = affects(default="cross_entropy")
     loss_chunk_size: int = affects(default=1024)
@@ -278,11 +278,11 @@ class Config:
     # train: auto (the latest complete checkpoint in output_dir, if any), never, or a checkpoint path.
     resume: str = affects(default="auto")
     # train: delete the run output_dir holds (if any) before starting; without it a run refuses
-    # to write into a directory holding another run (launcher/claim.py).
+    # to write into a directory holding another run (launcher/store/claim.py).
     overwrite: bool = affects(default=False)
     # Free-form tags that experiment presets set (shown in `--cfg job`).
     tags: List[str] = affects(factory=list)
-    # What a sweep optimises and the job returns to the sweeper (a float; launcher/objective.py):
+    # What a sweep optimises and the job returns to the sweeper (a float; launcher/cli/objective.py):
     # a metric of the final evaluation, `eval_loss` or `eval_<metric>` of the task (a DPO run's
     # `eval_reward_accuracy`). hydra.sweeper.direction says whether it is minimised (default).
     objective: str = affects(default="eval_loss")

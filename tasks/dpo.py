@@ -2,8 +2,8 @@
 pairs (sigmoid loss, Rafailov et al. 2023; conservative with dpo.label_smoothing), then a
 HuggingFace model in `<output_dir>/final-model`.
 
-What a training run does is the run skeleton's (launcher/trainer.py). DPO adds its data
-(launcher/pairs.py), the loss of a batch of pairs, and the frozen reference the loss compares
+What a training run does is the run skeleton's (launcher/training/trainer.py). DPO adds its data
+(launcher/data/pairs.py), the loss of a batch of pairs, and the frozen reference the loss compares
 the policy with, which is the model before training:
 - peft=lora: the same model with its adapters switched off (the frozen base, no second copy);
 - otherwise: every pair's log-probs under the initial model, computed once before the first
@@ -22,13 +22,13 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from launcher.data.loaders import PairCollator, eval_loader, train_loader
+from launcher.data.pairs import max_prompt_len, preference_splits
+from launcher.data.sources import SOURCES
 from launcher.errors import ConfigError, at_least
-from launcher.loaders import PairCollator, eval_loader, train_loader
-from launcher.lora import lora_enabled
-from launcher.losses import dpo_loss, sequence_log_probs
-from launcher.pairs import max_prompt_len, preference_splits
-from launcher.sources import SOURCES
-from launcher.trainer import Trainer, TrainingTask
+from launcher.model.lora import lora_enabled
+from launcher.model.losses import dpo_loss, sequence_log_probs
+from launcher.training.trainer import Trainer, TrainingTask
 
 log = logging.getLogger("hydralm")
 
@@ -74,7 +74,7 @@ class DPO(TrainingTask):
         return sequence_log_probs(model, batch, self.ignore_index)
 
     def real_pairs(self, batch: dict) -> torch.Tensor:
-        """False for eval padding rows (launcher.loaders.EvenShard): they have no target."""
+        """False for eval padding rows (launcher.data.loaders.EvenShard): they have no target."""
         chosen_labels = batch["labels"][: len(batch["pair_id"]), 1:]
         return (chosen_labels != self.ignore_index).any(dim=1)
 

@@ -5,14 +5,14 @@ import math
 
 from omegaconf import DictConfig
 
-from launcher.atomic import write_json
-from launcher.console import announce
+from launcher.cli.console import announce
+from launcher.data.loaders import eval_loader
 from launcher.distributed import distributed, seed_everything
-from launcher.language_modeling import LanguageModeling
-from launcher.loaders import eval_loader
-from launcher.outputs import resolve_output_dir
-from launcher.task_model import load_task_model
-from launcher.trainer import evaluate as evaluate_loss
+from launcher.model.task_model import load_task_model
+from launcher.store.atomic import write_json
+from launcher.store.outputs import resolve_output_dir
+from launcher.training.trainer import evaluate as evaluate_loss
+from tasks.train import LanguageModeling
 
 
 def evaluate(cfg: DictConfig) -> dict:

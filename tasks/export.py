@@ -9,12 +9,12 @@ a multiple of `model.pad_vocab_to_multiple_of`) and gathered on rank 0.
 
 from omegaconf import DictConfig
 
-from launcher.console import announce
+from launcher.cli.console import announce
 from launcher.distributed import distributed
-from launcher.export import save_hf_model
-from launcher.outputs import resolve_output_dir
-from launcher.run_dir import FINAL_MODEL
-from launcher.task_model import load_task_model
+from launcher.model.task_model import load_task_model
+from launcher.store.outputs import resolve_output_dir
+from launcher.store.run_dir import FINAL_MODEL
+from launcher.training.export import save_hf_model
 
 
 def export(cfg: DictConfig) -> dict:

@@ -10,18 +10,18 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.atomic import atomic_directory, check_replaceable, owned
-from launcher.console import announce
-from launcher.data import (check_tokenizer, ensure_built, mix_components, one_builder,
-                           prepared_splits, preprocess_settings)
+from launcher.cli.console import announce
+from launcher.data.mixture import describe_mixture
+from launcher.data.preprocessing import (check_tokenizer, ensure_built, mix_components, one_builder, prepared_splits,
+                                         preprocess_settings)
+from launcher.data.sources import source_of
 from launcher.distributed import World
 from launcher.errors import ConfigError
-from launcher.integrity import CHECKSUMS, file_checksums
-from launcher.mixture import describe_mixture
-from launcher.modeling import load_tokenizer
-from launcher.outputs import resolve_output_dir
-from launcher.sources import source_of
-from launcher.task_model import model_config
+from launcher.model.modeling import load_tokenizer
+from launcher.model.task_model import model_config
+from launcher.store.atomic import atomic_directory, check_replaceable, owned
+from launcher.store.integrity import CHECKSUMS, file_checksums
+from launcher.store.outputs import resolve_output_dir
 
 SINGLE_PROCESS = World(rank=0, local_rank=0, size=1, local_size=1, device=None)
 

@@ -1,13 +1,13 @@
 """The `report` task: plots and a comparison table of the runs in `report.dir` (one run or a sweep).
 
-Reads finished runs only: no model, no process group. Same as `python -m launcher.report DIR`.
+Reads finished runs only: no model, no process group. Same as `python -m launcher.cli.report DIR`.
 """
 
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from launcher.report import print_report, write_report
+from launcher.cli.report import print_report, write_report
 
 
 def report(cfg: DictConfig) -> dict:

@@ -1,6 +1,6 @@
 """The `validate` task: check a config without running it.
 
-On the command line ChecksBeforeWork (launcher/validate.py) answers before Hydra makes any
+On the command line ChecksBeforeWork (launcher/cli/validate.py) answers before Hydra makes any
 directory, one line per sweep point; this function is what a direct call (`run_task`) reaches
 once the checks have passed.
 """

@@ -54,7 +54,7 @@ def run_launcher(args, cwd, timeout=600, env=None):
 
 def assert_rejected_before_any_work(overrides, message, tmp_path):
     """run_task raises one ConfigError containing `message`, and nothing is written."""
-    from launcher.app import run_task
+    from launcher.cli.app import run_task
     from launcher.errors import ConfigError
 
     cfg = compose_config([*overrides, f"output_dir={tmp_path / 'out'}"])
@@ -72,7 +72,7 @@ def run_in_fresh_python(argv, cwd):
     """`hydralm ARGV` in a fresh interpreter; its stdout ends with `EXIT <code>` and TORCH_IMPORTED
     or NO_TORCH, for tests of what a command imports."""
     code = (
-        f"import sys; from launcher.app import main; sys.argv = ['hydralm', *{list(argv)!r}]\n"
+        f"import sys; from launcher.cli.app import main; sys.argv = ['hydralm', *{list(argv)!r}]\n"
         "try:\n    main()\nexcept SystemExit as exit:\n    print('EXIT', exit.code)\n"
         "print('TORCH_IMPORTED' if 'torch' in sys.modules else 'NO_TORCH')"
     )

@@ -19,17 +19,17 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, assert_same_weights, compose_config, final_weights, run_launcher
 from datasets import Dataset
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_distributed import _torchrun
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
-from conftest import ROOT, assert_same_weights, compose_config, final_weights, run_launcher
-from launcher.app import run_task
-from test_distributed import _torchrun
+from launcher.cli.app import run_task
 
 TOKENIZER = ROOT / "launcher" / "assets" / "tiny_bpe"
-KILL_HOOK = "HYDRALM_TEST_KILL_IN_SAVE"  # launcher.checkpoint's test hook: SIGKILL inside that step's save
+KILL_HOOK = "HYDRALM_TEST_KILL_IN_SAVE"  # launcher.training.checkpoint's test hook: SIGKILL inside that step's save
 
 # The run every check shares (and the plain loop mirrors): 16 train rows, 4 per step, 3 steps.
 SEED, STEPS, BATCH, MAX_GRAD_NORM = 11, 3, 4, 1.0
@@ -346,7 +346,7 @@ def test_a_checkpoint_whose_logits_share_a_large_offset_keeps_its_loss_and_vocab
 
 def test_only_a_random_init_is_padded_and_a_checkpoint_grows_only_for_a_bigger_tokenizer(tmp_path):
     from launcher.distributed import World
-    from launcher.modeling import build_model, load_tokenizer
+    from launcher.model.modeling import build_model, load_tokenizer
 
     world = World(0, 0, 1, 1, torch.device("cpu"))
     random_init = compose_config(["model.config.vocab_size=4099"]).model  # the tiny preset: random init

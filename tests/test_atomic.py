@@ -1,5 +1,5 @@
 """A kill at every instant of a swap, a removal, a prune and an overwrite leaves nothing that
-wedges the next run: what the next start does (launcher/atomic.py's recover, run_dir.tidy) ends
+wedges the next run: what the next start does (launcher/store/atomic.py's recover, run_dir.tidy) ends
 with the old result or the new one, complete, and no leftovers.
 
 Each case forks a child that does the operation and dies (os._exit, no cleanup, like SIGKILL)
@@ -11,11 +11,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import compose_config
-from launcher import atomic, run_dir
-from launcher.claim import RUN_RECORD, claim
+
 from launcher.errors import ConfigError
+from launcher.store import atomic, run_dir
+from launcher.store.claim import RUN_RECORD, claim
 
 KILLED = 77
 CHANGES = ("replace", "rename", "unlink", "rmdir", "mkdir")

@@ -6,10 +6,10 @@ import logging
 
 import pandas as pd
 import pytest
+from conftest import compose_config, run_launcher
 from datasets import Dataset
 
-from conftest import compose_config, run_launcher
-from launcher.app import run_task
+from launcher.cli.app import run_task
 from launcher.errors import ConfigError
 
 MESSAGES = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}

@@ -1,7 +1,6 @@
 """Bad input fails fast: one readable line, a non-zero exit, and no result on disk."""
 
 import pytest
-
 from conftest import assert_rejected_before_any_work, compose_config, run_launcher
 
 
@@ -33,7 +32,7 @@ def test_bad_values_are_named_before_any_work(overrides, message, tmp_path):
 
 
 def test_seed_spelling_aliases_are_accepted():
-    from launcher.validate import check_config
+    from launcher.cli.validate import check_config
 
     cfg = compose_config(["scheduler.name=plataeu-with-warmup", "sharding.strategy=full_shard"])
     check_config(cfg)
@@ -103,8 +102,8 @@ def test_a_misspelt_optimizer_key_names_the_closest_parameter(tmp_path):
     ],
 )
 def test_an_output_dir_that_cannot_hold_a_run_is_refused(output_dir, message, tmp_path):
+    from launcher.cli.validate import check_config
     from launcher.errors import ConfigError
-    from launcher.validate import check_config
 
     file = tmp_path / "notes.txt"
     file.write_text("not a directory")

@@ -10,14 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, compose_config
 from datasets import load_from_disk
 from filelock import FileLock
 
-from conftest import ROOT, compose_config
-from launcher.data import lock_path, prepared_splits
-from launcher.integrity import damaged_files
+from launcher.data.preprocessing import lock_path, prepared_splits
 from launcher.distributed import World
-from launcher.modeling import load_tokenizer
+from launcher.model.modeling import load_tokenizer
+from launcher.store.integrity import damaged_files
 
 SINGLE = World(rank=0, local_rank=0, size=1, local_size=1, device=None)
 
@@ -105,9 +105,9 @@ def test_two_training_runs_on_a_cold_cache_both_get_the_same_rows(tmp_path):
         "logging.basicConfig(level=logging.INFO)\n"
         f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
         "from conftest import compose_config\n"
-        "from launcher.data import prepared_splits\n"
+        "from launcher.data.preprocessing import prepared_splits\n"
         "from launcher.distributed import World\n"
-        "from launcher.modeling import load_tokenizer\n"
+        "from launcher.model.modeling import load_tokenizer\n"
         f"cfg = compose_config(['train.max_seq_len=32', 'data.cache_dir={tmp_path / 'cache'}'])\n"
         "splits = prepared_splits(cfg, load_tokenizer(cfg.model), World(0, 0, 1, 1, None))\n"
         "print('ROWS', json.dumps({name: len(split) for name, split in splits.items()}))\n"
@@ -124,7 +124,7 @@ def test_two_training_runs_on_a_cold_cache_both_get_the_same_rows(tmp_path):
 
 
 def test_a_damaged_preprocessed_dataset_is_refused_before_training(tmp_path):
-    from launcher.app import run_task
+    from launcher.cli.app import run_task
     from launcher.errors import ConfigError
 
     out = tmp_path / "data"

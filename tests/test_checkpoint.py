@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, assert_same_weights, compose_config, final_weights, run_launcher
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT, assert_same_weights, compose_config, final_weights, run_launcher
-from launcher.app import run_task
-from launcher.checkpoint import KILL_HOOK
-from launcher.run_dir import latest_checkpoint
+from launcher.cli.app import run_task
+from launcher.data.sampler import ResumableDistributedSampler
 from launcher.errors import ConfigError
-from launcher.sampler import ResumableDistributedSampler
+from launcher.store.run_dir import latest_checkpoint
+from launcher.training.checkpoint import KILL_HOOK
 
 SMALL = ["train.max_seq_len=64", "data.train_bs=2", "data.eval_bs=4", "train.max_eval_batches=1",
          "train.max_steps=6", "train.logging_steps=2", "train.checkpointing_enabled=true", "train.save_steps=2"]
@@ -154,11 +154,11 @@ def test_resume_must_name_a_complete_checkpoint(tmp_path, resume):
 
 
 def test_export_of_training_checkpoints_reloads_with_the_trained_logits(tmp_path, reference):
-    from launcher.checkpoint import load_model_weights
     from launcher.distributed import distributed
-    from launcher.export import save_hf_model
-    from launcher.modeling import load_tokenizer
-    from launcher.trainer import build_training_model
+    from launcher.model.modeling import load_tokenizer
+    from launcher.training.checkpoint import load_model_weights
+    from launcher.training.export import save_hf_model
+    from launcher.training.trainer import build_training_model
 
     # The last checkpoint (step 6) holds the final weights: its export equals final-model.
     run_task(compose_config(["task=export", f"checkpoint={checkpoint(reference, 6)}", f"output_dir={tmp_path / 'last'}"]))

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 import xxhash
-
 from conftest import assert_same_weights, compose_config, final_weights, run_launcher
-from launcher.app import run_task
+
+from launcher.cli.app import run_task
 from launcher.errors import ConfigError
 
 SMALL = ["train.max_seq_len=64", "data.train_bs=2", "data.eval_bs=4", "train.max_eval_batches=1",
@@ -179,7 +179,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(referen
 
 
 def test_a_flipped_bit_is_named_and_an_explicit_resume_of_it_is_refused(reference, tmp_path, monkeypatch):
-    from launcher import integrity
+    from launcher.store import integrity
 
     monkeypatch.setattr(integrity, "SMALL_FILE_BYTES", 0)  # like a large shard: hashed at load, not before
     out = copy_run(reference, tmp_path)

@@ -5,7 +5,6 @@ before Hydra makes any directory (for every sweep point before anything is queue
 import os
 
 import pytest
-
 from conftest import CONF_DIR, QUICK, run_in_fresh_python, run_launcher
 
 SECRET = "hydralm-test-secret-5f2c9a"
@@ -108,7 +107,7 @@ def test_help_lists_the_tasks_groups_and_examples(tmp_path):
 
 def test_the_job_log_keeps_the_error(tmp_path):
     refused = tmp_path / "refused"  # a ConfigError raised inside the job, after Hydra made the run directory
-    result = run_launcher(["task=report", "task.check=null", "task.fn=launcher.report.check_report",
+    result = run_launcher(["task=report", "task.check=null", "task.fn=launcher.cli.report.check_report",
                            f"output_dir={refused}"], cwd=tmp_path, timeout=120)
     assert result.returncode == 2
     line = _one_error_line(result)

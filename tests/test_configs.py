@@ -1,9 +1,8 @@
 """Every option of every config group composes, and the schema catches what it should."""
 
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import CONF_DIR, compose_config
+from omegaconf import OmegaConf
 
 # conf/hydra/ holds options of Hydra's own groups (hydra/launcher), not hydralm groups.
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name[0] != "_" and p.name != "hydra")

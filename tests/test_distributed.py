@@ -12,10 +12,10 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, compose_config
 from safetensors.torch import load_file
 
-from conftest import ROOT, compose_config
-from launcher.app import run_task
+from launcher.cli.app import run_task
 
 STEPS = ["train.max_steps=4", "train.logging_steps=2", "train.max_eval_batches=1", "data.eval_bs=4"]
 GLOBAL_BATCH = 8

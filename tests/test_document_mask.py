@@ -8,13 +8,13 @@ import copy
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_rejected_before_any_work, compose_config
-from launcher.loaders import PadCollator
+
+from launcher.data.loaders import PadCollator
+from launcher.data.packing import Documents, PackingSpec, pack
 from launcher.distributed import World
-from launcher.modeling import build_model, load_tokenizer
-from launcher.packing import Documents, PackingSpec, pack
-from launcher.losses import token_loss_sum
+from launcher.model.losses import token_loss_sum
+from launcher.model.modeling import build_model, load_tokenizer
 
 IGNORE = -100
 
@@ -63,7 +63,7 @@ def test_packed_loss_equals_documents_one_by_one(attention):
 
 
 def test_train_task_runs_with_document_mask(tmp_path):
-    from launcher.app import run_task
+    from launcher.cli.app import run_task
 
     cfg = compose_config(["data.document_mask=true", "train.max_steps=2", "train.logging_steps=2",
                           "train.max_eval_batches=1", f"output_dir={tmp_path}"])

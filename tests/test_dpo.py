@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_rejected_before_any_work, assert_same_weights, compose_config, final_weights, run_launcher
 from peft import PeftModel
+from test_distributed import _torchrun
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from conftest import assert_rejected_before_any_work, assert_same_weights, compose_config, final_weights, run_launcher
-from launcher.app import run_task
-from launcher.checkpoint import KILL_HOOK
+from launcher.cli.app import run_task
 from launcher.schema import ASSETS_DIR
-from test_distributed import _torchrun
+from launcher.training.checkpoint import KILL_HOOK
 
 LN2 = math.log(2)
 TRAIN_PAIRS, EVAL_PAIRS, GLOBAL_BATCH, STEPS = 18, 7, 4, 8  # 2 epochs of 4 steps; 2 ranks pad eval
@@ -272,9 +272,9 @@ def test_pairs_are_framed_cut_and_held_out_like_the_spec(tmp_path):
     """Prompts lose their start (after BOS) only as far as needed, never below
     dpo.max_prompt_len; responses lose their end; without an eval split every eval_every-th pair
     is eval; ids run over train then eval."""
+    from launcher.data.pairs import preference_splits
     from launcher.distributed import distributed
-    from launcher.modeling import load_tokenizer
-    from launcher.pairs import preference_splits
+    from launcher.model.modeling import load_tokenizer
 
     long_prompt = " ".join(f"word{i}" for i in range(40))
     rows = [{"q": f"question {i}", "good": f" answer {i}", "bad": " no"} for i in range(12)]
@@ -312,9 +312,9 @@ def test_chat_pairs_train_exactly_the_response_turn(tmp_path):
     """data.format=chat: the prompt's messages plus each response rendered by the chat template;
     the trained tokens are the response's content and its end-of-turn token, nothing else, and a
     pair that is not a conversation is dropped and counted."""
+    from launcher.cli.validate import check_config
+    from launcher.data.pairs import preference_splits
     from launcher.distributed import World
-    from launcher.pairs import preference_splits
-    from launcher.validate import check_config
 
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"}]
     rows = [{"prompt": prompt, "chosen": "A mutable sequence.", "rejected": [{"role": "assistant", "content": "No idea."}]}

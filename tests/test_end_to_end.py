@@ -3,10 +3,10 @@
 import json
 
 import torch
+from conftest import QUICK, compose_config, run_in_fresh_python, run_launcher
 from transformers import AutoModelForCausalLM
 
-from conftest import QUICK, compose_config, run_in_fresh_python, run_launcher
-from launcher.app import run_task
+from launcher.cli.app import run_task
 
 METRIC_KEYS = {"step", "epoch", "train_loss", "lr", "tokens_seen", "tokens_per_s"}
 
@@ -43,13 +43,13 @@ def test_launcher_trains_learns_and_exports_a_reloadable_model(tmp_path):
 
 
 def test_exported_model_gives_the_in_memory_logits(tmp_path):
-    from launcher.language_modeling import LanguageModeling
-    from launcher.loaders import train_loader
+    from launcher.data.loaders import train_loader
     from launcher.distributed import distributed, seed_everything
-    from launcher.export import save_hf_model
-    from launcher.modeling import load_tokenizer
-    from launcher.optim import build_optimizer
-    from launcher.trainer import build_training_model, optimizer_step
+    from launcher.model.modeling import load_tokenizer
+    from launcher.training.export import save_hf_model
+    from launcher.training.optim import build_optimizer
+    from launcher.training.trainer import build_training_model, optimizer_step
+    from tasks.train import LanguageModeling
 
     cfg = compose_config([f"output_dir={tmp_path}"])
     with distributed() as world:

@@ -1,4 +1,4 @@
-"""Data formats (launcher/formats.py): chat conversations and prompt/completion pairs become the
+"""Data formats (launcher/data/formats.py): chat conversations and prompt/completion pairs become the
 right tokens with exactly the right tokens trained on, in every packing mode.
 
 References are independent of hydralm: transformers' `apply_chat_template(...,
@@ -11,14 +11,14 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, compose_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, compose_config
-from launcher import formats
-from launcher.data import Tokenize, documents_of
-from launcher.modeling import load_tokenizer
-from launcher.packing import PackingSpec, pack
+from launcher.data import formats
+from launcher.data.packing import PackingSpec, pack
+from launcher.data.preprocessing import Tokenize, documents_of
+from launcher.model.modeling import load_tokenizer
 
 IGNORE = -100
 CHATML = (
@@ -225,7 +225,7 @@ def test_conversational_prompt_completion_trains_only_the_completion(tokenizer):
 
 
 def test_long_texts_are_tokenized_in_pieces_with_the_same_ids(tokenizer, monkeypatch):
-    words = [text for _, text in __import__("launcher.sources", fromlist=["x"]).pydoc_documents()[:30]]
+    words = [text for _, text in __import__("launcher.data.sources", fromlist=["x"]).pydoc_documents()[:30]]
     text = " ".join(words)
     whole = tokenizer(text, add_special_tokens=False)["input_ids"]
     monkeypatch.setattr(formats, "PIECE_CHARS", 997)
@@ -243,8 +243,8 @@ def test_a_long_line_is_tokenized_in_bounded_memory(tmp_path):
     script = (
         "import resource, sys\n"
         "from transformers import AutoTokenizer\n"
-        "from launcher import formats\n"
-        "from launcher.sources import pydoc_documents\n"
+        "from launcher.data import formats\n"
+        "from launcher.data.sources import pydoc_documents\n"
         "from launcher.schema import ASSETS_DIR\n"
         "tokenizer = AutoTokenizer.from_pretrained(ASSETS_DIR / 'tiny_bpe')\n"
         "text = ' '.join(t for _, t in pydoc_documents()) * 7\n"
@@ -261,8 +261,8 @@ def test_a_long_line_is_tokenized_in_bounded_memory(tmp_path):
 
 
 def test_format_keys_are_part_of_the_cache_key_and_a_template_file_by_its_content(tokenizer, tmp_path):
-    from launcher.data import preprocess_settings
-    from launcher.sources import source_of
+    from launcher.data.preprocessing import preprocess_settings
+    from launcher.data.sources import source_of
 
     template = tmp_path / "template.jinja"
     template.write_text(formats.chat_template(tokenizer))
@@ -279,7 +279,7 @@ def test_format_keys_are_part_of_the_cache_key_and_a_template_file_by_its_conten
 def test_a_tokenizer_without_a_chat_template_is_an_error_before_any_data_is_read(tmp_path):
     import shutil
 
-    from launcher.data import prepared_splits
+    from launcher.data.preprocessing import prepared_splits
     from launcher.distributed import World
     from launcher.errors import ConfigError
     from launcher.schema import ASSETS_DIR
@@ -309,7 +309,7 @@ def test_conversations_a_template_refuses_are_dropped_with_the_reason(tokenizer)
 
 
 def test_pydoc_chat_learns(tmp_path):
-    from launcher.app import run_task
+    from launcher.cli.app import run_task
 
     summary = run_task(compose_config(["data=pydoc_chat", "train.max_seq_len=64", "train.max_steps=8",
                                        "train.logging_steps=8", "train.max_eval_batches=4", f"output_dir={tmp_path}"]))

@@ -5,7 +5,8 @@ import subprocess
 import sys
 
 from conftest import ROOT, compose_config
-from launcher.loggers import REDACTED, scrub, wandb_init_kwargs
+
+from launcher.training.loggers import REDACTED, scrub, wandb_init_kwargs
 
 
 def test_scrub_redacts_secret_keys_only():
@@ -38,7 +39,7 @@ def test_wandb_run_id_is_kept_in_the_output_dir_so_a_requeued_job_resumes_the_ru
 
 
 def test_masking_hides_secret_values_in_free_text_only():
-    from launcher.loggers import learn_secrets, mask_secrets
+    from launcher.training.loggers import learn_secrets, mask_secrets
 
     learn_secrets(["+hub.hf_token=tok-123456", "optimizer.lr=3e-4"])
     text = ("#0 : +logger.wandb.settings.api_key=k-1 optimizer.lr=3e-4 | {'password': 'p w', 'monkey': 'ok'} | "
@@ -50,11 +51,10 @@ def test_masking_hides_secret_values_in_free_text_only():
 
 def test_tags_reach_wandb_and_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     from wandb_records import offline_run
 
     # In a process of its own: wandb has written everything once that process has exited.
-    code = ("import sys; from conftest import compose_config; from launcher.loggers import open_loggers\n"
+    code = ("import sys; from conftest import compose_config; from launcher.training.loggers import open_loggers\n"
             "cfg = compose_config(['logger=[wandb,tensorboard]', 'tags=[baseline,lr-sweep]', '+logger.wandb.tags=[mine]'])\n"
             "for logger in open_loggers(cfg, __import__('pathlib').Path(sys.argv[1])):\n"
             "    logger.log({'step': 1, 'train_loss': 2.5})\n"

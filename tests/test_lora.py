@@ -8,13 +8,14 @@ import sys
 
 import pytest
 import torch
+from conftest import (QUICK, ROOT, assert_rejected_before_any_work, assert_same_weights, compose_config, final_weights,
+                      run_launcher)
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
-
-from conftest import QUICK, ROOT, assert_rejected_before_any_work, assert_same_weights, compose_config, final_weights, run_launcher
-from launcher.app import run_task
-from launcher.errors import ConfigError
 from wandb_records import offline_run
+
+from launcher.cli.app import run_task
+from launcher.errors import ConfigError
 
 SECRET = "hydralm-test-secret-4f9a"
 
@@ -26,16 +27,16 @@ def _logits(model, probe):
 
 
 def test_lora_trains_only_adapters_and_its_export_reproduces_the_logits(tmp_path):
-    from launcher.language_modeling import LanguageModeling
-    from launcher.loaders import train_loader
+    from launcher.cli.validate import check_config
+    from launcher.data.loaders import train_loader
     from launcher.distributed import distributed, seed_everything
-    from launcher.export import merged_dir, save_lora_adapter
-    from launcher.lora import (load_trainable_state_dict, parameter_counts, reload_lora_model,
-                               trainable_parameters, trainable_state_dict)
-    from launcher.modeling import load_tokenizer
-    from launcher.optim import build_optimizer
-    from launcher.validate import check_config
-    from launcher.trainer import build_training_model, optimizer_step
+    from launcher.model.lora import (load_trainable_state_dict, parameter_counts, reload_lora_model,
+                                     trainable_parameters, trainable_state_dict)
+    from launcher.model.modeling import load_tokenizer
+    from launcher.training.export import merged_dir, save_lora_adapter
+    from launcher.training.optim import build_optimizer
+    from launcher.training.trainer import build_training_model, optimizer_step
+    from tasks.train import LanguageModeling
 
     cfg = compose_config(["peft=lora", "peft.r=4", "peft.target_modules=[q_proj,v_proj,down_proj]",
                           "export.merge_lora=true", f"output_dir={tmp_path}"])
@@ -112,7 +113,7 @@ def test_two_process_full_shard_lora_with_wandb_and_tensorboard(tmp_path):
     assert "M params trainable)" in result.stderr  # the progress bar: trainable/total
 
     # The adapters gathered from the two shards give the model the merged export holds.
-    from launcher.lora import reload_lora_model
+    from launcher.model.lora import reload_lora_model
 
     probe = torch.randint(0, 4000, (2, 32), generator=torch.Generator().manual_seed(0))
     merged = AutoModelForCausalLM.from_pretrained(out / "final-model-merged")
@@ -188,7 +189,7 @@ def test_evaluating_an_adapter_directory_points_to_the_merged_model(tmp_path):
 def test_model_flops_count_weight_gradients_only_for_what_trains():
     from types import SimpleNamespace
 
-    from launcher.metrics import flops_per_token
+    from launcher.training.metrics import flops_per_token
 
     config = SimpleNamespace(num_hidden_layers=4, hidden_size=192)
     attention = 12 * 4 * 192 * 256

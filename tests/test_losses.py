@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from launcher.losses import CHUNKED_MODEL_TYPES, token_loss_sum
+from launcher.model.losses import CHUNKED_MODEL_TYPES, token_loss_sum
 
 IGNORE = -100
 VOCAB = 96

@@ -5,13 +5,13 @@ import json
 from collections import Counter
 
 import pytest
-
 from conftest import assert_same_weights, compose_config, final_weights
-from launcher.app import run_task
-from launcher.data import prepared_splits
+
+from launcher.cli.app import run_task
+from launcher.data.preprocessing import prepared_splits
 from launcher.distributed import World
 from launcher.errors import ConfigError
-from launcher.modeling import load_tokenizer
+from launcher.model.modeling import load_tokenizer
 
 SINGLE = World(rank=0, local_rank=0, size=1, local_size=1, device=None)
 MIX = "data.mixture=[{preset: pydoc, weight: 3}, {preset: pydoc_chat, weight: 1}]"

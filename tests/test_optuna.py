@@ -8,11 +8,11 @@ import math
 import optuna
 import pytest
 import yaml
+from conftest import assert_rejected_before_any_work, compose_config, run_launcher
 from omegaconf import OmegaConf
 
-from conftest import assert_rejected_before_any_work, compose_config, run_launcher
+from launcher.cli.objective import check_objective, objective_value
 from launcher.errors import ConfigError
-from launcher.objective import check_objective, objective_value
 
 TINY = ["train.max_steps=2", "train.logging_steps=2", "train.max_eval_batches=1", "train.max_seq_len=64",
         "data.train_bs=4"]
@@ -61,7 +61,7 @@ def test_the_same_command_adds_trials_to_the_study_in_new_run_directories(contin
 
 
 def test_the_report_lists_the_trials_best_parameters_and_history(continued_search, tmp_path):
-    from launcher.report import BEST_MARK, write_report
+    from launcher.cli.report import BEST_MARK, write_report
 
     result = write_report(continued_search, tmp_path)
     trials = load(continued_search).trials
@@ -99,9 +99,8 @@ def test_a_new_study_refuses_a_sweep_dir_that_holds_runs(tmp_path):
 def test_the_lora_search_tunes_rank_and_alpha():
     cfg = compose_config(["hparams_search=lora"])
     assert cfg.peft.name == "lora"
-    from hydra import compose, initialize_config_dir
-
     from conftest import CONF_DIR
+    from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         hydra_cfg = compose(config_name="config", overrides=["hparams_search=lora"], return_hydra_config=True).hydra
@@ -131,8 +130,8 @@ def test_an_objective_the_task_does_not_report_is_refused_before_any_work(tmp_pa
 
 
 def test_objective_is_not_part_of_the_run_identity():
-    from launcher.identity import identity
     from launcher.schema import RUN
+    from launcher.store.identity import identity
 
     assert "objective" not in identity(compose_config(["objective=eval_loss"]), RUN)
     assert yaml.safe_load(OmegaConf.to_yaml(compose_config()))["objective"] == "eval_loss"

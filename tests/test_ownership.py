@@ -1,4 +1,4 @@
-"""hydralm deletes or replaces only what it can prove it wrote (launcher/atomic.py's rule).
+"""hydralm deletes or replaces only what it can prove it wrote (launcher/store/atomic.py's rule).
 
 Each case creates the user's data first, runs the command as a user would type it, and checks
 that every byte of that data is still there afterwards.
@@ -9,11 +9,11 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import compose_config, run_launcher
-from launcher import atomic, run_dir
-from launcher.claim import RUN_RECORD, claim
+
 from launcher.errors import ConfigError
+from launcher.store import atomic, run_dir
+from launcher.store.claim import RUN_RECORD, claim
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Packing (launcher.packing): golden rows for hand-written documents, and properties over random
+"""Packing (launcher.data.packing): golden rows for hand-written documents, and properties over random
 token streams and option combinations (hypothesis)."""
 
 import numpy as np
@@ -6,8 +6,8 @@ import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from launcher.loaders import PadCollator
-from launcher.packing import Documents, Packer, PackingSpec, pack
+from launcher.data.loaders import PadCollator
+from launcher.data.packing import Documents, Packer, PackingSpec, pack
 
 BOS, EOS, IGNORE = 0, 1, -100
 DOCS = [[10, 11, 12], [13, 14, 15, 16, 17, 18], [19, 20, 21, 22]]

@@ -11,16 +11,16 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import ROOT, compose_config
 from datasets import Dataset, DatasetDict, load_from_disk
 
-from conftest import ROOT, compose_config
-from launcher import data as data_module
-from launcher.app import run_task
-from launcher.sources import pydoc_documents, source_of
-from launcher.data import Tokenize, prepared_splits
+from launcher.cli.app import run_task
+from launcher.data import preprocessing as data_module
+from launcher.data.preprocessing import Tokenize, prepared_splits
+from launcher.data.sources import pydoc_documents, source_of
 from launcher.distributed import World
 from launcher.errors import ConfigError
-from launcher.modeling import load_tokenizer
+from launcher.model.modeling import load_tokenizer
 
 TEXTS = [
     "Question: what is a list? Answer: a mutable sequence.",
@@ -132,7 +132,7 @@ def test_files_source_packs_partially_with_a_pre_pend_and_held_out_eval(tmp_path
 
 
 def test_hub_without_network_fails_fast_with_a_clear_message(tmp_path, monkeypatch):
-    monkeypatch.setattr("launcher.sources._hub_reachable", lambda: False)
+    monkeypatch.setattr("launcher.data.sources._hub_reachable", lambda: False)
     start = time.perf_counter()
     with pytest.raises(ConfigError, match="data.source=hub cannot load data.load_path=nobody/nothing split=train: "
                                           "the Hub is unreachable"):
@@ -142,7 +142,7 @@ def test_hub_without_network_fails_fast_with_a_clear_message(tmp_path, monkeypat
 
 
 def test_hub_reachability_probe_is_bounded():
-    from launcher.sources import HUB_PROBE_TIMEOUT_S, _hub_reachable
+    from launcher.data.sources import HUB_PROBE_TIMEOUT_S, _hub_reachable
 
     start = time.perf_counter()
     _hub_reachable()

@@ -9,13 +9,13 @@ import numpy as np
 import optuna
 import pytest
 import yaml
-from PIL import Image
-
 from conftest import ROOT, compose_config, run_launcher
-from launcher.app import run_task
-from launcher.errors import ConfigError
-from launcher.report import BEST_MARK, run_colours, write_report
+from PIL import Image
 from wandb_records import offline_run
+
+from launcher.cli.app import run_task
+from launcher.cli.report import BEST_MARK, run_colours, write_report
+from launcher.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_report_task_plots_and_tables_a_sweep(sweep, tmp_path):
 
 
 def test_report_cli_on_a_single_run(sweep, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "launcher.report", str(sweep / "1"), "--out", str(tmp_path)],
+    result = subprocess.run([sys.executable, "-m", "launcher.cli.report", str(sweep / "1"), "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     header, _, row = result.stdout.splitlines()[:3]

@@ -1,4 +1,4 @@
-"""The run directory at the start of a run: one run per directory (launcher/claim.py), its lock,
+"""The run directory at the start of a run: one run per directory (launcher/store/claim.py), its lock,
 checkpoint names and pruning, and rows that are logged once.
 
 Each refused case checks the one line it prints and that nothing in the old run's directory
@@ -15,14 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, assert_rejected_before_any_work, compose_config, run_launcher
 from safetensors.torch import load_file
 
-from conftest import ROOT, assert_rejected_before_any_work, compose_config, run_launcher
-from launcher.app import run_task
-from launcher.checkpoint import KILL_HOOK
-from launcher.claim import LOCK_FILE, RunLock
+from launcher.cli.app import run_task
 from launcher.errors import ConfigError
-from launcher.run_dir import latest_checkpoint
+from launcher.store.claim import LOCK_FILE, RunLock
+from launcher.store.run_dir import latest_checkpoint
+from launcher.training.checkpoint import KILL_HOOK
 
 TINY = ["train.max_seq_len=64", "data.eval_bs=4", "train.max_eval_batches=1"]
 SMALL = [*TINY, "data.train_bs=2", "train.max_steps=4", "train.logging_steps=2"]
@@ -44,12 +44,12 @@ def logged(output_dir: Path) -> list:
 
 
 class Killed(BaseException):
-    """Stands in for SIGKILL inside a save (launcher/checkpoint.py's test hook), in-process: the
+    """Stands in for SIGKILL inside a save (launcher/training/checkpoint.py's test hook), in-process: the
     disk is left as a kill leaves it (a .partial, rows up to the step), bar the stale run.lock."""
 
 
 def run_killed_in_save(overrides, step: int, monkeypatch) -> None:
-    import launcher.checkpoint
+    import launcher.training.checkpoint
 
     class KillIsRaised:
         def __getattr__(self, name):
@@ -60,7 +60,7 @@ def run_killed_in_save(overrides, step: int, monkeypatch) -> None:
             raise Killed
 
     monkeypatch.setenv(KILL_HOOK, str(step))
-    monkeypatch.setattr(launcher.checkpoint, "os", KillIsRaised())
+    monkeypatch.setattr(launcher.training.checkpoint, "os", KillIsRaised())
     with pytest.raises(Killed):
         run_task(compose_config(overrides))
     monkeypatch.undo()
@@ -188,7 +188,7 @@ def test_resuming_an_earlier_checkpoint_drops_the_later_ones_so_a_kill_resumes_t
 
 
 def test_checkpoints_are_ordered_by_step_past_eight_digits(tmp_path):
-    from launcher.run_dir import TRAINER_STATE, complete_checkpoints
+    from launcher.store.run_dir import TRAINER_STATE, complete_checkpoints
 
     for step in (99_999_999, 100_000_000):
         checkpoint(tmp_path, step).mkdir(parents=True)

@@ -1,9 +1,9 @@
 import pytest
 import torch
-
 from conftest import compose_config
+
 from launcher.errors import ConfigError
-from launcher.optim import build_optimizer, build_scheduler
+from launcher.training.optim import build_optimizer, build_scheduler
 
 
 def _optimizer(lr=1.0):
@@ -83,7 +83,7 @@ def test_optimizer_kwargs_go_straight_to_the_class():
 
 
 def test_any_torch_optimizer_by_target():
-    from launcher.validate import check_config
+    from launcher.cli.validate import check_config
 
     cfg = compose_config(["optimizer._target_=torch.optim.Adagrad", "~optimizer.betas", "~optimizer.eps"])
     check_config(cfg)

@@ -7,19 +7,19 @@ cannot satisfy fail before anything is queued.
 """
 
 import json
+import os
 import subprocess
 import sys
-import os
 
 import optuna
 import pytest
+from conftest import ROOT, run_launcher
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-
-from conftest import ROOT, run_launcher
-from launcher.cluster import check_request, parse_sinfo
-from launcher.errors import ConfigError
 from slurm_cluster import LocalSlurm
+
+from launcher.cli.cluster import check_request, parse_sinfo
+from launcher.errors import ConfigError
 
 SMALL = ["train.max_seq_len=64", "data.train_bs=2", "data.eval_bs=4", "train.max_eval_batches=1",
          "train.max_steps=8", "train.logging_steps=2"]

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, assert_rejected_before_any_work, compose_config, run_launcher
-from launcher.app import run_task
+
+from launcher.cli.app import run_task
 from launcher.errors import RunStopped
 
 SMALL = ["train.max_seq_len=64", "data.train_bs=2", "data.eval_bs=4", "train.max_eval_batches=1",
@@ -96,7 +96,7 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path):
     """The first Ctrl-C is recorded for the next step boundary; a second one does not wait for it."""
     script = ("import sys, time, torch\n"
               "from launcher.distributed import World\n"
-              "from launcher.preemption import StopSignals\n"
+              "from launcher.training.preemption import StopSignals\n"
               "with StopSignals(World(0, 0, 1, 1, torch.device('cpu'))) as signals:\n"
               "    print('ready', flush=True)\n"
               "    time.sleep(120)\n")
@@ -140,8 +140,8 @@ def test_a_non_finite_max_grad_norm_is_refused_before_any_work(tmp_path):
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_before_anything_is_saved_from_it(tmp_path):
-    from launcher.language_modeling import LanguageModeling
-    from launcher.trainer import Trainer
+    from launcher.training.trainer import Trainer
+    from tasks.train import LanguageModeling
 
     class NanAtStep3(LanguageModeling):
         calls = 0
@@ -182,7 +182,7 @@ def test_a_diverging_run_exits_1_with_one_line_and_no_final_model(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="waiting for the device is a CUDA matter")
 def test_watching_for_non_finite_values_never_waits_for_the_device():
     from launcher.distributed import World
-    from launcher.trainer import FirstNonFinite
+    from launcher.training.trainer import FirstNonFinite
 
     watch = FirstNonFinite(World(0, 0, 1, 1, torch.device("cuda")))
     loss, norm = torch.tensor(2.0, device="cuda"), torch.tensor(float("inf"), device="cuda")

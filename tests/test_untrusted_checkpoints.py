@@ -11,10 +11,10 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, assert_rejected_before_any_work, compose_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, assert_rejected_before_any_work, compose_config
-from launcher.app import run_task
+from launcher.cli.app import run_task
 
 TOKENIZER = ROOT / "launcher" / "assets" / "tiny_bpe"
 LLAMA = dict(model_type="llama", vocab_size=4096, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,

@@ -12,7 +12,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from launcher.sources import pydoc_documents
+from launcher.data.sources import pydoc_documents
 
 VOCAB_SIZE = 4096
 BOS, EOS = "<s>", "</s>"

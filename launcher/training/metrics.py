@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from launcher.run_dir import METRICS
-from launcher.host_memory import peak_host_memory_gib
+from launcher.store.run_dir import METRICS
+from launcher.training.host_memory import peak_host_memory_gib
 
 # Dense (no sparsity) bf16 tensor-core peak FLOP/s per device, matched as substrings of
 # torch.cuda.get_device_name(), most specific first. `train.peak_flops_per_device` overrides.
@@ -92,8 +92,8 @@ class Throughput:
 class RunLog:
     """Rank 0 writes; on other ranks every method is a no-op.
 
-    Every row goes, unchanged, to metrics.jsonl and to each logger (see launcher/loggers.py).
-    A resumed run appends to the rows kept for its checkpoint (launcher/checkpoint.py) and its bar
+    Every row goes, unchanged, to metrics.jsonl and to each logger (see launcher/training/loggers.py).
+    A resumed run appends to the rows kept for its checkpoint (launcher/training/checkpoint.py) and its bar
     starts at the resumed step; a run from step 0 replaces the rows of any attempt killed before
     its first checkpoint.
     """

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+
 @dataclass(frozen=True)
 class PackingSpec:
     mode: str

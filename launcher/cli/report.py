@@ -1,6 +1,6 @@
 """Plots and a comparison table from the metrics.jsonl of one run, or of every run of a sweep.
 
-    python -m launcher.report multirun/2026-11-28/01-04-45 [--out DIR]
+    python -m launcher.cli.report multirun/2026-11-28/01-04-45 [--out DIR]
     python -m launcher task=report report.dir=multirun/2026-11-28/01-04-45
 
 Writes, to `<dir>/report` unless told otherwise:
@@ -28,7 +28,7 @@ from typing import Optional
 
 import yaml
 
-from launcher.console import announce
+from launcher.cli.console import announce
 from launcher.errors import ConfigError
 
 BEST_MARK = "★ best"
@@ -445,7 +445,7 @@ def print_report(result: dict) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m launcher.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m launcher.cli.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("dir", type=Path, help="a run directory or a multirun sweep directory")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: <dir>/report)")
     args = parser.parse_args(argv)

@@ -13,15 +13,15 @@ from datasets import Dataset
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from launcher.data.sampler import ResumableDistributedSampler
 from launcher.distributed import World
-from launcher.sampler import ResumableDistributedSampler
 
 
 class PadCollator:
     """Right-pads a list of rows into tensors; padded labels are ignored by the loss.
 
     With `document_mask`, the batch carries the rows' per-document `position_ids` (the model then
-    keeps packed documents apart, see `launcher.losses.model_inputs`) and the first token of every
+    keeps packed documents apart, see `launcher.model.losses.model_inputs`) and the first token of every
     document is not a target: predicting it would need the previous document. `input_tokens`
     counts the real (unpadded) tokens.
     """
@@ -86,7 +86,7 @@ class EvenShard(torch.utils.data.Dataset):
 
 def train_loader(dataset: Dataset, cfg: DictConfig, world: World, collate) -> DataLoader:
     """Batches of `data.train_bs` rows in DistributedSampler's order, resumable at any position
-    (the sampler holds it: launcher/sampler.py)."""
+    (the sampler holds it: launcher/data/sampler.py)."""
     sampler = ResumableDistributedSampler(len(dataset), world.size, world.rank, cfg.train.seed)
     return DataLoader(
         dataset.with_format("numpy"),
@@ -121,7 +121,7 @@ def _own_generator(cfg: DictConfig) -> torch.Generator:
 
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     """Ctrl-C (and torchrun's forwarded signal) reach the whole process group; loader workers keep
-    serving batches while the trainer checkpoints at the next step boundary (launcher/preemption.py).
+    serving batches while the trainer checkpoints at the next step boundary (launcher/training/preemption.py).
     They exit with the trainer."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -1,16 +1,16 @@
 """Training checkpoints: atomic, sharded, exactly resumable, refused when the run differs.
 
-Layout of `<output_dir>/checkpoints/checkpoint-<step>/` (launcher/run_dir.py):
+Layout of `<output_dir>/checkpoints/checkpoint-<step>/` (launcher/store/run_dir.py):
 
     .metadata, *.distcp   model + optimizer, sharded (torch.distributed.checkpoint); any world size loads it
     trainer_state.json    step/epoch counters, data position, scheduler state, run identity, task state
     rank-<r>.json         RNG states (python, numpy, torch, cuda) and unlogged metric sums of rank r
     hf/                   HF config, generation config and tokenizer (what `task=export` needs)
-    COMPLETE              written last (launcher/atomic.py)
+    COMPLETE              written last (launcher/store/atomic.py)
 
 Every rank writes into the staging directory; rank 0 marks it complete and swaps it in, so a
 kill at any moment leaves the previous checkpoint the latest. The COMPLETE marker records every
-file's size and checksum (launcher/integrity.py; the shards are hashed while they are written);
+file's size and checksum (launcher/store/integrity.py; the shards are hashed while they are written);
 they are checked before a checkpoint is loaded, and a damaged latest checkpoint gives way to the
 newest intact one (`resume=auto`).
 
@@ -44,21 +44,16 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, F
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 
-from launcher import atomic, integrity, run_dir
 from launcher.distributed import World, barrier, on_rank0_then_all
 from launcher.errors import ConfigError, RunStopped
-from launcher.export import save_hf_metadata
-from launcher.identity import layout_keys
-from launcher.metrics import Window
-from launcher.rng import rng_state, set_rng_state
+from launcher.model.modeling import save_hf_metadata
+from launcher.store import atomic, integrity, run_dir
+from launcher.store.identity import layout_keys
+from launcher.training.metrics import Window
+from launcher.training.rng import rng_state, set_rng_state
 
 FORMAT_VERSION = 3  # 3: checksums in the COMPLETE marker
 KILL_HOOK = "HYDRALM_TEST_KILL_IN_SAVE"
@@ -87,7 +82,7 @@ def _state_options(model: torch.nn.Module) -> StateDictOptions:
 
 
 class Checkpointer:
-    """Saves every `interval` steps and restores, for the run skeleton (launcher/trainer.py)."""
+    """Saves every `interval` steps and restores, for the run skeleton (launcher/training/trainer.py)."""
 
     def __init__(self, cfg: DictConfig, output_dir: Path, world: World, steps_per_epoch: int, fingerprint: dict):
         self.world = world
@@ -195,7 +190,7 @@ class Checkpointer:
 
     def _prune(self, keep: Path) -> None:
         """Keep the newest `keep_last_n` by step: every checkpoint here is this run's
-        (launcher/claim.py, and `restore` removes those of an abandoned later branch)."""
+        (launcher/store/claim.py, and `restore` removes those of an abandoned later branch)."""
         if self.keep_last_n is None:
             return
         for old in run_dir.complete_checkpoints(self.output_dir)[: -self.keep_last_n]:

@@ -2,7 +2,7 @@
 
 Imports stay light (hydra + the schema) so that `--cfg job` and sweep submission never pay for
 torch; the task module is imported only when a job really runs. The checks before work run in
-ChecksBeforeWork (launcher/validate.py), before Hydra creates any directory, and again here, where
+ChecksBeforeWork (launcher/cli/validate.py), before Hydra creates any directory, and again here, where
 the job runs.
 """
 
@@ -17,12 +17,12 @@ from hydra.utils import get_method
 from omegaconf import DictConfig
 
 from launcher import schema  # noqa: F401  (registers the schema and the asset resolver)
-from launcher.console import masked_console, one_line_errors, record_in_job_log, refuse
+from launcher.cli.console import masked_console, one_line_errors, record_in_job_log, refuse
+from launcher.cli.objective import objective_value
+from launcher.cli.validate import check_config
 from launcher.errors import ConfigError, RunStopped
-from launcher.host_memory import return_large_freed_blocks
-from launcher.loggers import scrub_hydra_outputs
-from launcher.objective import objective_value
-from launcher.validate import check_config
+from launcher.training.host_memory import return_large_freed_blocks
+from launcher.training.loggers import scrub_hydra_outputs
 
 log = logging.getLogger("hydralm")
 
@@ -34,7 +34,7 @@ def run_task(cfg: DictConfig):
     return get_method(cfg.task.fn)(cfg)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
 def _hydra_main(cfg: DictConfig):
     scrub_hydra_outputs()  # secrets (api keys, tokens) never stay in .hydra/
     try:

@@ -16,7 +16,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 
 from launcher.distributed import World
 from launcher.errors import ConfigError, at_least, choice_error
-from launcher.modeling import decoder_layers
+from launcher.model.modeling import decoder_layers
 from launcher.registry import Registry
 
 log = logging.getLogger("hydralm")

@@ -4,7 +4,7 @@ A training task (tasks/train.py, tasks/dpo.py) supplies a `TrainingTask`: its da
 become batches, and a micro-batch's loss and metrics. `Trainer(cfg, task).run()` does the rest,
 read top to bottom:
 
-    setup    process group, seed, output directory (claimed: launcher/claim.py), tokenizer,
+    setup    process group, seed, output directory (claimed: launcher/store/claim.py), tokenizer,
              data, model (LoRA, FSDP2), optimizer and schedule, checkpoint restore, the task's
              own setup, loggers
     loop     `optimizer_step` over `train.gradient_accumulation_steps` micro-batches; every
@@ -27,26 +27,26 @@ from datasets import Dataset
 from omegaconf import DictConfig
 from torch.distributed.tensor import DTensor
 
-from launcher import atomic, run_dir
-from launcher.checkpoint import Checkpointer, Progress
-from launcher.console import announce
-from launcher.data import tokenizer_fingerprint
+from launcher.cli.console import announce
+from launcher.cli.objective import check_objective
+from launcher.data.loaders import eval_loader, train_loader
+from launcher.data.preprocessing import tokenizer_fingerprint
 from launcher.distributed import World, distributed, on_rank0_then_all, seed_everything
 from launcher.errors import ConfigError, RunStopped, at_least
-from launcher.export import save_base_model, save_final_model
-from launcher.host_memory import peak_host_memory_gib
-from launcher.identity import TOKENIZER, TRAIN_SEQUENCES, run_identity
-from launcher.loaders import eval_loader, train_loader
-from launcher.loggers import open_loggers
-from launcher.lora import apply_lora, base_needs_saving, lora_enabled, parameter_counts, trainable_parameters
-from launcher.losses import trained_tokens
-from launcher.metrics import RunLog, Throughput, Window
-from launcher.modeling import build_model, load_tokenizer
-from launcher.objective import check_objective
-from launcher.optim import build_optimizer, build_scheduler
-from launcher.outputs import claimed_output_dir
-from launcher.preemption import StopSignals
-from launcher.sharding import local_parameter_bytes, prepare_model, set_gradient_sync
+from launcher.model.lora import apply_lora, base_needs_saving, lora_enabled, parameter_counts, trainable_parameters
+from launcher.model.losses import trained_tokens
+from launcher.model.modeling import build_model, load_tokenizer
+from launcher.model.sharding import local_parameter_bytes, prepare_model, set_gradient_sync
+from launcher.store import atomic, run_dir
+from launcher.store.identity import TOKENIZER, TRAIN_SEQUENCES, run_identity
+from launcher.store.outputs import claimed_output_dir
+from launcher.training.checkpoint import Checkpointer, Progress
+from launcher.training.export import save_base_model, save_final_model
+from launcher.training.host_memory import peak_host_memory_gib
+from launcher.training.loggers import open_loggers
+from launcher.training.metrics import RunLog, Throughput, Window
+from launcher.training.optim import build_optimizer, build_scheduler
+from launcher.training.preemption import StopSignals
 
 log = logging.getLogger("hydralm")
 
@@ -449,7 +449,7 @@ def build_training_model(cfg: DictConfig, tokenizer, world: World, output_dir: O
 
 def run_fingerprint(cfg: DictConfig, tokenizer, train_sequences: int) -> dict:
     """What a checkpoint's weights and data position mean: every setting the schema marks as
-    affecting the run (launcher/identity.py), the tokenizer and the train split's size."""
+    affecting the run (launcher/store/identity.py), the tokenizer and the train split's size."""
     return {**run_identity(cfg), TOKENIZER: tokenizer_fingerprint(tokenizer), TRAIN_SEQUENCES: train_sequences}
 
 

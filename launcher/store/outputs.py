@@ -3,7 +3,7 @@
 Hydra's record of the job (`.hydra/`: the config, Hydra's config, the overrides) is written here,
 not by Hydra (conf/config.yaml sets `hydra.output_subdir: null`): Hydra writes it before the task
 runs, which would overwrite the record of a run whose directory a training run then refuses
-(launcher/claim.py). No torch at import: the checks before any work use `check_output_dir`.
+(launcher/store/claim.py). No torch at import: the checks before any work use `check_output_dir`.
 """
 
 import os
@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.claim import claim
 from launcher.errors import ConfigError
+from launcher.store.claim import claim
 
 if TYPE_CHECKING:
     from launcher.distributed import World
@@ -40,7 +40,7 @@ def resolve_output_dir(cfg: DictConfig, world: "World") -> Path:
 @contextmanager
 def claimed_output_dir(cfg: DictConfig, world: "World") -> Iterator[Path]:
     """A training run's output directory, locked for the run and checked by the directory rule
-    (launcher/claim.py) before anything is written in it; a refusal is one ConfigError on every rank."""
+    (launcher/store/claim.py) before anything is written in it; a refusal is one ConfigError on every rank."""
     from launcher.distributed import on_rank0_then_all
 
     lock = None
@@ -65,7 +65,7 @@ def record_hydra_job(cfg: DictConfig) -> None:
     """Write Hydra's record of this job into the job's directory, without secrets."""
     from hydra.core.hydra_config import HydraConfig
 
-    from launcher.loggers import scrub
+    from launcher.training.loggers import scrub
 
     if not HydraConfig.initialized():
         return

@@ -22,7 +22,7 @@ from torch.distributed.fsdp import register_fsdp_forward_method
 from torch.utils.checkpoint import checkpoint
 
 from launcher.errors import ConfigError, choice_error
-from launcher.modeling import router_loss
+from launcher.model.modeling import router_loss
 
 LOSSES = ("cross_entropy", "chunked_cross_entropy")
 # Model types whose causal-LM forward is exactly `lm_head(decoder(...).last_hidden_state)`: no

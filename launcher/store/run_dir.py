@@ -1,10 +1,10 @@
 """What lives where in a run's output directory, and finding checkpoints in it (no torch).
 
     <output_dir>/
-        run.json, run.lock                    the run's identity and its lock (launcher/claim.py)
-        checkpoints/checkpoint-<step:08d>/   training checkpoints (launcher/checkpoint.py)
-        final-model/                          the exported model (launcher/export.py)
-        metrics.jsonl                         one row per log point (launcher/metrics.py)
+        run.json, run.lock                    the run's identity and its lock (launcher/store/claim.py)
+        checkpoints/checkpoint-<step:08d>/   training checkpoints (launcher/training/checkpoint.py)
+        final-model/                          the exported model (launcher/training/export.py)
+        metrics.jsonl                         one row per log point (launcher/training/metrics.py)
         summary.json                          written last: present only once the run has finished
 """
 
@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from launcher import atomic
 from launcher.errors import ConfigError
-from launcher.identity import differing_keys
+from launcher.store import atomic
+from launcher.store.identity import differing_keys
 
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d{8,})$")
@@ -25,7 +25,7 @@ FINAL_MODEL = "final-model"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 # What a training run leaves in its output directory (besides run.json and Hydra's record): a
-# directory holding any of these holds a run. launcher/loggers.py and launcher/trainer.py write
+# directory holding any of these holds a run. launcher/training/loggers.py and launcher/training/trainer.py write
 # the last four (wandb's run id and files, TensorBoard events, a random-init LoRA base).
 RUN_STATE = (CHECKPOINTS_DIR, METRICS, SUMMARY, FINAL_MODEL, f"{FINAL_MODEL}-merged", "wandb_run_id", "wandb",
              "tensorboard", "base-model")
@@ -85,7 +85,7 @@ def describe_run(output_dir: Path) -> str:
 
 def tidy(output_dir: Path) -> None:
     """Finish or undo what a killed run left half done: interrupted swaps and removals
-    (launcher/atomic.py), and checkpoint directories without their COMPLETE marker (a removal
+    (launcher/store/atomic.py), and checkpoint directories without their COMPLETE marker (a removal
     interrupted by an older hydralm; nothing completes them, nothing reads them)."""
     output_dir = Path(output_dir)
     atomic.recover_all(output_dir)
@@ -138,7 +138,7 @@ def _logged_step(row: str) -> float:
 
 def check_compatible(saved: dict, current: dict, path: Path, ignore=()) -> None:
     """A checkpoint's fingerprint against this run's; `ignore`: keys an explicit resume may
-    change (the batch layout, launcher/identity.py)."""
+    change (the batch layout, launcher/store/identity.py)."""
     differing = differing_keys(saved, current, ignore)
     if differing:
         details = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now" for k in differing[:4])

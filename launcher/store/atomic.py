@@ -8,7 +8,7 @@ whatever instant a process dies at. A result is deleted the same way round: rena
 name. `recover` finishes or undoes a swap or a removal that a kill interrupted. A write that
 fails (a full disk) removes its staging directory; `out_of_space` turns the failure into the one
 line a run stops with. A checkpoint's COMPLETE marker holds the checksum of every file
-(launcher/integrity.py).
+(launcher/store/integrity.py).
 
 Ownership, the one rule: hydralm deletes or replaces only what it can prove it wrote. A result is
 hydralm's when it is a real directory holding hydralm's COMPLETE marker (a JSON object); a staging

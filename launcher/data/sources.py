@@ -251,7 +251,7 @@ class FilesSource(DataSource):
     def _first_bad_file(self, files: list[str], builder: str, problem_of: Optional[Callable] = None):
         """(file, problem) of the first of several files that cannot be read alone, or whose
         columns have a problem (`problem_of`, by default the format's column check); None if none."""
-        from launcher.formats import column_problem
+        from launcher.data.formats import column_problem
 
         problem_of = problem_of or (lambda dataset: column_problem(dataset, self.data))
         for file in files if len(files) > 1 else []:
@@ -382,7 +382,7 @@ def _hub_reachable() -> bool:
 class PreprocessedSource(DataSource):
     """Datasets already tokenized and packed (by task=preprocess or VectorLM), read as they are.
     They must have `input_ids` and `labels` (and `position_ids` for data.document_mask); their
-    token ids are checked against the tokenizer before training (launcher/data.py)."""
+    token ids are checked against the tokenizer before training (launcher/data/preprocessing.py)."""
 
     tokenized = True
 
@@ -420,7 +420,7 @@ class PreprocessedSource(DataSource):
 
 @SOURCES.register("mixture")
 class MixtureSource(DataSource):
-    """Several sources mixed by weight (launcher/mixture.py). `data.mixture` lists components,
+    """Several sources mixed by weight (launcher/data/mixture.py). `data.mixture` lists components,
     each `{weight: <number > 0>, preset: <a conf/data preset, optional>, <any data.* key>: ...}`:
     a data config of its own (schema defaults, then the preset, then the item's keys), except the
     keys in SHARED, which come from the top-level `data` for all components."""

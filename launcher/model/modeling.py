@@ -270,3 +270,12 @@ def read_hf_config(path: str, key: str) -> dict:
     if not config_file.is_file():
         raise ConfigError(f"{key}={path} has no config.json: not a HuggingFace model directory")
     return json.loads(config_file.read_text())
+
+
+def save_hf_metadata(model: torch.nn.Module, tokenizer, directory: Path) -> None:
+    """config.json (naming the HF class under the FSDP wrapper), generation config, tokenizer."""
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    config.architectures = [base_model_class(model).__name__]
+    config.save_pretrained(directory)
+    model.generation_config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)

@@ -106,7 +106,7 @@ def check_lora_targets(peft_cfg: DictConfig, model_cfg: DictConfig) -> None:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from launcher.modeling import hf_config
+    from launcher.model.modeling import hf_config
 
     config = hf_config(model_cfg)
     with torch.device("meta"):
@@ -164,7 +164,7 @@ def base_needs_saving(model_cfg: DictConfig, model: torch.nn.Module) -> bool:
     init, or embeddings grown beyond the checkpoint's vocabulary for a larger tokenizer."""
     if model_cfg.path is None:
         return True
-    from launcher.modeling import hf_config
+    from launcher.model.modeling import hf_config
 
     return hf_config(model_cfg).vocab_size != model.get_input_embeddings().num_embeddings
 

@@ -1,13 +1,13 @@
 """Claiming an output directory for a training run, before anything in it is touched (no torch).
 
 The rule: a directory holds one run. A run continues the run already there only when both have
-the same identity (launcher/identity.py) and `resume` is `auto` (or names a checkpoint: then the
+the same identity (launcher/store/identity.py) and `resume` is `auto` (or names a checkpoint: then the
 batch layout may differ, a resharded resume). Anything else that would write into a directory
 holding a run's state (run_dir.RUN_STATE: checkpoints, metrics, model, ...) stops with one line
 naming the first differing key, unless `overwrite=true`, which deletes the old run first. The
 check runs before anything is written, Hydra's record of the job (`.hydra/`) included.
 
-Ownership (launcher/atomic.py has the rule): `run.json` lists the names the run writes
+Ownership (launcher/store/atomic.py has the rule): `run.json` lists the names the run writes
 (`writes`). `overwrite=true` deletes only those, and only in a directory whose `run.json`
 hydralm wrote; state under those names without a `run.json` (a user's `wandb/`,
 `metrics.jsonl`, ...) is never deleted, and no refusal suggests a flag that would.
@@ -31,10 +31,10 @@ from typing import Optional
 
 from omegaconf import DictConfig, open_dict
 
-from launcher import atomic, run_dir
-from launcher.console import announce
+from launcher.cli.console import announce
 from launcher.errors import AnotherRunsDirectory, ConfigError
-from launcher.identity import TOKENIZER, TRAIN_SEQUENCES, differing_keys, layout_keys, run_identity
+from launcher.store import atomic, run_dir
+from launcher.store.identity import TOKENIZER, TRAIN_SEQUENCES, differing_keys, layout_keys, run_identity
 
 LOCK_FILE = "run.lock"
 RUN_RECORD = "run.json"
@@ -117,7 +117,7 @@ def _check_same_run(cfg: DictConfig, output_dir: Path, record: dict, current: di
 
 def _check_resume_checkpoint(cfg: DictConfig, current: dict) -> None:
     """An explicit `resume=<checkpoint>` of another run is refused now, not after the model is
-    built; the tokenizer and the data's size are compared when it loads (launcher/checkpoint.py)."""
+    built; the tokenizer and the data's size are compared when it loads (launcher/training/checkpoint.py)."""
     if cfg.resume in ("auto", "never"):
         return
     try:

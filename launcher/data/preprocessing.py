@@ -1,10 +1,10 @@
 """Preprocessing: tokenize and pack a raw corpus into training rows, once, cached.
 
-Tokenizing is a batched, multi-process `datasets.map` of the format's encoder (launcher/formats.py)
+Tokenizing is a batched, multi-process `datasets.map` of the format's encoder (launcher/data/formats.py)
 that writes token ids and the mask of trained tokens straight to Arrow; packing streams the
-memory-mapped token column batch by batch through `launcher.packing` (numpy), so a corpus bigger
+memory-mapped token column batch by batch through `launcher.data.packing` (numpy), so a corpus bigger
 than RAM works. The cache key is the corpus fingerprint, the tokenizer and every setting the schema
-marks as affecting preprocessing (launcher/identity.py). One process builds a cache entry at a
+marks as affecting preprocessing (launcher/store/identity.py). One process builds a cache entry at a
 time (a file lock); the others wait and reuse it. An entry records a checksum of every file and is
 verified each time it is used; a damaged one is rebuilt.
 """
@@ -28,16 +28,16 @@ from filelock import FileLock, Timeout
 from omegaconf import DictConfig, open_dict
 from tqdm.auto import tqdm
 
-from launcher import formats
-from launcher.atomic import atomic_directory, is_complete
-from launcher.integrity import CHECKSUMS, damaged_files, file_checksums
+from launcher.data import formats
+from launcher.data.mixture import Part, describe_mixture, mix
+from launcher.data.packing import Documents, Packer, PackingSpec
+from launcher.data.sources import SOURCES, DataSource, source_of
 from launcher.distributed import World, on_rank0_then_all
 from launcher.errors import ConfigError, at_least, choice_error
-from launcher.identity import identity
-from launcher.mixture import Part, describe_mixture, mix
-from launcher.packing import Documents, Packer, PackingSpec
 from launcher.schema import PREPROCESSING
-from launcher.sources import SOURCES, DataSource, source_of
+from launcher.store.atomic import atomic_directory, is_complete
+from launcher.store.identity import identity
+from launcher.store.integrity import CHECKSUMS, damaged_files, file_checksums
 
 log = logging.getLogger("hydralm")
 
@@ -124,7 +124,7 @@ def mixed_splits(cfg: DictConfig, tokenizer, world: World, prepare) -> dict[str,
 
 def mix_components(cfg: DictConfig, tokenizer, world: World, prepare) -> tuple[dict[str, Dataset], dict]:
     """Each component's splits from `prepare(cfg with that component as data, tokenizer, world)`
-    (prepared_splits for rows; cached on their own), mixed (launcher/mixture.py)."""
+    (prepared_splits for rows; cached on their own), mixed (launcher/data/mixture.py)."""
     parts = []
     for weight, data in source_of(cfg.data).components():
         component = cfg.copy()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
-from launcher.run_dir import hf_dir, is_training_checkpoint
+from launcher.store.run_dir import hf_dir, is_training_checkpoint
 
 
 def model_config(cfg: DictConfig) -> DictConfig:
@@ -32,9 +32,9 @@ def model_config(cfg: DictConfig) -> DictConfig:
 
 def load_task_model(cfg: DictConfig, world):
     """(model config, tokenizer, sharded model) of `checkpoint`, or of `model` (collective)."""
-    from launcher.checkpoint import load_model_weights
-    from launcher.modeling import build_model, load_tokenizer
-    from launcher.sharding import prepare_model
+    from launcher.model.modeling import build_model, load_tokenizer
+    from launcher.model.sharding import prepare_model
+    from launcher.training.checkpoint import load_model_weights
 
     model_cfg = model_config(cfg)
     tokenizer = load_tokenizer(model_cfg)

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import NoReturn, Optional
 
 from launcher.errors import AnotherRunsDirectory, closest
-from launcher.loggers import learn_secrets, mask_secrets
+from launcher.training.loggers import learn_secrets, mask_secrets
 
 log = logging.getLogger("hydralm")
 

@@ -18,11 +18,11 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from launcher.atomic import atomic_directory, begin, commit, out_of_space
 from launcher.distributed import World, on_rank0_then_all
-from launcher.lora import is_lora_model, reload_lora_model, trainable_state_dict
-from launcher.modeling import base_model_class, runs_remote_code
-from launcher.run_dir import CHECKPOINTS_DIR
+from launcher.model.lora import is_lora_model, reload_lora_model, trainable_state_dict
+from launcher.model.modeling import runs_remote_code, save_hf_metadata
+from launcher.store.atomic import atomic_directory, begin, commit, out_of_space
+from launcher.store.run_dir import CHECKPOINTS_DIR
 
 MERGED_SUFFIX = "-merged"
 MAX_SHARD_BYTES = 2 * 1024**3
@@ -40,7 +40,7 @@ def save_final_model(model: torch.nn.Module, tokenizer, out_dir: Path, world: Wo
 def save_hf_model(
     model: torch.nn.Module, tokenizer, out_dir: Path, world: World, max_shard_bytes: int = MAX_SHARD_BYTES
 ) -> None:
-    """Collective: every rank calls it; rank 0 writes `out_dir` atomically (launcher/atomic.py).
+    """Collective: every rank calls it; rank 0 writes `out_dir` atomically (launcher/store/atomic.py).
     A failed write removes the staging directory and is raised on every rank (a full disk: one line)."""
     staging = begin(out_dir) if world.is_main else None
     failure = None
@@ -101,15 +101,6 @@ def save_base_model(model: torch.nn.Module, tokenizer, out_dir: Path) -> None:
     with atomic_directory(out_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-
-
-def save_hf_metadata(model: torch.nn.Module, tokenizer, directory: Path) -> None:
-    """config.json (naming the HF class under the FSDP wrapper), generation config, tokenizer."""
-    config = model.config.__class__.from_dict(model.config.to_dict())
-    config.architectures = [base_model_class(model).__name__]
-    config.save_pretrained(directory)
-    model.generation_config.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
 
 
 def _write_weight_shards(model: torch.nn.Module, directory: Path, world: World, max_shard_bytes: int,

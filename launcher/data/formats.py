@@ -2,7 +2,7 @@
 the loss is computed on.
 
 - `text`: a text column (`data.data_field`); with `data.separator`, the prompt through the
-  separator is not trained on. BOS/EOS frame each row (`launcher.packing`), as in VectorLM.
+  separator is not trained on. BOS/EOS frame each row (`launcher.data.packing`), as in VectorLM.
 - `chat`: a column of conversations (lists of `{role, content}` messages), rendered with the
   chat template; only the assistant turns are trained on, each through its end-of-turn token.
 - `prompt_completion`: a prompt and a completion column; only the completion (and EOS) is
@@ -11,7 +11,7 @@ the loss is computed on.
 `render_conversation` is the one place a conversation becomes tokens: the chat format here and
 task=dpo's chat preference pairs use it, so a conversation is trained on exactly as it is scored.
 It depends only on a transformers tokenizer. Everything here is per example or per batch: the
-pipeline (launcher/data.py) maps it over a dataset and packs the result.
+pipeline (launcher/data/preprocessing.py) maps it over a dataset and packs the result.
 """
 
 from dataclasses import dataclass

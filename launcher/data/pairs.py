@@ -1,12 +1,12 @@
 """Preference pairs (task=dpo): raw (prompt, chosen, rejected) rows become two token sequences
 that share the prompt, preprocessed once and cached like language-modelling rows
-(`launcher.data.cached_splits`, kind "pairs").
+(`launcher.data.preprocessing.cached_splits`, kind "pairs").
 
 A side of a pair is (token ids, trained mask): the prompt is the untrained prefix, the response
 the trained rest. Plain text (`data.format=text`) is framed here ([BOS] prompt response [EOS]);
 with `data.format=chat` the prompt is a list of messages and each response an assistant turn
 (a string, a message or a list of messages), rendered by the chat template exactly as chat
-training data is (`launcher.formats.render_conversation`: the response's tokens through its
+training data is (`launcher.data.formats.render_conversation`: the response's tokens through its
 end-of-turn token are trained).
 """
 
@@ -18,11 +18,11 @@ import numpy as np
 from datasets import Dataset, Features, List, Value
 from omegaconf import DictConfig
 
-from launcher import formats
-from launcher.data import cached_splits
+from launcher.data import formats
+from launcher.data.preprocessing import cached_splits
+from launcher.data.sources import source_of
 from launcher.distributed import World
 from launcher.errors import ConfigError
-from launcher.sources import source_of
 
 log = logging.getLogger("hydralm")
 

@@ -4,7 +4,7 @@ marker (`manifest`), a preprocessed dataset in `checksums.json` next to its spli
 
 A manifest maps every file's path (relative, '/'-separated) to its size and its xxh3-128 digest.
 xxh3 is a non-cryptographic hash: it detects corruption (bit flips, truncation, a missing file),
-not tampering; what a checkpoint may contain is restricted separately (launcher/checkpoint.py).
+not tampering; what a checkpoint may contain is restricted separately (launcher/training/checkpoint.py).
 It hashes at ~11 GB/s on one core, so reading the file, not hashing it, is the cost.
 
 No torch here: the checks before any work use it.
@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 
 import xxhash
 
-from launcher.atomic import COMPLETE, IN_PROGRESS
+from launcher.store.atomic import COMPLETE, IN_PROGRESS
 
 ALGORITHM = "xxh3_128"
 CHUNK_BYTES = 16 * 1024 * 1024

@@ -30,8 +30,8 @@ def check_config(cfg: DictConfig, on_this_machine: bool = True) -> None:
     """`on_this_machine=False`: the job runs elsewhere or is only validated, so the checks of
     this machine's devices and of the model's modules are left to the job. Checks whose modules
     import no torch come first: a bad path or key is refused without paying for torch."""
-    from launcher.outputs import check_output_dir
-    from launcher.run_dir import check_resume
+    from launcher.store.outputs import check_output_dir
+    from launcher.store.run_dir import check_resume
 
     check_output_dir(cfg.output_dir)
     if cfg.task.uses_model:
@@ -42,20 +42,20 @@ def check_config(cfg: DictConfig, on_this_machine: bool = True) -> None:
 
 
 def _check_training_run(cfg: DictConfig, on_this_machine: bool) -> None:
-    from launcher.loggers import check_loggers
+    from launcher.training.loggers import check_loggers
 
     check_loggers(cfg.logger)
 
-    from launcher.checkpoint import check_before_loading
-    from launcher.data import check_data
-    from launcher.losses import check_loss
-    from launcher.lora import check_lora_targets, check_peft, lora_enabled
-    from launcher.modeling import check_attention_device, check_model, read_hf_config
-    from launcher.optim import check_optimizer, check_scheduler
-    from launcher.run_dir import is_training_checkpoint
-    from launcher.sharding import check_launch, check_sharding
-    from launcher.task_model import model_config
-    from launcher.trainer import check_train
+    from launcher.data.preprocessing import check_data
+    from launcher.model.lora import check_lora_targets, check_peft, lora_enabled
+    from launcher.model.losses import check_loss
+    from launcher.model.modeling import check_attention_device, check_model, read_hf_config
+    from launcher.model.sharding import check_launch, check_sharding
+    from launcher.model.task_model import model_config
+    from launcher.store.run_dir import is_training_checkpoint
+    from launcher.training.checkpoint import check_before_loading
+    from launcher.training.optim import check_optimizer, check_scheduler
+    from launcher.training.trainer import check_train
 
     task = "train" if cfg.task.name == VALIDATE else cfg.task.name  # validate checks a training run
     check_train(cfg.train)
@@ -97,7 +97,7 @@ class ChecksBeforeWork(Callback):
             sys.exit(0)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        from launcher.cluster import SLURM_LAUNCHER, check_request, query_partition
+        from launcher.cli.cluster import SLURM_LAUNCHER, check_request, query_partition
 
         validating = config.task.name == VALIDATE
         launcher = config.hydra.launcher
@@ -123,7 +123,7 @@ def _refusals(what: str = "", overrides=None):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from launcher.console import describe_composition_error, refuse
+    from launcher.cli.console import describe_composition_error, refuse
 
     try:
         yield
@@ -137,7 +137,7 @@ def _check_job(config: DictConfig, on_this_machine: bool) -> None:
     """check_config on what the task function of `config` (with its `hydra` node) will get."""
     from hydra.core.hydra_config import HydraConfig
 
-    from launcher.loggers import learn_secrets
+    from launcher.training.loggers import learn_secrets
 
     learn_secrets(config.hydra.overrides.task)
     saved = HydraConfig.instance().cfg
@@ -150,7 +150,7 @@ def _check_job(config: DictConfig, on_this_machine: bool) -> None:
 
 def _check_job_dir(config: DictConfig, key: str) -> None:
     """Hydra's directory for the job(s) can be made (an explicit output_dir is checked with the rest)."""
-    from launcher.outputs import check_output_dir
+    from launcher.store.outputs import check_output_dir
 
     if config.get("output_dir") is None:
         check_output_dir(OmegaConf.select(config, key), key)

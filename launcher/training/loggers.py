@@ -6,7 +6,7 @@ conf/logger/. Loggers live on rank 0 only and see a row only when metrics.jsonl 
 logging interval, so they add nothing to the training step. Everything hydralm writes about the config (the run
 config of the loggers, Hydra's .hydra/ dumps) passes through `scrub` first: values of keys named
 like a secret (`api_key`, `hf_token`, `password`, `client_secret`, ...) are replaced by `***`;
-`mask_secrets` does the same to any text (launcher/console.py applies it to everything printed).
+`mask_secrets` does the same to any text (launcher/cli/console.py applies it to everything printed).
 """
 
 import os
@@ -126,7 +126,7 @@ def check_loggers(logger: DictConfig) -> None:
     for name, node in logger.items():
         target = node.get("_target_") if OmegaConf.is_dict(node) else None
         if target is None:
-            raise ConfigError(f"logger.{name}._target_ must name a logger class, e.g. launcher.loggers.WandbLogger")
+            raise ConfigError(f"logger.{name}._target_ must name a logger class, e.g. launcher.training.loggers.WandbLogger")
         try:
             logger_class = get_class(target)
         except Exception as err:  # noqa: BLE001 (any import failure is the user's path)

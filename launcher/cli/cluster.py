@@ -1,7 +1,7 @@
 """SLURM through hydra-submitit-launcher: checks of a request before anything is queued.
 
 A job is `cluster.nodes` x `cluster.tasks_per_node` submitit tasks, one per GPU; each task is one
-rank (launcher/distributed.py derives the ranks from submitit; launcher/preemption.py handles
+rank (launcher/distributed.py derives the ranks from submitit; launcher/training/preemption.py handles
 the requeue signal). This module imports no torch: it runs in the submitting process.
 """
 
@@ -16,7 +16,7 @@ SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmL
 
 
 # ---------------------------------------------------------------- before submitting
-# launcher/validate.py's ChecksBeforeWork calls these for a SLURM launcher, after the config checks
+# launcher/cli/validate.py's ChecksBeforeWork calls these for a SLURM launcher, after the config checks
 # of every sweep point and before the launcher queues anything.
 
 
