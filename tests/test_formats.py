@@ -32,6 +32,34 @@ CHATML = (
     r"{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
 )
 
+# Templates for the `{% generation %}` rule (launcher.data.formats.conversation_spans).
+# Role header outside the block and no generation-prompt branch: the append rule would train the header.
+HEADER_OUTSIDE = (
+    r"{%- for message in messages -%}"
+    r"{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    r"{%- if message['role'] == 'assistant' -%}"
+    r"{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}"
+    r"{%- else -%}{{- message['content'] + '<|im_end|>' -}}{%- endif -%}"
+    r"{{- '\n' -}}"
+    r"{%- endfor -%}"
+)
+# The block also covers the newline after the end-of-turn token (TRL's Qwen 2.5 / Gemma training templates).
+WHITESPACE_IN_BLOCK = (
+    r"{%- for message in messages -%}"
+    r"{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    r"{%- if message['role'] == 'assistant' -%}"
+    r"{%- generation -%}{{- message['content'] + '<|im_end|>\n' -}}{%- endgeneration -%}"
+    r"{%- else -%}{{- message['content'] + '<|im_end|>\n' -}}{%- endif -%}"
+    r"{%- endfor -%}"
+    r"{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+MARKED = {"chatml": CHATML, "header_outside": HEADER_OUTSIDE, "whitespace_in_block": WHITESPACE_IN_BLOCK}
+
+
+def unmarked(template):
+    """The template without its {% generation %} marks (the same text)."""
+    return template.replace(r"{%- generation -%}", "").replace(r"{%- endgeneration -%}", "")
+
 
 @pytest.fixture(scope="module")
 def tokenizer():
@@ -314,3 +342,67 @@ def test_pydoc_chat_learns(tmp_path):
     summary = run_task(compose_config(["data=pydoc_chat", "train.max_seq_len=64", "train.max_steps=8",
                                        "train.logging_steps=8", "train.max_eval_batches=4", f"output_dir={tmp_path}"]))
     assert summary["final_eval_loss"] < summary["initial_eval_loss"] - 0.5
+
+
+# ---------------------------------------------------------------------- {% generation %} marks
+
+
+@pytest.mark.parametrize("name", list(MARKED))
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(messages=conversations())
+def test_a_marked_template_trains_exactly_its_generation_blocks(chatml_tokenizer, name, messages):
+    """Equal to transformers' assistant mask, wherever the template puts the header and whatever
+    whitespace its blocks cover."""
+    ids, trained = formats.render_conversation(chatml_tokenizer, messages, MARKED[name])
+    assert (ids, trained) == reference(chatml_tokenizer, messages, MARKED[name])
+
+
+def test_the_header_outside_the_block_is_not_trained_and_the_newline_inside_it_is(chatml_tokenizer):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
+    for template, said in ((HEADER_OUTSIDE, "Hello there<|im_end|>"), (WHITESPACE_IN_BLOCK, "Hello there<|im_end|>\n")):
+        ids, trained = formats.render_conversation(chatml_tokenizer, messages, template)
+        assert chatml_tokenizer.decode([t for t, m in zip(ids, trained) if m]) == said
+    # Without its marks, the header-outside template trains the header too (the append rule: what the turn adds).
+    ids, trained = formats.render_conversation(chatml_tokenizer, messages, unmarked(HEADER_OUTSIDE))
+    assert chatml_tokenizer.decode([t for t, m in zip(ids, trained) if m]) == "<|im_start|>assistant\nHello there<|im_end|>"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(messages=conversations())
+def test_a_template_without_marks_keeps_the_append_rule(chatml_tokenizer, messages):
+    """Unchanged behaviour: through the end-of-turn token, not the newline after it; for ChatML
+    that is what the marked twin's blocks cover, so transformers' mask of the twin is the reference."""
+    ids, trained = formats.render_conversation(chatml_tokenizer, messages, unmarked(CHATML))
+    assert (ids, trained) == reference(chatml_tokenizer, messages, CHATML)
+    ids, trained = formats.render_conversation(chatml_tokenizer, messages, unmarked(WHITESPACE_IN_BLOCK))
+    assert (ids, trained) == reference(chatml_tokenizer, messages, CHATML)  # the same text, the newline unmarked
+
+
+@pytest.mark.parametrize("name", list(MARKED))
+def test_train_on_selects_the_blocks_of_the_chosen_turns(chatml_tokenizer, name):
+    """transformers' mask of the whole conversation, minus every token of the rendering before
+    the chosen turn (what task=dpo and conversational prompt_completion train)."""
+    template = MARKED[name]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a prime."},
+                {"role": "assistant", "content": "Seven."}, {"role": "assistant", "content": " And 11."}]
+    ids, mask = reference(chatml_tokenizer, messages, template)
+    before = len(chatml_tokenizer.apply_chat_template(messages[:4], chat_template=template, return_dict=True)["input_ids"])
+    assert formats.render_conversation(chatml_tokenizer, messages, template, train_on=[4, 5]) == (
+        ids, [m and k >= before for k, m in enumerate(mask)])
+    assert formats.render_conversation(chatml_tokenizer, messages, template, train_on=[2])[1] == [
+        m and k < before for k, m in enumerate(mask)]
+
+
+@pytest.mark.parametrize("name", list(MARKED))
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(batch=st.lists(conversations(), min_size=1, max_size=4), mode=MODES, max_seq_len=st.integers(12, 40))
+def test_marked_template_rows_train_the_blocks_in_every_packing_mode(chatml_tokenizer, name, batch, mode, max_seq_len):
+    data = compose_config(["data=pydoc_chat"]).data
+    data.chat_template = MARKED[name]
+    formats.resolve_defaults(data)
+    table = Tokenize(chatml_tokenizer, data)({"messages": batch}, list(range(len(batch))))
+    spec = PackingSpec(mode[0], max_seq_len, overlap=mode[1], ignore_index=IGNORE)
+    rows = pack(documents_of(table.to_batches()[0]), spec).to_pylist()
+    docs = [reference(chatml_tokenizer, messages, MARKED[name]) for messages in batch]
+    assert _reassemble(rows, spec, len(batch)) == _expected(docs, spec)

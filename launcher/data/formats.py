@@ -4,7 +4,8 @@ the loss is computed on.
 - `text`: a text column (`data.data_field`); with `data.separator`, the prompt through the
   separator is not trained on. BOS/EOS frame each row (`launcher.data.packing`), as in VectorLM.
 - `chat`: a column of conversations (lists of `{role, content}` messages), rendered with the
-  chat template; only the assistant turns are trained on, each through its end-of-turn token.
+  chat template; only the assistant turns are trained on: the template's `{% generation %}`
+  blocks where it has them, else each turn through its end-of-turn token.
 - `prompt_completion`: a prompt and a completion column; only the completion (and EOS) is
   trained on. Both columns may also hold conversations (TRL's conversational prompt-completion).
 
@@ -14,6 +15,7 @@ It depends only on a transformers tokenizer. Everything here is per example or p
 pipeline (launcher/data/preprocessing.py) maps it over a dataset and packs the result.
 """
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -73,32 +75,79 @@ def conversation_spans(tokenizer, messages: list[dict], template: Optional[str] 
                        train_on: Optional[Iterable[int]] = None) -> tuple[str, list[tuple[int, int]]]:
     """The conversation rendered by the chat template, and the character spans that are trained on.
 
-    A trained turn's span is what rendering it adds to the conversation before it with the
-    generation prompt: the assistant's text as the template writes it, through the template's
-    end-of-turn token (the last special token it adds; for a template without special tokens,
-    through its last non-whitespace character). So role headers, the generation prompt and what
-    follows the end-of-turn token are never trained on, and the end-of-turn token always is.
+    A template with `{% generation %}` blocks says itself what the assistant says: the spans are
+    its blocks, exactly what transformers' `return_assistant_tokens_mask=True` (and so TRL's
+    `assistant_only_loss`) trains. A template without them gets the append rule: a trained turn's
+    span is what rendering it adds to the conversation before it with the generation prompt, the
+    assistant's text as the template writes it through the template's end-of-turn token (the last
+    special token it adds; for a template without special tokens, through its last non-whitespace
+    character), so role headers, the generation prompt and what follows the end-of-turn token are
+    never trained on, and the end-of-turn token always is.
     `train_on`: indices of the assistant messages to train on (default: all of them). Raises
-    ChatTemplateError when the template renders a prefix of the conversation differently from
-    the start of the whole.
+    ChatTemplateError when a turn must be located and the template renders a prefix of the
+    conversation differently from the start of the whole.
     """
     template = chat_template(tokenizer, template)
-    if train_on is None:
+    everything = train_on is None
+    if everything:
         train_on = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
     train_on = sorted(train_on)
     if any(messages[i]["role"] != "assistant" for i in train_on):
         raise ValueError("only assistant messages can be trained on")
+    if has_generation_marks(template):
+        return _marked_spans(tokenizer, template, messages, None if everything else train_on)
     prompts = _render(tokenizer, template, [messages[:i] for i in train_on], generation_prompt=True)
     *turns, full = _render(tokenizer, template, [messages[:i + 1] for i in train_on] + [messages], False)
     spans = []
     for i, prompt, turn in zip(train_on, prompts, turns):
         if not (turn.startswith(prompt) and full.startswith(turn)):
-            raise ChatTemplateError(
-                f"the chat template renders message {i} (assistant) so that the conversation up to it is not "
-                "the start of the whole conversation; hydralm locates assistant tokens as what each assistant "
-                "turn appends, so it needs a template whose turns append (set data.chat_template)")
+            raise _not_prefix_stable(i)
         spans.append((len(prompt), len(prompt) + _through_end_of_turn(turn[len(prompt):], _special_tokens(tokenizer))))
     return full, spans
+
+
+# transformers' own test for a template with generation blocks (chat_template_utils.render_jinja_template).
+_GENERATION_MARK = re.compile(r"\{\%-?\s*generation\s*-?\%\}")
+
+
+def has_generation_marks(template: str) -> bool:
+    """Whether the template marks what the assistant says with `{% generation %}` blocks."""
+    return bool(_GENERATION_MARK.search(template))
+
+
+def _marked_spans(tokenizer, template: str, messages: list[dict],
+                  train_on: Optional[list[int]]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendering and its `{% generation %}` blocks (transformers' renderer and character
+    spans, so the same text and tokens as apply_chat_template); with `train_on`, only the blocks
+    that the selected messages add (a turn's blocks are those of the conversation through it
+    that the conversation before it does not have)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    if train_on is None:
+        conversations = [messages]
+    else:
+        conversations = [messages] + [messages[:j] for i in train_on for j in (i, i + 1)]
+    texts, blocks = render_jinja_template(conversations=conversations, chat_template=template,
+                                          return_assistant_tokens_mask=True, add_generation_prompt=False,
+                                          **tokenizer.special_tokens_map)
+    full, spans = texts[0], [tuple(span) for span in blocks[0]]
+    if train_on is None:
+        return full, spans
+    selected = []
+    for k, i in enumerate(train_on):
+        before, through = 1 + 2 * k, 2 + 2 * k
+        if not (texts[through].startswith(texts[before]) and full.startswith(texts[through])
+                and blocks[through][:len(blocks[before])] == blocks[before]):
+            raise _not_prefix_stable(i)
+        selected += [tuple(span) for span in blocks[through][len(blocks[before]):]]
+    return full, selected
+
+
+def _not_prefix_stable(i: int) -> ChatTemplateError:
+    return ChatTemplateError(
+        f"the chat template renders message {i} (assistant) so that the conversation up to it is not "
+        "the start of the whole conversation; hydralm locates the assistant tokens to train on as what each "
+        "assistant turn appends, so it needs a template whose turns append (set data.chat_template)")
 
 
 def _through_end_of_turn(text: str, special_tokens: tuple[str, ...]) -> int:
@@ -124,12 +173,13 @@ def render_conversation(tokenizer, messages: list[dict], template: Optional[str]
                         train_on: Optional[Iterable[int]] = None) -> tuple[list[int], list[bool]]:
     """Token ids of `messages` rendered with the chat template (`template`, a Jinja string, or the
     tokenizer's), and per token whether it is trained on: the tokens of every assistant turn (or
-    of the assistant messages in `train_on`), each through its end-of-turn token; nothing else.
+    of the assistant messages in `train_on`): the template's `{% generation %}` blocks where it
+    has them, else each turn through its end-of-turn token; nothing else.
 
     The text is tokenized whole (add_special_tokens=False: the template places BOS), and a token
-    is trained on when its characters overlap a trained span (`conversation_spans`): the same
-    rule as transformers' `apply_chat_template(..., return_assistant_tokens_mask=True)` for
-    templates with `{% generation %}` blocks, but for any template. Needs a fast tokenizer.
+    is trained on when its characters overlap a trained span (`conversation_spans`): the rule of
+    transformers' `apply_chat_template(..., return_assistant_tokens_mask=True)`, so for a marked
+    template the same mask, and for any other the append rule's. Needs a fast tokenizer.
     Raises ChatTemplateError for templates that are not prefix-stable, and jinja2's
     TemplateError for conversations the template refuses.
     """
