@@ -8,6 +8,11 @@ the loss is computed on.
   blocks where it has them, else each turn through its end-of-turn token.
 - `prompt_completion`: a prompt and a completion column; only the completion (and EOS) is
   trained on. Both columns may also hold conversations (TRL's conversational prompt-completion).
+- `sharegpt`: a column (default `conversations`) of `{from, value}` messages, roles human, gpt,
+  system, tool; trained on exactly as `chat` after mapping them to user, assistant, system, tool.
+- `alpaca`: `instruction`, optional `input`, `output` columns; with a chat template one user turn
+  (the instruction, a blank line, the input) and the output as the assistant turn; without one,
+  the standard Alpaca prompt (ALPACA_PROMPT) and the output (and EOS) trained on.
 
 `render_conversation` is the one place a conversation becomes tokens: the chat format here and
 task=dpo's chat preference pairs use it, so a conversation is trained on exactly as it is scored.
@@ -25,7 +30,22 @@ import numpy as np
 
 from launcher.errors import ConfigError
 
-FORMATS = ("text", "chat", "prompt_completion")
+FORMATS = ("text", "chat", "prompt_completion", "sharegpt", "alpaca")
+# Formats whose examples are conversations rendered by the chat template.
+CONVERSATIONAL = ("chat", "sharegpt")
+# ShareGPT's `from` values (FastChat, axolotl, LLaMA-Factory) as roles.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool"}
+ALPACA_COLUMNS = ("instruction", "output")  # and `input`, optional
+# The Stanford Alpaca prompt (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT), used
+# when the tokenizer has no chat template; the output follows it.
+ALPACA_PROMPT = {
+    "with_input": ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                   "Write a response that appropriately completes the request.\n\n"
+                   "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"),
+    "without_input": ("Below is an instruction that describes a task. "
+                      "Write a response that appropriately completes the request.\n\n"
+                      "### Instruction:\n{instruction}\n\n### Response:\n"),
+}
 ROLES = ("system", "user", "assistant", "tool")
 
 # The tokenizer's memory is ~160 bytes per character of one call (HF tokenizers keep offsets, words
@@ -441,7 +461,60 @@ class PromptCompletionEncoder(Encoder):
             out.trained[i] = np.arange(len(out.ids[i])) >= len(prompt)
 
 
-ENCODERS = {"text": TextEncoder, "chat": ChatEncoder, "prompt_completion": PromptCompletionEncoder}
+class ShareGPTEncoder(ChatEncoder):
+    """`sharegpt`: `{from, value}` messages mapped to `{role, content}` (SHAREGPT_ROLES), then `chat`."""
+
+    def __call__(self, columns, indices):
+        field = self.data.data_field
+        return super().__call__({field: [sharegpt_messages(c) for c in columns[field]]}, indices)
+
+
+def sharegpt_messages(conversation):
+    """A ShareGPT conversation as `{role, content}` messages (an unknown `from` stays, so that
+    `conversation_problem` names it)."""
+    if not isinstance(conversation, (list, tuple)):
+        return conversation
+    return [{"role": SHAREGPT_ROLES.get(m.get("from"), m.get("from")), "content": m.get("value")}
+            if isinstance(m, dict) else m for m in conversation]
+
+
+class AlpacaEncoder(PromptCompletionEncoder):
+    """`alpaca`: through the chat template when there is one (data.chat_template or the
+    tokenizer's): the instruction and input as one user turn, the output as the assistant's;
+    else the standard Alpaca prompt (ALPACA_PROMPT), then the output and EOS trained on."""
+
+    def __init__(self, tokenizer, data):
+        Encoder.__init__(self, tokenizer, data, ALPACA_COLUMNS + ("input",))  # (input is optional)
+        try:
+            self._template = chat_template(tokenizer, load_chat_template(data.chat_template))
+        except ConfigError:  # no template: the Alpaca prompt
+            self._template = None
+        self.bos_eos = None if self._template else bos_eos_ids(tokenizer, data)
+
+    @property
+    def chat(self) -> bool:
+        return self._template is not None
+
+    def __call__(self, columns, indices):
+        inputs = columns.get("input") or [None] * len(columns["instruction"])
+        out = Encoded.empty(len(inputs))
+        texts, conversations = {}, {}
+        for i, (instruction, given, output) in enumerate(zip(columns["instruction"], inputs, columns["output"])):
+            if not instruction or not output:
+                out.drop(i, "missing instruction or output")
+            elif self.chat:
+                user = instruction + "\n\n" + given if given else instruction
+                conversations[i] = ([{"role": "user", "content": user}, {"role": "assistant", "content": output}], None)
+            else:
+                prompt = ALPACA_PROMPT["with_input" if given else "without_input"]
+                texts[i] = (prompt.format(instruction=instruction, input=given), output)
+        self._texts(out, texts)
+        self.render(out, conversations, indices)
+        return out
+
+
+ENCODERS = {"text": TextEncoder, "chat": ChatEncoder, "prompt_completion": PromptCompletionEncoder,
+            "sharegpt": ShareGPTEncoder, "alpaca": AlpacaEncoder}
 
 
 # A conversation every template must render (no system message: some templates, Gemma's, refuse one).
@@ -454,9 +527,10 @@ def encoder(tokenizer, data) -> Encoder:
     a chat template that renders a probe conversation prefix-stably) before any data is read."""
     resolve_defaults(data)
     chosen = ENCODERS[data.format](tokenizer, data)  # (prompt_completion checks BOS/EOS here)
-    if data.format == "chat":  # (prompt_completion needs a template only for conversations)
+    if data.format in CONVERSATIONAL or (data.format == "alpaca" and chosen.chat):
+        # (prompt_completion needs a template only for conversations)
         if getattr(tokenizer, "backend_tokenizer", None) is None:
-            raise ConfigError("data.format=chat needs a fast tokenizer (character offsets)")
+            raise ConfigError(f"data.format={data.format} needs a fast tokenizer (character offsets)")
         template = chosen.template
         try:
             conversation_spans(tokenizer, PROBE, template)
@@ -469,11 +543,12 @@ def encoder(tokenizer, data) -> Encoder:
 
 def resolve_defaults(data) -> None:
     """Fill in the keys whose default depends on data.format (idempotent): data_field (`text`,
-    or `messages` for chat) and add_bos_eos_tokens (false for chat)."""
+    `messages` for chat, `conversations` for sharegpt) and add_bos_eos_tokens (false for chat
+    and sharegpt)."""
     if data.data_field is None:
-        data.data_field = "messages" if data.format == "chat" else "text"
+        data.data_field = {"chat": "messages", "sharegpt": "conversations"}.get(data.format, "text")
     if data.add_bos_eos_tokens is None:
-        data.add_bos_eos_tokens = data.format != "chat"
+        data.add_bos_eos_tokens = data.format not in CONVERSATIONAL
 
 
 def bos_eos_ids(tokenizer, data) -> Optional[tuple[int, int]]:
@@ -489,10 +564,11 @@ def bos_eos_ids(tokenizer, data) -> Optional[tuple[int, int]]:
 
 
 def add_bos_eos(data) -> bool:
-    """`data.add_bos_eos_tokens`, where null means the format's default: true for text and
-    prompt_completion, false for chat (the chat template places its own special tokens)."""
+    """`data.add_bos_eos_tokens`, where null means the format's default: true for text,
+    prompt_completion and alpaca's plain prompt, false for chat and sharegpt (the chat template
+    places its own special tokens)."""
     if data.add_bos_eos_tokens is None:
-        return data.format != "chat"
+        return data.format not in CONVERSATIONAL
     return bool(data.add_bos_eos_tokens)
 
 
@@ -502,12 +578,19 @@ def add_bos_eos(data) -> bool:
 def column_problem(dataset, data) -> Optional[str]:
     """What is wrong with the columns `data.format` reads (None if nothing): missing, of the
     wrong kind, or not UTF-8. Runs on the loaded dataset before tokenizing."""
-    keys = {"text": ("data_field",), "chat": ("data_field",), "prompt_completion": ("prompt_field", "completion_field")}
+    if data.format == "alpaca":
+        return _alpaca_column_problem(dataset)
+    keys = {"text": ("data_field",), "chat": ("data_field",), "sharegpt": ("data_field",),
+            "prompt_completion": ("prompt_field", "completion_field")}
     for key in keys[data.format]:
         column = data[key]
         if column not in dataset.column_names:
             chats = [c for c in dataset.column_names if _kind(dataset.features[c]) == "conversations"]
-            hint = f"; {chats[0]} holds conversations: use data.format=chat" if chats and data.format == "text" else ""
+            hint = ""
+            if chats and data.format == "text":
+                hint = f"; {chats[0]} holds conversations: use data.format=chat"
+            elif chats and data.format in CONVERSATIONAL:
+                hint = f"; {chats[0]} holds conversations: set data.data_field={chats[0]}"
             return f"data.{key}={column} is not a column of the dataset; columns: {', '.join(dataset.column_names)}{hint}"
         feature = dataset.features[column]
         kind = _kind(feature)
@@ -521,6 +604,45 @@ def column_problem(dataset, data) -> Optional[str]:
             return f"data.{key}={column} holds {_describe(feature)}, not text{hint}"
         elif not wants_text and kind not in ("conversations", "json"):
             return f"data.{key}={column} holds {_describe(feature)}, not conversations (lists of {{role, content}} messages)"
+        elif data.format in CONVERSATIONAL and kind == "conversations":
+            problem = _message_keys_problem(feature.feature, data.format, f"data.{key}={column}")
+            if problem:
+                return problem
+        problem = _invalid_utf8(dataset, column)
+        if problem:
+            return problem
+    return None
+
+
+MESSAGE_KEYS = {"chat": ("role", "content"), "sharegpt": ("from", "value")}
+
+
+def _message_keys_problem(message, format: str, where: str) -> Optional[str]:
+    """Messages whose keys are another layout's (ShareGPT's from/value read as chat, or the reverse)."""
+    if not isinstance(message, dict):
+        return None
+    wanted = MESSAGE_KEYS[format]
+    if all(k in message for k in wanted):
+        return None
+    other = next((name for name, keys in MESSAGE_KEYS.items() if all(k in message for k in keys)), None)
+    hint = f"; use data.format={other}" if other else ""
+    return (f"{where} holds messages with keys {', '.join(message)}, not data.format={format}'s "
+            f"{', '.join(wanted)}{hint}")
+
+
+def _alpaca_column_problem(dataset) -> Optional[str]:
+    for column in ALPACA_COLUMNS + ("input",):
+        if column not in dataset.column_names:
+            if column == "input":
+                continue
+            return (f"data.format=alpaca reads the columns instruction, input (optional) and output; {column} is "
+                    f"missing; columns: {', '.join(dataset.column_names)}")
+        kind = _kind(dataset.features[column])
+        problem = _first_non_string(dataset, column, "format=alpaca") if kind == "json" else None
+        if problem:
+            return problem
+        if kind not in ("text", "json"):
+            return f"data.format=alpaca: column {column} holds {_describe(dataset.features[column])}, not text"
         problem = _invalid_utf8(dataset, column)
         if problem:
             return problem

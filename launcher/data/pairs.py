@@ -5,9 +5,11 @@ that share the prompt, preprocessed once and cached like language-modelling rows
 A side of a pair is (token ids, trained mask): the prompt is the untrained prefix, the response
 the trained rest. Plain text (`data.format=text`) is framed here ([BOS] prompt response [EOS]);
 with `data.format=chat` the prompt is a list of messages and each response an assistant turn
-(a string, a message or a list of messages), rendered by the chat template exactly as chat
-training data is (`launcher.data.formats.render_conversation`: the response's tokens through its
-end-of-turn token are trained).
+(a string, a message or a list of messages: TRL's conversational preference layout), rendered by
+the chat template exactly as chat training data is (`launcher.data.formats.render_conversation`:
+the response's assistant tokens are trained). Chat data without a prompt column is TRL's
+implicit-prompt layout: `chosen` and `rejected` are whole conversations and the messages they
+share from the start are the prompt (TRL's `extract_prompt`).
 """
 
 import logging
@@ -27,6 +29,7 @@ from launcher.errors import ConfigError
 log = logging.getLogger("hydralm")
 
 SIDES = ("chosen", "rejected")
+PAIR_FORMATS = ("text", "chat")
 ENCODED_FEATURES = Features({
     **{f"{side}_{column}": List(Value("int32")) for side in SIDES for column in ("input_ids", "labels")},
     "truncated": Value("bool"),
@@ -48,7 +51,12 @@ def max_prompt_len(cfg: DictConfig) -> int:
 def build_pairs(cfg: DictConfig, tokenizer, raw: dict, out: Path) -> dict:
     """Tokenize, frame and fit every pair; save {train,eval} under `out` (a `Builder`)."""
     dpo, data = cfg.dpo, cfg.data
-    fields = (dpo.prompt_field, dpo.chosen_field, dpo.rejected_field)
+    if data.format not in PAIR_FORMATS:
+        raise ConfigError(f"data.format={data.format} does not apply to task=dpo: preference pairs are "
+                          f"{' or '.join(PAIR_FORMATS)} (chat: TRL's conversational and implicit-prompt layouts)")
+    # Chat pairs may leave the prompt out (implicit prompt); text pairs need all three.
+    fields = (dpo.chosen_field, dpo.rejected_field) if data.format == "chat" else \
+        (dpo.prompt_field, dpo.chosen_field, dpo.rejected_field)
     for dataset in raw.values():
         missing = [f for f in fields if dataset is not None and f not in dataset.column_names]
         if missing:
@@ -142,7 +150,11 @@ class EncodePairs:
         from jinja2 import TemplateError
 
         pairs = []
-        for prompt, *responses in zip(*(batch[field] for field in self.fields)):
+        prompt_field, *response_fields = self.fields
+        prompts = batch[prompt_field] if prompt_field in batch else [None] * len(batch[response_fields[0]])
+        for prompt, *responses in zip(prompts, *(batch[field] for field in response_fields)):
+            if prompt_field not in batch:
+                prompt, responses = shared_prompt(*responses)
             turns = [_assistant_turns(response) for response in responses]
             conversations = [list(prompt or []) + t for t in turns] if isinstance(prompt, list) else None
             if conversations is None or any(formats.conversation_problem(c) for c in conversations) \
@@ -150,11 +162,23 @@ class EncodePairs:
                 pairs.append(None)
                 continue
             try:
-                pairs.append([formats.render_conversation(self.tokenizer, c, self.template,
-                                                          train_on=range(len(prompt), len(c))) for c in conversations])
+                pairs.append([formats.render_conversation(
+                    self.tokenizer, c, self.template,
+                    train_on=[j for j in range(len(prompt), len(c)) if c[j]["role"] == "assistant"]) for c in conversations])
             except TemplateError:
                 pairs.append(None)
         return pairs
+
+
+def shared_prompt(chosen, rejected) -> tuple:
+    """Implicit prompt: (the messages both conversations start with, [chosen's rest, rejected's
+    rest]); (None, ...) when they are not both lists of messages or share nothing."""
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        return None, [chosen, rejected]
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    return (chosen[:shared] or None), [chosen[shared:], rejected[shared:]]
 
 
 def _assistant_turns(response) -> list:

@@ -266,11 +266,12 @@ def check_preprocessing(data: DictConfig, max_seq_len: int) -> None:
     if data.separator is not None and data.format != "text":
         raise ConfigError(f"data.separator applies to data.format=text; data.format={data.format} marks "
                           "what is trained on by itself")
-    if data.pre_pend and data.format == "chat":
-        raise ConfigError("data.pre_pend does not apply to data.format=chat (put it in a system message or the template)")
-    if data.format == "chat" and data.add_bos_eos_tokens:
-        raise ConfigError("data.add_bos_eos_tokens=true does not apply to data.format=chat: the chat template "
-                          "places BOS and the end-of-turn tokens (leave it unset or false)")
+    if data.pre_pend and data.format in formats.CONVERSATIONAL + ("alpaca",):
+        raise ConfigError(f"data.pre_pend does not apply to data.format={data.format} (put it in a system message "
+                          "or the template)")
+    if data.format in formats.CONVERSATIONAL and data.add_bos_eos_tokens:
+        raise ConfigError(f"data.add_bos_eos_tokens=true does not apply to data.format={data.format}: the chat "
+                          "template places BOS and the end-of-turn tokens (leave it unset or false)")
     if data.chat_template is not None:
         if data.format == "text":
             raise ConfigError("data.chat_template applies to data.format=chat or prompt_completion")
@@ -387,7 +388,7 @@ class Tokenize:
         self.encoder = formats.encoder(tokenizer, data)
 
     def __call__(self, batch: dict, indices: list[int]) -> pa.Table:
-        encoded = self.encoder({column: batch[column] for column in self.encoder.columns}, indices)
+        encoded = self.encoder({column: batch[column] for column in self.encoder.columns if column in batch}, indices)
         lengths = np.array([len(ids) for ids in encoded.ids], dtype=np.int64)
         offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), type=pa.int32())
         ids = np.concatenate(encoded.ids) if len(lengths) else np.zeros(0, np.int32)
@@ -404,12 +405,13 @@ class Tokenize:
 def tokenize(dataset: Dataset, tokenizer, data: DictConfig, cache_file: Path) -> Dataset:
     num_proc = data.num_proc if data.num_proc and len(dataset) >= 2 * data.num_proc else None
     tokenize_batch = Tokenize(tokenizer, data)
-    return dataset.select_columns(list(tokenize_batch.encoder.columns)).map(
+    columns = [column for column in tokenize_batch.encoder.columns if column in dataset.column_names]  # (optional ones)
+    return dataset.select_columns(columns).map(
         tokenize_batch,
         with_indices=True,
         batched=True,
         batch_size=TOKENIZE_BATCH,
-        remove_columns=list(tokenize_batch.encoder.columns),
+        remove_columns=columns,
         features=TOKEN_FEATURES,
         num_proc=num_proc,
         cache_file_name=str(cache_file),
