@@ -590,7 +590,9 @@ def column_problem(dataset, data) -> Optional[str]:
             if chats and data.format == "text":
                 hint = f"; {chats[0]} holds conversations: use data.format=chat"
             elif chats and data.format in CONVERSATIONAL:
-                hint = f"; {chats[0]} holds conversations: set data.data_field={chats[0]}"
+                layout = _layout_of(dataset.features[chats[0]].feature) or data.format
+                also = f"data.format={layout} " if layout != data.format else ""
+                hint = f"; {chats[0]} holds conversations: set {also}data.data_field={chats[0]}"
             return f"data.{key}={column} is not a column of the dataset; columns: {', '.join(dataset.column_names)}{hint}"
         feature = dataset.features[column]
         kind = _kind(feature)
@@ -617,6 +619,13 @@ def column_problem(dataset, data) -> Optional[str]:
 MESSAGE_KEYS = {"chat": ("role", "content"), "sharegpt": ("from", "value")}
 
 
+def _layout_of(message) -> Optional[str]:
+    """The conversational format whose message keys `message` (a feature or a dict) has."""
+    if not isinstance(message, dict):
+        return None
+    return next((name for name, keys in MESSAGE_KEYS.items() if all(k in message for k in keys)), None)
+
+
 def _message_keys_problem(message, format: str, where: str) -> Optional[str]:
     """Messages whose keys are another layout's (ShareGPT's from/value read as chat, or the reverse)."""
     if not isinstance(message, dict):
@@ -624,7 +633,7 @@ def _message_keys_problem(message, format: str, where: str) -> Optional[str]:
     wanted = MESSAGE_KEYS[format]
     if all(k in message for k in wanted):
         return None
-    other = next((name for name, keys in MESSAGE_KEYS.items() if all(k in message for k in keys)), None)
+    other = _layout_of(message)
     hint = f"; use data.format={other}" if other else ""
     return (f"{where} holds messages with keys {', '.join(message)}, not data.format={format}'s "
             f"{', '.join(wanted)}{hint}")
