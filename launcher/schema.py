@@ -74,9 +74,9 @@ class DataConfig:
     eval_split: Optional[str] = None
     eval_every: int = 10
     # What an example is (launcher/data/formats.py): text | chat (a column of conversations, trained on
-    # the assistant turns) | prompt_completion (trained on the completion).
+    # the assistant turns) | prompt_completion (trained on the completion) | sharegpt | alpaca (docs/data.md).
     format: str = "text"
-    # The column of text (format text; default `text`) or of conversations (format chat; default `messages`).
+    # The column of text (format text; default `text`) or of conversations (chat: `messages`, sharegpt: `conversations`).
     data_field: Optional[str] = None
     # prompt_completion: the prompt and completion columns (text, or conversations).
     prompt_field: str = "prompt"

@@ -69,7 +69,7 @@ def test_sharegpt_trains_as_the_same_conversation_in_openai_roles(tokenizer):
 
 def test_alpaca_goes_through_the_chat_template_when_there_is_one(tokenizer):
     conversations = [[{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven."}],
-                     [{"role": "user", "content": "Add the numbers.\n\n2 and 3"}, {"role": "assistant", "content": "5"}]]
+                     [{"role": "user", "content": "Add the numbers.\n2 and 3"}, {"role": "assistant", "content": "5"}]]
     assert tokenized(tokenizer, "alpaca", ALPACA) == [reference(tokenizer, c) for c in conversations]
 
 

@@ -11,7 +11,7 @@ the loss is computed on.
 - `sharegpt`: a column (default `conversations`) of `{from, value}` messages, roles human, gpt,
   system, tool; trained on exactly as `chat` after mapping them to user, assistant, system, tool.
 - `alpaca`: `instruction`, optional `input`, `output` columns; with a chat template one user turn
-  (the instruction, a blank line, the input) and the output as the assistant turn; without one,
+  (the instruction, a newline, the input: LLaMA-Factory's join) and the output as the assistant turn; without one,
   the standard Alpaca prompt (ALPACA_PROMPT) and the output (and EOS) trained on.
 
 `render_conversation` is the one place a conversation becomes tokens: the chat format here and
@@ -503,7 +503,7 @@ class AlpacaEncoder(PromptCompletionEncoder):
             if not instruction or not output:
                 out.drop(i, "missing instruction or output")
             elif self.chat:
-                user = instruction + "\n\n" + given if given else instruction
+                user = instruction + "\n" + given if given else instruction  # LLaMA-Factory's join
                 conversations[i] = ([{"role": "user", "content": user}, {"role": "assistant", "content": output}], None)
             else:
                 prompt = ALPACA_PROMPT["with_input" if given else "without_input"]
