@@ -65,6 +65,10 @@ def tokenized(tokenizer, fmt, rows):
 def test_sharegpt_trains_as_the_same_conversation_in_openai_roles(tokenizer):
     assert tokenized(tokenizer, "sharegpt", [{"conversations": SHAREGPT}]) == [reference(tokenizer, AS_MESSAGES)]
     assert tokenized(tokenizer, "chat", [{"messages": AS_MESSAGES}]) == [reference(tokenizer, AS_MESSAGES)]
+    unknown = [{"from": "bot", "value": "x"}, {"from": "gpt", "value": "y"}]
+    data = compose_config(["data.format=sharegpt"]).data
+    check_preprocessing(data, 512)
+    assert Tokenize(tokenizer, data)({"conversations": [unknown]}, [0]).column("dropped").to_pylist() == ["unknown role"]
 
 
 def test_alpaca_goes_through_the_chat_template_when_there_is_one(tokenizer):

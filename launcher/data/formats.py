@@ -33,8 +33,10 @@ from launcher.errors import ConfigError
 FORMATS = ("text", "chat", "prompt_completion", "sharegpt", "alpaca")
 # Formats whose examples are conversations rendered by the chat template.
 CONVERSATIONAL = ("chat", "sharegpt")
-# ShareGPT's `from` values (FastChat, axolotl, LLaMA-Factory) as roles.
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool"}
+# ShareGPT's `from` values (FastChat, axolotl, LLaMA-Factory) as roles; some exports already write
+# user and assistant there.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool",
+                  "user": "user", "assistant": "assistant"}
 ALPACA_COLUMNS = ("instruction", "output")  # and `input`, optional
 # The Stanford Alpaca prompt (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT), used
 # when the tokenizer has no chat template; the output follows it.
