@@ -43,7 +43,7 @@ log = logging.getLogger("hydralm")
 
 PACKING_TYPES = ("full", "partial")
 
-PREPROCESS_VERSION = 4
+PREPROCESS_VERSION = 5  # 5: templates with {% generation %} blocks train exactly the blocks
 TOKENIZE_BATCH = 1000  # documents per map batch (the tokenizer's memory is bounded in formats.encode)
 PACK_BATCH = 20_000  # documents per packing step (bounds memory, not speed)
 ROW_FEATURES = Features({
