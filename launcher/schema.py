@@ -145,6 +145,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = affects(RUN, BATCH_LAYOUT, default=1)
     # None disables clipping.
     max_grad_norm: Optional[float] = 1.0
+    # false: optimizer.weight_decay spares biases and norm weights, as transformers' Trainer and
+    # TRL do (launcher/training/optim.py parameter_groups); true: every trainable parameter decays.
+    decay_norms_and_biases: bool = False
     use_mp: bool = False
     use_activation_checkpointing: bool = affects(default=False)
     # Checkpoint every k-th decoder layer (1: all; 2: half of them, trading memory for speed).
