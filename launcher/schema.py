@@ -215,6 +215,9 @@ class DPOConfig:
     # A pair longer than train.max_seq_len keeps at most this many prompt tokens (its end),
     # then its responses are cut; None: half of train.max_seq_len.
     max_prompt_len: Optional[int] = None
+    # Dropout off in the model (and LoRA's lora_dropout) while training, as TRL does: the policy
+    # then starts equal to its reference (rewards 0, loss ln 2). false keeps the model's dropout.
+    disable_dropout: bool = affects(RUN, default=True)
 
 
 @dataclass
