@@ -221,6 +221,28 @@ class DPOConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """task=generate: prompts and sampling (conf/task/generate.yaml sets it; docs/generate.md)."""
+
+    # Exactly one: a prompt, a list of prompts, or a JSONL file with one prompt per line (in the
+    # `prompt_field` column: a string, or a conversation of {role, content} messages).
+    prompt: Optional[str] = None
+    prompts: Optional[List[Any]] = None
+    prompts_file: Optional[str] = None
+    prompt_field: str = "prompt"
+    # A tokenizer with a chat template gets each prompt as a user turn plus the generation prompt.
+    apply_chat_template: bool = True
+    max_new_tokens: int = 64
+    # false: greedy decoding; true: sampling at `temperature` with nucleus `top_p`.
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    # Prompts per model.generate call (left-padded).
+    batch_size: int = 8
+
+
+@dataclass
 class ExportConfig:
     # With peft=lora: also write the adapters merged into the base as a plain HF model.
     merge_lora: bool = False
@@ -274,6 +296,8 @@ class Config:
     export: ExportConfig = affects(factory=ExportConfig)
     # task=dpo only (conf/task/dpo.yaml); null for every other task.
     dpo: Optional[DPOConfig] = affects(PREPROCESSING, RUN, default=None)
+    # task=generate only (conf/task/generate.yaml); null for every other task.
+    generate: Optional[GenerateConfig] = affects(default=None)
     report: ReportConfig = affects(factory=ReportConfig)
     # SLURM site preset; null runs locally.
     cluster: Optional[ClusterConfig] = affects(default=None)
