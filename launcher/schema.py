@@ -62,6 +62,9 @@ class DataConfig:
     source: str = "pydoc"
     train_ds: Optional[str] = affects(RUN, default=None)
     eval_ds: Optional[str] = affects(RUN, default=None)
+    # false: train on the rows in the order the data has them (every epoch; after packing and the
+    # eval hold-out), dealt round-robin to the ranks; true: a seeded permutation per epoch.
+    shuffle: bool = affects(RUN, default=True)
     train_bs: int = affects(RUN, BATCH_LAYOUT, default=8)
     eval_bs: int = affects(default=8)
     ignore_index: int = -100
