@@ -47,8 +47,9 @@ def parameter_groups(model: torch.nn.Module, optimizer_cfg: DictConfig, decay_no
     if decay_norms_and_biases or "weight_decay" not in inspect.signature(optimizer_class).parameters:
         return [{"params": [p for _, p in trainable]}]
     decayed = set(get_parameter_names(model, ALL_LAYERNORM_LAYERS, NO_DECAY_NAME_PATTERNS))
-    return [{"params": [p for name, p in trainable if name in decayed]},
-            {"params": [p for name, p in trainable if name not in decayed], "weight_decay": 0.0}]
+    groups = [{"params": [p for name, p in trainable if name in decayed]},
+              {"params": [p for name, p in trainable if name not in decayed], "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]  # LoRA adapters: all decayed
 
 
 class StepSchedule:
