@@ -147,3 +147,14 @@ def test_bad_generate_input_is_one_line_before_any_work(saved, overrides, messag
 def test_the_random_init_default_is_refused(tmp_path):
     assert_rejected_before_any_work(["task=generate", "generate.prompt=hi"], "needs checkpoint=<run>/final-model",
                                     tmp_path)
+
+
+def test_a_lora_training_checkpoint_is_refused_naming_final_model(tmp_path):
+    """A peft=lora checkpoint holds the adapters only: refused in one line, before any model loads."""
+    run = tmp_path / "run"
+    run_task(compose_config([*QUICK, "peft=lora", "train.checkpointing_enabled=true", "train.save_steps=4",
+                             f"output_dir={run}"]))
+    [checkpoint] = sorted((run / "checkpoints").iterdir())
+    assert_rejected_before_any_work(["task=generate", f"checkpoint={checkpoint}", "generate.prompt=hi"],
+                                    "is a peft=lora training checkpoint (adapters only): generate from the run's "
+                                    "final-model/", tmp_path)
