@@ -2,8 +2,6 @@
 grouping), checked against groupings written out by hand here, and one optimizer step against a
 plain torch.optim.AdamW built from those hand-written groups."""
 
-import copy
-
 import pytest
 import torch
 from conftest import compose_config
