@@ -62,6 +62,9 @@ class DataConfig:
     source: str = "pydoc"
     train_ds: Optional[str] = affects(RUN, default=None)
     eval_ds: Optional[str] = affects(RUN, default=None)
+    # false: train on the rows in the order the data has them (every epoch; after packing and the
+    # eval hold-out), dealt round-robin to the ranks; true: a seeded permutation per epoch.
+    shuffle: bool = affects(RUN, default=True)
     train_bs: int = affects(RUN, BATCH_LAYOUT, default=8)
     eval_bs: int = affects(default=8)
     ignore_index: int = -100
@@ -145,6 +148,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = affects(RUN, BATCH_LAYOUT, default=1)
     # None disables clipping.
     max_grad_norm: Optional[float] = 1.0
+    # false: optimizer.weight_decay spares biases and norm weights, as transformers' Trainer and
+    # TRL do (launcher/training/optim.py parameter_groups); true: every trainable parameter decays.
+    decay_norms_and_biases: bool = False
     use_mp: bool = False
     use_activation_checkpointing: bool = affects(default=False)
     # Checkpoint every k-th decoder layer (1: all; 2: half of them, trading memory for speed).
@@ -212,6 +218,31 @@ class DPOConfig:
     # A pair longer than train.max_seq_len keeps at most this many prompt tokens (its end),
     # then its responses are cut; None: half of train.max_seq_len.
     max_prompt_len: Optional[int] = None
+    # Dropout off in the model (and LoRA's lora_dropout) while training, as TRL does: the policy
+    # then starts equal to its reference (rewards 0, loss ln 2). false keeps the model's dropout.
+    disable_dropout: bool = affects(RUN, default=True)
+
+
+@dataclass
+class GenerateConfig:
+    """task=generate: prompts and sampling (conf/task/generate.yaml sets it; docs/generate.md)."""
+
+    # Exactly one: a prompt, a list of prompts, or a JSONL file with one prompt per line (in the
+    # `prompt_field` column: a string, or a conversation of {role, content} messages).
+    prompt: Optional[str] = None
+    prompts: Optional[List[Any]] = None
+    prompts_file: Optional[str] = None
+    prompt_field: str = "prompt"
+    # A tokenizer with a chat template gets each prompt as a user turn plus the generation prompt.
+    apply_chat_template: bool = True
+    max_new_tokens: int = 64
+    # false: greedy decoding; true: sampling at `temperature` with nucleus `top_p`.
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    # Prompts per model.generate call (left-padded).
+    batch_size: int = 8
 
 
 @dataclass
@@ -268,6 +299,8 @@ class Config:
     export: ExportConfig = affects(factory=ExportConfig)
     # task=dpo only (conf/task/dpo.yaml); null for every other task.
     dpo: Optional[DPOConfig] = affects(PREPROCESSING, RUN, default=None)
+    # task=generate only (conf/task/generate.yaml); null for every other task.
+    generate: Optional[GenerateConfig] = affects(default=None)
     report: ReportConfig = affects(factory=ReportConfig)
     # SLURM site preset; null runs locally.
     cluster: Optional[ClusterConfig] = affects(default=None)

@@ -79,6 +79,10 @@ class DPO(TrainingTask):
         return (chosen_labels != self.ignore_index).any(dim=1)
 
     def setup(self, model, trainer: Trainer) -> None:
+        if self.cfg.dpo.disable_dropout:
+            switched_off = disable_dropout(model)
+            if trainer.world.is_main and switched_off:
+                log.info("dpo: dropout off in %d places (dpo.disable_dropout=false keeps it)", switched_off)
         self.reference.setup(model, trainer)
 
     def state_dict(self) -> dict:
@@ -86,6 +90,35 @@ class DPO(TrainingTask):
 
     def load_state_dict(self, state: dict) -> None:
         self.reference.load_state_dict(state)
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Dropout probabilities to 0 (TRL's `disable_dropout`): the reference's log-probs are computed
+    in eval mode, so a policy forward with dropout would start DPO at rewards != 0 and a loss
+    != ln 2. Covers dropout modules (LoRA's included) and the float rates that attention code and
+    functional dropout read from modules or from the config at forward time (`attention_dropout`,
+    OPT's `dropout`, GPT-2's `attn_pdrop`, ...). Returns how many were set."""
+    switched_off = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            switched_off += module.p > 0
+            module.p = 0.0
+            continue
+        for name, value in list(vars(module).items()):
+            if _is_dropout_rate(name, value):
+                switched_off += value > 0
+                setattr(module, name, 0.0)
+    configs = [module.config for module in model.modules() if hasattr(module, "config")
+               and hasattr(module.config, "to_dict")]
+    for config in {id(c): c for c in configs}.values():
+        for name, value in list(vars(config).items()):
+            if _is_dropout_rate(name, value):
+                setattr(config, name, 0.0)
+    return switched_off
+
+
+def _is_dropout_rate(name: str, value) -> bool:
+    return (name.endswith("dropout") or name.endswith("pdrop")) and isinstance(value, float)
 
 
 class AdaptersOff:

@@ -127,7 +127,9 @@ def overrides(checkpoint, rows, out, **extra):
         "data.train_bs": BATCH, "data.eval_bs": 8, "train.max_seq_len": 64, "train.max_steps": STEPS, "train.logging_steps": 1,
         "train.seed": SEED, "train.max_grad_norm": MAX_GRAD_NORM, "scheduler": "cosine",
         "scheduler.warmup_ratio": 0, "optimizer.lr": ADAMW["lr"], "optimizer.weight_decay": ADAMW["weight_decay"],
-        "optimizer.eps": ADAMW["eps"], "optimizer.betas": "[{},{}]".format(*ADAMW["betas"]), "output_dir": out, **extra,
+        "optimizer.eps": ADAMW["eps"], "optimizer.betas": "[{},{}]".format(*ADAMW["betas"]), "output_dir": out,
+        "train.decay_norms_and_biases": True,  # the plain loop decays every parameter (grouping: test_weight_decay.py)
+        **extra,
     }
     return [f"{key}={value}" for key, value in args.items()]
 

@@ -45,22 +45,47 @@ def reference(tmp_path_factory) -> Path:
     return out
 
 
-def test_sampler_position_is_a_prefix_of_the_permutation_for_any_world_size():
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_sampler_position_is_a_prefix_of_the_permutation_for_any_world_size(shuffle):
     size, consumed = 37, 12  # 12 samples taken by 2 ranks (3 batches of 2 each)
-    order = list(ResumableDistributedSampler(size, 1, 0, seed=3))
+    order = list(ResumableDistributedSampler(size, 1, 0, seed=3, shuffle=shuffle))
+    assert (order == list(range(size))) != shuffle  # data.shuffle=false: the data's own order
     taken = []
     for rank in range(2):
-        sampler = ResumableDistributedSampler(size, 2, rank, seed=3)
+        sampler = ResumableDistributedSampler(size, 2, rank, seed=3, shuffle=shuffle)
         taken += list(sampler)[: consumed // 2]
     assert sorted(taken) == sorted(order[:consumed])
     rest = []
     for rank in range(3):  # resumed on 3 ranks
-        sampler = ResumableDistributedSampler(size, 3, rank, seed=3)
+        sampler = ResumableDistributedSampler(size, 3, rank, seed=3, shuffle=shuffle)
         sampler.set_position(0, consumed)
         assert len(sampler) == (size - consumed) // 3
         rest += list(sampler)
     assert sorted(rest) == sorted(order[consumed : consumed + len(rest)])
     assert not set(rest) & set(taken)
+
+
+def test_data_shuffle_false_trains_in_the_data_order_and_resumes_exactly(tmp_path, reference):
+    from datasets import Dataset
+
+    from launcher.data.loaders import train_loader
+    from launcher.distributed import World
+
+    cfg = compose_config(["data.shuffle=false", "data.train_bs=2"])
+    rows = Dataset.from_dict({"row": list(range(7))})
+    loader = train_loader(rows, cfg, World(rank=0, local_rank=0, size=1, local_size=1, device=torch.device("cpu")), lambda b: b)
+    for epoch in range(2):
+        loader.sampler.set_position(epoch, 0)
+        assert [[int(r["row"]) for r in batch] for batch in loader] == [[0, 1], [2, 3], [4, 5]]
+    loader.sampler.set_position(1, 4)
+    assert [[int(r["row"]) for r in batch] for batch in loader] == [[4, 5]]
+
+    ordered = tmp_path / "ordered"
+    run_task(compose_config([*SMALL, "data.shuffle=false", f"output_dir={ordered}"]))
+    resumed = tmp_path / "resumed"
+    run_task(compose_config([*SMALL, "data.shuffle=false", f"resume={checkpoint(ordered, 4)}", f"output_dir={resumed}"]))
+    assert_same_weights(final_weights(resumed), final_weights(ordered))
+    assert not torch.equal(final_weights(ordered)["lm_head.weight"], final_weights(reference)["lm_head.weight"])
 
 
 def test_a_kill_inside_a_save_then_a_kill_9_mid_run_then_the_same_command_ends_with_the_same_weights(

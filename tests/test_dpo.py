@@ -125,7 +125,11 @@ def plain_pytorch_run(root, seed=11):
     pairs = encoded_pairs(root, "train")
     model = AutoModelForCausalLM.from_pretrained(root / "model", attn_implementation="sdpa")
     reference = copy.deepcopy(model).eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-5)
+    # Llama has no biases; its norm weights (input_layernorm, post_attention_layernorm, norm) are not decayed
+    decayed = [p for name, p in model.named_parameters() if not name.endswith("norm.weight")]
+    spared = [p for name, p in model.named_parameters() if name.endswith("norm.weight")]
+    optimizer = torch.optim.AdamW([{"params": decayed}, {"params": spared, "weight_decay": 0.0}], lr=1e-3,
+                                  weight_decay=0.1, betas=(0.9, 0.95), eps=1e-5)
     warmup = math.ceil(0.05 * STEPS)
 
     def lr_of_update(s: int) -> float:

@@ -85,9 +85,9 @@ class EvenShard(torch.utils.data.Dataset):
 
 
 def train_loader(dataset: Dataset, cfg: DictConfig, world: World, collate) -> DataLoader:
-    """Batches of `data.train_bs` rows in DistributedSampler's order, resumable at any position
-    (the sampler holds it: launcher/data/sampler.py)."""
-    sampler = ResumableDistributedSampler(len(dataset), world.size, world.rank, cfg.train.seed)
+    """Batches of `data.train_bs` rows in DistributedSampler's order (the dataset's own order with
+    data.shuffle=false), resumable at any position (the sampler holds it: launcher/data/sampler.py)."""
+    sampler = ResumableDistributedSampler(len(dataset), world.size, world.rank, cfg.train.seed, cfg.data.shuffle)
     return DataLoader(
         dataset.with_format("numpy"),
         batch_size=cfg.data.train_bs,

@@ -1,6 +1,7 @@
 """The training sampler: DistributedSampler's order, resumable at any position in O(1).
 
-An epoch is one seeded permutation of the dataset, dealt round-robin to the ranks. After `k`
+An epoch is one seeded permutation of the dataset (with data.shuffle=false: the dataset's own
+order, every epoch), dealt round-robin to the ranks. After `k`
 steps every rank has taken its share of a contiguous prefix of that permutation, so the data
 position is one number: the global samples consumed in the epoch. Resuming slices the
 permutation there (nothing is re-read), and a different world size deals the rest to its ranks.
@@ -11,8 +12,9 @@ from torch.utils.data import Sampler
 
 
 class ResumableDistributedSampler(Sampler[int]):
-    def __init__(self, dataset_size: int, num_replicas: int, rank: int, seed: int):
+    def __init__(self, dataset_size: int, num_replicas: int, rank: int, seed: int, shuffle: bool = True):
         self.dataset_size, self.num_replicas, self.rank, self.seed = dataset_size, num_replicas, rank, seed
+        self.shuffle = shuffle
         self.epoch = 0
         self.start = 0  # global samples of this epoch already consumed
 
@@ -29,8 +31,11 @@ class ResumableDistributedSampler(Sampler[int]):
         return (self.dataset_size - self.start) // self.num_replicas
 
     def __iter__(self):
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)  # DistributedSampler's seeding: the same order
-        order = torch.randperm(self.dataset_size, generator=generator)[self.start:]
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + self.epoch)  # DistributedSampler's seeding: the same order
+            order = torch.randperm(self.dataset_size, generator=generator)[self.start:]
+        else:
+            order = torch.arange(self.dataset_size)[self.start:]
         order = order[: len(self) * self.num_replicas]
         return iter(order[self.rank :: self.num_replicas].tolist())

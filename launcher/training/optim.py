@@ -25,8 +25,31 @@ SCHEDULER_ALIASES = {"plataeu-with-warmup": PLATEAU_WITH_WARMUP, "plateau-with-w
 EVAL_DRIVEN = ("reduce_lr_on_plateau", "greedy")  # transformers' schedulers stepped with a metric
 
 
+# transformers' Trainer.get_decay_parameter_names (5.x): parameters of these layer types, or whose
+# lowercase name matches one of these patterns, are not decayed (biases and norm weights).
+NO_DECAY_NAME_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
 def build_optimizer(params, optimizer_cfg: DictConfig) -> torch.optim.Optimizer:
+    """`params`: parameters or parameter groups (`parameter_groups`)."""
     return instantiate(optimizer_cfg, params=params, _convert_="all")
+
+
+def parameter_groups(model: torch.nn.Module, optimizer_cfg: DictConfig, decay_norms_and_biases: bool) -> list:
+    """The trainable parameters grouped as transformers' Trainer (and TRL) group them: weight
+    decay on the rest, none on biases and norm weights. `decay_norms_and_biases` (or an
+    optimizer without a `weight_decay` argument) keeps one group that decays every parameter."""
+    from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    optimizer_class = get_class(optimizer_cfg._target_)
+    if decay_norms_and_biases or "weight_decay" not in inspect.signature(optimizer_class).parameters:
+        return [{"params": [p for _, p in trainable]}]
+    decayed = set(get_parameter_names(model, ALL_LAYERNORM_LAYERS, NO_DECAY_NAME_PATTERNS))
+    groups = [{"params": [p for name, p in trainable if name in decayed]},
+              {"params": [p for name, p in trainable if name not in decayed], "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]  # LoRA adapters: all decayed
 
 
 class StepSchedule:

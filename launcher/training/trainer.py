@@ -45,7 +45,7 @@ from launcher.training.export import save_base_model, save_final_model
 from launcher.training.host_memory import peak_host_memory_gib
 from launcher.training.loggers import open_loggers
 from launcher.training.metrics import RunLog, Throughput, Window
-from launcher.training.optim import build_optimizer, build_scheduler
+from launcher.training.optim import build_optimizer, build_scheduler, parameter_groups
 from launcher.training.preemption import StopSignals
 
 log = logging.getLogger("hydralm")
@@ -173,7 +173,8 @@ class Trainer:
 
     def _setup_optimization(self) -> None:
         self.trainable, self.total = parameter_counts(self.model)
-        self.optimizer = build_optimizer(trainable_parameters(self.model), self.cfg.optimizer)
+        groups = parameter_groups(self.model, self.cfg.optimizer, self.cfg.train.decay_norms_and_biases)
+        self.optimizer = build_optimizer(groups, self.cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.scheduler, self.total_steps)
         if self.world.is_main:
             log.info("model: %s", _describe_parameters(self.trainable, self.total))
