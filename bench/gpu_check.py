@@ -1,10 +1,11 @@
 """The GPU checklist: hydralm's correctness, packed documents and throughput on one CUDA GPU, in
 one command that writes every figure to one JSON file and prints a table.
 
-    python bench/gpu_check.py                  # one CUDA GPU; stops starting items after --budget-s (450)
-    python bench/gpu_check.py --only throughput_1b_sdpa,mixed_precision
-    python bench/gpu_check.py --list           # the items, in the order they run
-    python bench/gpu_check.py --smoke          # CPU, tiny shapes, gloo: the same code paths in about a minute
+    python bench/gpu_check.py                  # one CUDA GPU, the default set within --budget-s (420)
+    python bench/gpu_check.py --only throughput_1b_default,peer_bare_fsdp2
+    python bench/gpu_check.py --list           # the items, in the order they run, with estimated seconds
+    python bench/gpu_check.py --smoke          # CPU, tiny shapes, gloo: every item's code path in ~2 minutes
+    bash bench/gpu_run.sh 420                  # the same on a lent device machine (docs/gpu.md)
 
 Items run most valuable first, each in its own process (forked from a server that imported torch
 and transformers once, so an item costs no interpreter start) under its own timeout. A failed
@@ -14,9 +15,11 @@ downloaded: models are random-init Llamas of the named shapes, data is the embed
 random tokens.
 
 Throughput: hydralm's own model build, FSDP2 wrapping and optimizer step (`launcher.training.trainer`) on
-random tokens, bf16 compute with fp32 master weights, `sharding=full_shard`, fused AdamW, warm-up
-steps (compilation happens there), then timed steps. `mfu` uses hydralm's FLOPs per token (6N
-plus attention, as in metrics.jsonl); `mfu_6n` is 6 x parameters x tokens/s over the peak.
+random tokens with each item's overrides (OVERRIDES below: none for the default-flags item), warm-up
+steps (compilation happens there), then timed steps. The peers (bench/gpu_peers.py) train the same
+shape and batch without hydralm, each in its own item, and the `ratio` lines compare tokens/s.
+`mfu` uses hydralm's FLOPs per token (6N plus attention, as in metrics.jsonl); `mfu_6n` is
+6 x parameters x tokens/s over the peak.
 """
 
 import argparse
@@ -247,7 +250,7 @@ def _profile_summary(profile, wall_s: float, spec: dict) -> dict:
 
 
 def mixed_precision(spec: dict) -> dict:
-    """fp32 full_shard and bf16 (train.use_mp) full_shard against the fp32 plain module, all with
+    """fp32 full_shard and bf16 (train.precision=mixed) full_shard against the fp32 plain module, all with
     the GPU backend (nccl), a process group of one: the reference as `python -m launcher` starts
     it (in-process store), the others as torchrun does (env:// rendezvous, device_id)."""
     reference = _train_run(spec, "fp32", FP32, torchrun=False)
@@ -259,7 +262,7 @@ def mixed_precision(spec: dict) -> dict:
                         "fp32_losses": _train_losses(reference), "bf16_losses": _train_losses(bf16)},
             "passed": fp32_rel <= FP32_RTOL and bf16_rel <= BF16_RTOL,
             "criterion": f"train loss at every step: fp32 full_shard rel <= {FP32_RTOL:g}, "
-                         f"bf16 (train.use_mp) rel <= {BF16_RTOL:g} of the fp32 plain module"}
+                         f"bf16 (mixed) rel <= {BF16_RTOL:g} of the fp32 plain module"}
 
 
 def bf16_variant(spec: dict) -> dict:
