@@ -156,11 +156,9 @@ def throughput(spec: dict) -> dict:
     import torch
 
     from launcher.distributed import distributed, seed_everything
-    from launcher.model.lora import trainable_parameters
-    from launcher.model.modeling import build_model, load_tokenizer
-    from launcher.model.sharding import prepare_model
+    from launcher.model.modeling import load_tokenizer
     from launcher.training.metrics import flops_per_token, peak_flops_per_device, peak_memory_gib
-    from launcher.training.optim import build_optimizer
+    from launcher.training.trainer import build_training_model
 
     cfg = compose(_throughput_overrides(spec))
     with _torchrun_environment(), distributed(cfg.sharding.backend) as world:
@@ -169,11 +167,10 @@ def throughput(spec: dict) -> dict:
             return {"skipped": skip}
         seed_everything(cfg.train.seed)
         with world.device:  # initialise the weights where they will live first
-            model = build_model(cfg.model, load_tokenizer(cfg.model), world)
-        params = sum(p.numel() for p in model.parameters())
+            model = build_training_model(cfg, load_tokenizer(cfg.model), world)  # the trainer's build
+        params = sum(p.numel() for p in model.parameters())  # global counts, also of sharded DTensors
         embedding = model.get_input_embeddings().weight.numel()
-        model = prepare_model(model, cfg, world)
-        optimizer = build_optimizer(trainable_parameters(model), cfg.optimizer)
+        optimizer = _optimizer(model, cfg)
         step = _optimizer_step(cfg, world)
         batches = _random_batches(spec, cfg.model.config.vocab_size, pin=world.device.type == "cuda")
         for batch in batches[:spec["warmup"]]:  # compilation happens here
@@ -194,7 +191,8 @@ def throughput(spec: dict) -> dict:
                "tokens_per_s": tokens_per_s, "step_s": seconds / spec["steps"], "flops_per_token": per_token,
                "mfu": tokens_per_s * per_token / peak if peak else None,
                "mfu_6n": 6 * params * tokens_per_s / peak if peak else None,
-               "peak_memory_gib": memory, "last_loss": last_loss, "overrides": _throughput_overrides(spec)}
+               "peak_memory_gib": memory, "last_loss": last_loss, "overrides": _throughput_overrides(spec),
+               "resolved": _resolved(cfg), "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}"}
     if profile:
         figures.update(profiled_item=spec["profiled_item"], profile=_profile_summary(profile, seconds, spec))
     return {"figures": figures, "passed": math.isfinite(last_loss), "criterion": "finite loss"}
@@ -463,6 +461,28 @@ def _for_this_schema(overrides: list[str]) -> list[str]:
         elif override not in ("train.compile=auto", "sharding=auto"):
             spelled.append(override)
     return spelled
+
+
+def _optimizer(model, cfg):
+    """The trainer's optimizer. Until train.precision exists (branch gpu-train), build_optimizer
+    takes no precision; remove the fallback with _for_this_schema."""
+    from omegaconf import OmegaConf
+
+    from launcher.model.lora import trainable_parameters
+    from launcher.training.optim import build_optimizer
+
+    precision = OmegaConf.select(cfg, "train.precision", default=None)
+    return build_optimizer(trainable_parameters(model), cfg.optimizer, *([precision] if precision else []))
+
+
+def _resolved(cfg) -> dict:
+    """What the run trained with once every `auto` was resolved on this machine (the trainer's build
+    resolves them in place), for the default-flags item above all."""
+    from omegaconf import OmegaConf
+
+    keys = ("train.precision", "train.use_mp", "train.compile", "sharding.strategy", "model.attention")
+    values = {key: OmegaConf.select(cfg, key, default=None) for key in keys}
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def _optimizer_step(cfg, world):

@@ -118,6 +118,10 @@ def test_gpu_check_records_a_failing_item_and_kills_a_hanging_one(tmp_path):
     assert hanging["status"] == "timeout" and hanging["seconds"] < 30, hanging
     late = _run_item(item, args, runner, tmp_path, remaining=5)
     assert late["status"] == "skipped" and late["reason"].startswith("budget"), late
+    big = ITEMS_BY_NAME["throughput_8b_bf16"]  # on a GPU, an item starts only if its estimate fits
+    gpu = argparse.Namespace(smoke=False, peak_flops=None)
+    unfit = _run_item(big, gpu, runner, tmp_path, remaining=big.estimate_s - 1)
+    assert unfit["status"] == "skipped" and f"needs ~{big.estimate_s:.0f} s" in unfit["reason"], unfit
 
 
 def test_checksum_benchmark_prints_its_ratio_line():
