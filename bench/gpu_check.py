@@ -4,7 +4,7 @@ one command that writes every figure to one JSON file and prints a table.
     python bench/gpu_check.py                  # one CUDA GPU, the default set within --budget-s (420)
     python bench/gpu_check.py --only throughput_1b_default,peer_bare_fsdp2
     python bench/gpu_check.py --list           # the items, in the order they run, with estimated seconds
-    python bench/gpu_check.py --smoke          # CPU, tiny shapes, gloo: every item's code path in ~2 minutes
+    python bench/gpu_check.py --smoke          # CPU, tiny shapes, gloo: every item's code path in ~3 minutes
     bash bench/gpu_run.sh 420                  # the same on a lent device machine (docs/gpu.md)
 
 Items run most valuable first, each in its own process (forked from a server that imported torch
