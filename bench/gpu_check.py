@@ -1,10 +1,11 @@
 """The GPU checklist: hydralm's correctness, packed documents and throughput on one CUDA GPU, in
 one command that writes every figure to one JSON file and prints a table.
 
-    python bench/gpu_check.py                  # one CUDA GPU; stops starting items after --budget-s (450)
-    python bench/gpu_check.py --only throughput_1b_sdpa,mixed_precision
-    python bench/gpu_check.py --list           # the items, in the order they run
-    python bench/gpu_check.py --smoke          # CPU, tiny shapes, gloo: the same code paths in about a minute
+    python bench/gpu_check.py                  # one CUDA GPU, the default set within --budget-s (420)
+    python bench/gpu_check.py --only throughput_1b_default,peer_bare_fsdp2
+    python bench/gpu_check.py --list           # the items, in the order they run, with estimated seconds
+    python bench/gpu_check.py --smoke          # CPU, tiny shapes, gloo: every item's code path in ~3 minutes
+    bash bench/gpu_run.sh 420                  # the same on a lent device machine (docs/gpu.md)
 
 Items run most valuable first, each in its own process (forked from a server that imported torch
 and transformers once, so an item costs no interpreter start) under its own timeout. A failed
@@ -14,9 +15,11 @@ downloaded: models are random-init Llamas of the named shapes, data is the embed
 random tokens.
 
 Throughput: hydralm's own model build, FSDP2 wrapping and optimizer step (`launcher.training.trainer`) on
-random tokens, bf16 compute with fp32 master weights, `sharding=full_shard`, fused AdamW, warm-up
-steps (compilation happens there), then timed steps. `mfu` uses hydralm's FLOPs per token (6N
-plus attention, as in metrics.jsonl); `mfu_6n` is 6 x parameters x tokens/s over the peak.
+random tokens with each item's overrides (OVERRIDES below: none for the default-flags item), warm-up
+steps (compilation happens there), then timed steps. The peers (bench/gpu_peers.py) train the same
+shape and batch without hydralm, each in its own item, and the `ratio` lines compare tokens/s.
+`mfu` uses hydralm's FLOPs per token (6N plus attention, as in metrics.jsonl); `mfu_6n` is
+6 x parameters x tokens/s over the peak.
 """
 
 import argparse
@@ -43,11 +46,11 @@ from typing import Callable, Optional
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, compose, subprocess_env
+from bench.common import ROOT, compose, publish, subprocess_env
 
 SCHEMA = "hydralm-gpu-check/1"
 RESULTS_DIR = ROOT / "bench" / "results"
-DEFAULT_BUDGET_S = 450  # the whole checklist stays under 8 minutes of a lent GPU
+DEFAULT_BUDGET_S = 420  # the default set stays under 8 minutes of a lent GPU, setup included
 MIN_START_S = 20  # an item is not started with less budget left than this
 
 # Random-init Llama shapes (no download). 1b: TinyLlama-1.1B. 8b: Llama-3-8B.
@@ -65,7 +68,40 @@ SMOKE_RUN_STEPS = ["train.max_steps=4", "train.logging_steps=1", "train.max_eval
                    "train.max_seq_len=64", "data.train_bs=2", *(f"model.config.{k}={v}" for k, v in (
                        ("hidden_size", 64), ("intermediate_size", 128), ("num_hidden_layers", 2),
                        ("num_attention_heads", 2), ("num_key_value_heads", 2)))]
-MP = ["sharding=full_shard", "train.use_mp=true"]
+
+# --- what each item sets: data, so the lead renames keys here when the schema changes -------------
+FP32 = ["train.precision=fp32", "train.compile=false"]  # the reference runs: fp32 weights and compute
+MP = ["sharding=full_shard", "train.precision=mixed", "train.compile=false"]  # fp32 master weights, bf16 compute
+FUSED = "+optimizer.fused=true"  # torch's fused AdamW (not for bf16_sr: that mode brings its own AdamW)
+COMPILED = "train.compile=true"
+LEAN = ["train.use_activation_checkpointing=true", "train.loss=chunked_cross_entropy"]
+MIXED_1B = ["sharding=full_shard", "train.precision=mixed", "model.attention=sdpa", FUSED]
+# Throughput items: these on top of the shape (model.config.*), train.max_seq_len, the backend,
+# train.max_grad_norm=1.0 and optimizer=adamw. Correctness items: on top of the tiny default.
+OVERRIDES = {
+    "throughput_1b_default": [],  # no flags: train.precision=auto, train.compile=auto, sharding=auto
+    "throughput_1b_sdpa": [*MIXED_1B, "train.compile=false"],  # the explicit eager figure
+    "cpu_offload": [*MP, "sharding.cpu_offload=true"],
+    "throughput_8b_bf16": ["sharding=full_shard", "train.precision=bf16", COMPILED, *LEAN, FUSED],
+    "throughput_8b_bf16_sr": ["sharding=full_shard", "train.precision=bf16_sr", COMPILED, *LEAN],
+    "throughput_1b_flex_document_mask": ["model.attention=flex_attention"],  # the default flags, packed rows
+    "activation_checkpointing": [*MP, "train.use_activation_checkpointing=true"],
+    "compile": [*MP[:-1], COMPILED],
+    "throughput_1b_sdpa_compile": [*MIXED_1B, COMPILED],
+    "throughput_1b_sdpa_compile_chunked_loss": [*MIXED_1B, COMPILED, "train.loss=chunked_cross_entropy"],
+    "throughput_1b_sdpa_chunked_loss": [*MIXED_1B, "train.compile=false", "train.loss=chunked_cross_entropy"],
+    "throughput_1b_sdpa_ac": [*MIXED_1B, "train.compile=false", "train.use_activation_checkpointing=true"],
+    "throughput_1b_sdpa_compile_ac_chunked_loss_batch16": [*MIXED_1B, COMPILED, *LEAN],
+    "throughput_1b_sdpa_document_mask": [*MIXED_1B, "train.compile=false"],
+    "throughput_8b_ac_chunked_loss": [*MP, *LEAN, FUSED],
+    "throughput_1b_flash": [*MP, "model.attention=flash_attention_2", FUSED],
+    "throughput_1b_flash_document_mask": [*MP, "model.attention=flash_attention_2", FUSED],
+    "throughput_8b_cpu_offload": [*MP, *LEAN, "sharding.cpu_offload=true"],
+}
+# Bytes a parameter takes for weights, gradients and AdamW state, by train.precision (for the
+# memory check before a big model is built): fp32 master weights 4+4+8; pure bf16 2+2+4 (torchao's
+# bf16 AdamW with stochastic rounding keeps its state in bf16 too).
+STATE_BYTES = {"fp32": 16, "mixed": 16, "auto": 16, "bf16": 8, "bf16_sr": 8}
 BF16_RTOL = 2e-2  # bf16 compute against fp32, per logged train loss
 FP32_RTOL = 1e-4  # fp32 against fp32 (other wrapping, same GPU)
 PACKED_RTOL = 1e-3  # packed documents against the same documents one by one
@@ -82,9 +118,11 @@ class Item:
     group: str  # environment | throughput | correctness | packed
     run: Callable[[dict], dict]
     timeout_s: float  # on a GPU; the remaining budget caps it
+    estimate_s: float  # expected seconds on one H200
     what: str
     args: dict = field(default_factory=dict)
     needs_cuda: Optional[str] = None  # why it cannot run on CPU (skipped by --smoke)
+    default: bool = True  # in the set that runs without --only
 
 
 def environment(spec: dict) -> dict:
@@ -118,11 +156,9 @@ def throughput(spec: dict) -> dict:
     import torch
 
     from launcher.distributed import distributed, seed_everything
-    from launcher.model.lora import trainable_parameters
-    from launcher.model.modeling import build_model, load_tokenizer
-    from launcher.model.sharding import prepare_model
+    from launcher.model.modeling import load_tokenizer
     from launcher.training.metrics import flops_per_token, peak_flops_per_device, peak_memory_gib
-    from launcher.training.optim import build_optimizer
+    from launcher.training.trainer import build_training_model
 
     cfg = compose(_throughput_overrides(spec))
     with _torchrun_environment(), distributed(cfg.sharding.backend) as world:
@@ -131,20 +167,21 @@ def throughput(spec: dict) -> dict:
             return {"skipped": skip}
         seed_everything(cfg.train.seed)
         with world.device:  # initialise the weights where they will live first
-            model = build_model(cfg.model, load_tokenizer(cfg.model), world)
-        params = sum(p.numel() for p in model.parameters())
+            model = build_training_model(cfg, load_tokenizer(cfg.model), world)  # the trainer's build
+        params = sum(p.numel() for p in model.parameters())  # global counts, also of sharded DTensors
         embedding = model.get_input_embeddings().weight.numel()
-        model = prepare_model(model, cfg, world)
-        optimizer = build_optimizer(trainable_parameters(model), cfg.optimizer)
+        optimizer = _optimizer(model, cfg)
         step = _optimizer_step(cfg, world)
         batches = _random_batches(spec, cfg.model.config.vocab_size, pin=world.device.type == "cuda")
-        for index, batch in enumerate(batches):
-            if index == spec["warmup"]:
-                _synchronize(world.device)
-                start = time.perf_counter()
-            loss, tokens = step(model, optimizer, batch)
+        for batch in batches[:spec["warmup"]]:  # compilation happens here
+            step(model, optimizer, batch)
         _synchronize(world.device)
-        seconds = time.perf_counter() - start
+        with _profiler(world.device) if spec.get("profile") else nullcontext() as profile:
+            start = time.perf_counter()
+            for batch in batches[spec["warmup"]:]:
+                loss, tokens = step(model, optimizer, batch)
+            _synchronize(world.device)
+            seconds = time.perf_counter() - start
         last_loss = (loss / tokens).item()
         memory = peak_memory_gib(world.device)
         peak = peak_flops_per_device(world.device, spec.get("peak_flops"))
@@ -154,16 +191,68 @@ def throughput(spec: dict) -> dict:
                "tokens_per_s": tokens_per_s, "step_s": seconds / spec["steps"], "flops_per_token": per_token,
                "mfu": tokens_per_s * per_token / peak if peak else None,
                "mfu_6n": 6 * params * tokens_per_s / peak if peak else None,
-               "peak_memory_gib": memory, "last_loss": last_loss, "overrides": _throughput_overrides(spec)}
+               "peak_memory_gib": memory, "last_loss": last_loss, "overrides": _throughput_overrides(spec),
+               "resolved": _resolved(cfg), "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__name__}"}
+    if profile:
+        figures.update(profiled_item=spec["profiled_item"], profile=_profile_summary(profile, seconds, spec))
     return {"figures": figures, "passed": math.isfinite(last_loss), "criterion": "finite loss"}
 
 
+def peer(spec: dict) -> dict:
+    """One of bench/gpu_peers.py's loops on the item's shape and batch (no hydralm training code)."""
+    from bench import gpu_peers
+
+    spec = {**spec, "shape_config": _shape(spec)}
+    if spec["peer"] == "hf_trainer":
+        return gpu_peers.hf_trainer(spec)
+    with _torchrun_environment():  # a process group of one, as torchrun starts it
+        return gpu_peers.bare_fsdp2(spec, compile_layers=spec["peer"] == "bare_fsdp2_compile")
+
+
+def _profiler(device):
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
+
+
+PROFILE_TOP = 15
+
+
+def _profile_summary(profile, wall_s: float, spec: dict) -> dict:
+    """The top kernels by device time (CPU: ops by self CPU time) and the share of the profiled
+    wall time the GPU spent in kernels; also written as a text table beside the JSON."""
+    from torch.autograd import DeviceType
+
+    # The device's own events (kernels, copies): a CPU op's "self device time" repeats its kernels'.
+    kernels = [event for event in profile.key_averages()
+               if event.device_type != DeviceType.CPU and not getattr(event, "is_user_annotation", False)]
+    on_gpu = bool(kernels)
+    time_of = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
+    events = sorted(kernels or profile.key_averages(), key=time_of, reverse=True)
+    busy_us = sum(time_of(event) for event in events)
+    summary = {
+        "clock": "device (CUDA kernels)" if on_gpu else "CPU (self time of each op)",
+        "wall_s": wall_s, "steps": spec["steps"],
+        "gpu_busy_share_of_wall": busy_us / 1e6 / wall_s if on_gpu else None,
+        "top": [{"name": event.key[:160], "calls": event.count, "ms": time_of(event) / 1e3,
+                 "share": time_of(event) / busy_us if busy_us else None} for event in events[:PROFILE_TOP]],
+    }
+    sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    busy = summary["gpu_busy_share_of_wall"]
+    header = (f"profile of {spec['profiled_item']} ({spec['steps']} steps, {wall_s:.2f} s wall; GPU busy "
+              f"{'n/a' if busy is None else f'{busy:.1%}'} of wall = kernel time summed / wall)\n")
+    table = profile.key_averages().table(sort_by=sort_by, row_limit=PROFILE_TOP, max_name_column_width=80)
+    Path(spec["profile_path"]).write_text(header + table + "\n")
+    summary["text"] = spec["profile_path"]
+    return summary
+
+
 def mixed_precision(spec: dict) -> dict:
-    """fp32 full_shard and bf16 (train.use_mp) full_shard against the fp32 plain module, all with
+    """fp32 full_shard and bf16 (train.precision=mixed) full_shard against the fp32 plain module, all with
     the GPU backend (nccl), a process group of one: the reference as `python -m launcher` starts
     it (in-process store), the others as torchrun does (env:// rendezvous, device_id)."""
-    reference = _train_run(spec, "fp32", [], torchrun=False)
-    fp32_sharded = _train_run(spec, "fp32_full_shard", ["sharding=full_shard"])
+    reference = _train_run(spec, "fp32", FP32, torchrun=False)
+    fp32_sharded = _train_run(spec, "fp32_full_shard", ["sharding=full_shard", *FP32])
     bf16 = _train_run(spec, "bf16_full_shard", MP)
     fp32_rel, bf16_rel = _loss_rel(fp32_sharded, reference), _loss_rel(bf16, reference)
     return {"figures": {"backend": spec["backend"], "steps": len(_train_losses(reference)),
@@ -171,13 +260,13 @@ def mixed_precision(spec: dict) -> dict:
                         "fp32_losses": _train_losses(reference), "bf16_losses": _train_losses(bf16)},
             "passed": fp32_rel <= FP32_RTOL and bf16_rel <= BF16_RTOL,
             "criterion": f"train loss at every step: fp32 full_shard rel <= {FP32_RTOL:g}, "
-                         f"bf16 (train.use_mp) rel <= {BF16_RTOL:g} of the fp32 plain module"}
+                         f"bf16 (mixed) rel <= {BF16_RTOL:g} of the fp32 plain module"}
 
 
 def bf16_variant(spec: dict) -> dict:
-    """The bf16 full_shard run plus `extra` overrides, against fp32 (and against plain bf16)."""
-    run = _train_run(spec, spec["item"], [*MP, *spec["extra"]])
-    vs_fp32 = _loss_rel(run, _train_run(spec, "fp32", [], torchrun=False))
+    """The item's run (OVERRIDES: bf16 compute plus one feature) against fp32 and against plain bf16."""
+    run = _train_run(spec, spec["item"], spec["overrides"])
+    vs_fp32 = _loss_rel(run, _train_run(spec, "fp32", FP32, torchrun=False))
     vs_bf16 = _loss_rel(run, _train_run(spec, "bf16_full_shard", MP))
     return {"figures": {"max_rel_vs_fp32": vs_fp32, "max_rel_vs_bf16_full_shard": vs_bf16,
                         "losses": _train_losses(run)},
@@ -245,68 +334,155 @@ def document_mask_equality(spec: dict) -> dict:
             "criterion": f"packed loss within rel {PACKED_RTOL:g} of the documents one by one"}
 
 
+# Most valuable first: the setup, what a user gets with no flags against its peers, the crash of
+# the last run, the 8B lean modes, packed documents, then the rest. estimate_s: seconds on one H200,
+# from the first run's figures (bench/results/gpu_check-nvidia-h200-2026-12-04.json) where the item
+# ran there; --budget-s skips an item whose estimate no longer fits. default=False: only with --only
+# or --all (measured before, or needs what the device lacks).
 ITEMS = [
-    Item("environment", "environment", environment, 90, "versions, GPU, bf16 matmul sanity"),
-    Item("throughput_1b_sdpa", "throughput", throughput, 150, "1.1B Llama, sdpa: tokens/s, MFU, peak memory",
+    Item("environment", "environment", environment, 90, 14, "versions, GPU, bf16 matmul sanity"),
+    Item("throughput_1b_default", "throughput", throughput, 300, 20,
+         "1.1B Llama, no flags: what `python -m launcher` picks on this device", {"shape": "1b"}),
+    Item("peer_bare_fsdp2", "peer", peer, 150, 20, "peer: plain PyTorch FSDP2 loop, bf16 compute, fused AdamW",
+         {"shape": "1b", "peer": "bare_fsdp2"}),
+    Item("peer_bare_fsdp2_compile", "peer", peer, 300, 30, "peer: the same + torch.compile per decoder layer",
+         {"shape": "1b", "peer": "bare_fsdp2_compile"}),
+    Item("peer_hf_trainer", "peer", peer, 200, 25, "peer: transformers.Trainer, bf16, adamw_torch_fused",
+         {"shape": "1b", "peer": "hf_trainer"}),
+    Item("throughput_1b_sdpa", "throughput", throughput, 150, 9, "1.1B, bf16 compute + fp32 master, sdpa, eager",
          {"shape": "1b"}),
-    Item("mixed_precision", "correctness", mixed_precision, 180,
-         "tiny model 20 steps: fp32 full_shard and bf16 (use_mp) full_shard vs fp32, NCCL group of one"),
-    Item("throughput_1b_sdpa_chunked_loss", "throughput", throughput, 150, "+ train.loss=chunked_cross_entropy",
-         {"shape": "1b", "loss": "chunked_cross_entropy"}),
-    Item("throughput_1b_sdpa_ac", "throughput", throughput, 150, "+ activation checkpointing",
-         {"shape": "1b", "ac": True}),
-    Item("throughput_1b_sdpa_compile", "throughput", throughput, 300, "+ train.compile",
-         {"shape": "1b", "compile": True}),
-    Item("throughput_1b_sdpa_compile_chunked_loss", "throughput", throughput, 240, "+ compile + chunked loss",
-         {"shape": "1b", "compile": True, "loss": "chunked_cross_entropy"}),
-    Item("throughput_1b_sdpa_compile_ac_chunked_loss_batch16", "throughput", throughput, 300,
-         "+ compile + activation checkpointing + chunked loss, twice the batch",
-         {"shape": "1b", "compile": True, "ac": True, "loss": "chunked_cross_entropy", "batch_factor": 2}),
-    Item("resume_after_kill", "correctness", resume_after_kill, 180, "kill -9 inside a save, resume, compare"),
-    Item("final_model_reload", "correctness", final_model_reload, 120, "task=evaluate on final-model/"),
-    Item("cpu_offload", "correctness", bf16_variant, 150, "bf16 + sharding.cpu_offload vs fp32",
-         {"extra": ["sharding.cpu_offload=true"]}, needs_cuda="sharding.cpu_offload moves GPU memory to the host"),
-    Item("activation_checkpointing", "correctness", bf16_variant, 150, "bf16 + activation checkpointing vs fp32",
-         {"extra": ["train.use_activation_checkpointing=true"]}),
-    Item("document_mask_equality", "packed", document_mask_equality, 180,
+    Item("cpu_offload", "correctness", bf16_variant, 150, 15, "bf16 + sharding.cpu_offload vs fp32 (crashed in run 1)",
+         needs_cuda="sharding.cpu_offload moves GPU memory to the host"),
+    Item("throughput_8b_bf16", "throughput", throughput, 300, 40,
+         "Llama-3-8B shape, pure bf16, batch 4, compile + activation checkpointing + chunked loss",
+         {"shape": "8b", "batch": 4, "warmup": 2, "steps": 3}),
+    Item("throughput_8b_bf16_sr", "throughput", throughput, 300, 50,  # + torchao's AdamW compiling its step
+         "Llama-3-8B shape, bf16 + stochastic-rounding AdamW (torchao), batch 4, compile + AC + chunked loss",
+         {"shape": "8b", "batch": 4, "warmup": 2, "steps": 3}),
+    Item("throughput_1b_flex_document_mask", "packed", throughput, 300, 36,
+         "1.1B, packed documents, flex_attention, otherwise no flags (ratio packed/unpacked)",
+         {"shape": "1b", "document_mask": True}, needs_cuda="torch has no FlexAttention backward on CPU"),
+    Item("profile", "profile", throughput, 240, 25,
+         "torch.profiler over 3 steps of the fastest 1.1B hydralm item: top kernels, GPU busy share",
+         {"shape": "1b", "steps": 3, "profile": True}),
+    Item("mixed_precision", "correctness", mixed_precision, 180, 9,
+         "tiny model 20 steps: fp32 full_shard and bf16 (mixed) full_shard vs fp32, NCCL group of one"),
+    Item("resume_after_kill", "correctness", resume_after_kill, 180, 22, "kill -9 inside a save, resume, compare"),
+    Item("final_model_reload", "correctness", final_model_reload, 120, 3, "task=evaluate on final-model/"),
+    Item("activation_checkpointing", "correctness", bf16_variant, 150, 6, "bf16 + activation checkpointing vs fp32"),
+    Item("document_mask_equality", "packed", document_mask_equality, 180, 22,
          "packed documents vs one by one: sdpa, flex_attention, flash_attention_2 (if installed)",
          {"attentions": ["sdpa", "flex_attention", "flash_attention_2"]}),
-    Item("throughput_1b_sdpa_document_mask", "packed", throughput, 150, "1.1B, packed documents, sdpa",
-         {"shape": "1b", "document_mask": True}),
-    Item("throughput_1b_flex_document_mask", "packed", throughput, 240, "1.1B, packed documents, flex_attention",
-         {"shape": "1b", "document_mask": True, "attention": "flex_attention"},
-         needs_cuda="torch has no FlexAttention backward on CPU"),
-    Item("throughput_8b_ac_chunked_loss", "throughput", throughput, 240,
-         "Llama-3-8B shape, batch 1, activation checkpointing + chunked loss (needs ~125 GiB)",
-         {"shape": "8b", "ac": True, "loss": "chunked_cross_entropy", "batch": 1, "warmup": 2, "steps": 3}),
-    Item("compile", "correctness", bf16_variant, 240, "bf16 + train.compile vs fp32",
-         {"extra": ["train.compile=true"]}),
-    Item("throughput_1b_flash", "throughput", throughput, 150, "1.1B, flash_attention_2 (if installed)",
-         {"shape": "1b", "attention": "flash_attention_2"}, needs_cuda="flash_attention_2 runs on CUDA only"),
-    Item("throughput_1b_flash_document_mask", "packed", throughput, 150,
+    Item("compile", "correctness", bf16_variant, 240, 16, "bf16 + train.compile vs fp32"),
+    Item("throughput_1b_sdpa_compile", "throughput", throughput, 300, 18, "1.1B, bf16 compute + fp32 master, compile",
+         {"shape": "1b"}),
+    Item("throughput_1b_sdpa_compile_ac_chunked_loss_batch16", "throughput", throughput, 300, 21,
+         "+ compile + activation checkpointing + chunked loss, twice the batch",
+         {"shape": "1b", "batch_factor": 2}),
+    Item("throughput_8b_ac_chunked_loss", "throughput", throughput, 240, 7,
+         "Llama-3-8B shape, fp32 master weights, batch 1, AC + chunked loss (run 1's 8B figure)",
+         {"shape": "8b", "batch": 1, "warmup": 2, "steps": 3}),
+    Item("throughput_1b_sdpa_chunked_loss", "throughput", throughput, 150, 10, "+ train.loss=chunked_cross_entropy",
+         {"shape": "1b"}, default=False),
+    Item("throughput_1b_sdpa_ac", "throughput", throughput, 150, 8, "+ activation checkpointing", {"shape": "1b"},
+         default=False),
+    Item("throughput_1b_sdpa_compile_chunked_loss", "throughput", throughput, 240, 10, "+ compile + chunked loss",
+         {"shape": "1b"}, default=False),
+    Item("throughput_1b_sdpa_document_mask", "packed", throughput, 150, 9, "1.1B, packed documents, sdpa, eager",
+         {"shape": "1b", "document_mask": True}, default=False),
+    Item("throughput_1b_flash", "throughput", throughput, 150, 10, "1.1B, flash_attention_2 (if installed)",
+         {"shape": "1b"}, needs_cuda="flash_attention_2 runs on CUDA only", default=False),
+    Item("throughput_1b_flash_document_mask", "packed", throughput, 150, 10,
          "1.1B, packed documents, flash_attention_2 varlen (if installed)",
-         {"shape": "1b", "document_mask": True, "attention": "flash_attention_2"},
-         needs_cuda="flash_attention_2 runs on CUDA only"),
-    Item("throughput_8b_cpu_offload", "throughput", throughput, 300,
+         {"shape": "1b", "document_mask": True}, needs_cuda="flash_attention_2 runs on CUDA only", default=False),
+    Item("throughput_8b_cpu_offload", "throughput", throughput, 300, 60,
          "Llama-3-8B shape, batch 1, cpu_offload + activation checkpointing + chunked loss (host RAM permitting)",
-         {"shape": "8b", "ac": True, "loss": "chunked_cross_entropy", "cpu_offload": True, "batch": 1,
-          "warmup": 1, "steps": 2}, needs_cuda="sharding.cpu_offload moves GPU memory to the host"),
+         {"shape": "8b", "batch": 1, "warmup": 1, "steps": 2},
+         needs_cuda="sharding.cpu_offload moves GPU memory to the host", default=False),
 ]
 ITEMS_BY_NAME = {item.name: item for item in ITEMS}
+# What `profile` picks from: hydralm's unpacked 1.1B items (the fastest one that passed in this run).
+PROFILE_CANDIDATES = ["throughput_1b_default", "throughput_1b_sdpa_compile", "throughput_1b_sdpa",
+                      "throughput_1b_sdpa_compile_chunked_loss", "throughput_1b_sdpa_chunked_loss"]
+# ratio <name>: tokens/s of the first item over the second's (printed last, and in the JSON).
+RATIOS = {
+    "hydralm/bare": ("throughput_1b_default", "peer_bare_fsdp2"),
+    "hydralm/bare-compiled": ("throughput_1b_default", "peer_bare_fsdp2_compile"),
+    "hydralm/trainer": ("throughput_1b_default", "peer_hf_trainer"),
+    "hydralm-eager/bare": ("throughput_1b_sdpa", "peer_bare_fsdp2"),
+    "packed/unpacked": ("throughput_1b_flex_document_mask", "throughput_1b_default"),
+}
+# Issue 19's targets: (what, item or ratio, figure, at least).
+TARGETS = [
+    ("1.1B, no flags: MFU", "throughput_1b_default", "mfu", 0.50),
+    ("hydralm / compiled plain FSDP2", "hydralm/bare-compiled", "ratio", 1.2),
+    ("hydralm / transformers.Trainer", "hydralm/trainer", "ratio", 1.4),
+    ("8B pure bf16, batch 4: MFU", "throughput_8b_bf16", "mfu", 0.35),
+    ("8B bf16 + stochastic rounding, batch 4: MFU", "throughput_8b_bf16_sr", "mfu", 0.35),
+    ("packed / unpacked tokens/s", "packed/unpacked", "ratio", 0.95),
+]
 
 
 # --- helpers that run inside an item's process ------------------------------------------------------
 
 def _throughput_overrides(spec: dict) -> list[str]:
-    shape = SHAPES["smoke" if spec["smoke"] else spec["shape"]]
-    return [
-        *(f"model.config.{key}={value}" for key, value in shape.items()),
-        f"model.attention={spec.get('attention', 'sdpa')}", f"train.compile={spec.get('compile', False)}",
-        f"train.use_activation_checkpointing={spec.get('ac', False)}", f"train.max_seq_len={spec['seq_len']}",
-        f"train.loss={spec.get('loss', 'cross_entropy')}", f"sharding.cpu_offload={spec.get('cpu_offload', False)}",
-        f"sharding.backend={spec['backend']}", *MP, "train.max_grad_norm=1.0", "optimizer=adamw",
-        "+optimizer.fused=true",
-    ]
+    return _for_this_schema([
+        *(f"model.config.{key}={value}" for key, value in _shape(spec).items()),
+        f"train.max_seq_len={spec['seq_len']}", f"sharding.backend={spec['backend']}", "train.max_grad_norm=1.0",
+        "optimizer=adamw", *spec["overrides"],
+    ])
+
+
+def _shape(spec: dict) -> dict:
+    return SHAPES["smoke" if spec["smoke"] else spec["shape"]]
+
+
+class KeyAbsent(Exception):
+    """This checkout's schema lacks a key the item sets: the item is skipped, saying which."""
+
+
+def _for_this_schema(overrides: list[str]) -> list[str]:
+    """The overrides as this checkout spells them. Until train.precision exists (branch gpu-train),
+    `mixed` is train.use_mp=true, `fp32` train.use_mp=false, `auto` the default, and the pure bf16
+    modes cannot run. Remove once train.precision is merged."""
+    import dataclasses
+
+    from launcher.schema import TrainConfig
+
+    if "precision" in {f.name for f in dataclasses.fields(TrainConfig)}:
+        return overrides
+    spelled = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key == "train.precision":
+            if value not in ("fp32", "mixed", "auto"):
+                raise KeyAbsent(f"this checkout has no train.precision (needed for {override})")
+            spelled += [] if value == "auto" else [f"train.use_mp={value == 'mixed'}"]
+        elif override not in ("train.compile=auto", "sharding=auto"):
+            spelled.append(override)
+    return spelled
+
+
+def _optimizer(model, cfg):
+    """The trainer's optimizer. Until train.precision exists (branch gpu-train), build_optimizer
+    takes no precision; remove the fallback with _for_this_schema."""
+    from omegaconf import OmegaConf
+
+    from launcher.model.lora import trainable_parameters
+    from launcher.training.optim import build_optimizer
+
+    precision = OmegaConf.select(cfg, "train.precision", default=None)
+    return build_optimizer(trainable_parameters(model), cfg.optimizer, *([precision] if precision else []))
+
+
+def _resolved(cfg) -> dict:
+    """What the run trained with once every `auto` was resolved on this machine (the trainer's build
+    resolves them in place), for the default-flags item above all."""
+    from omegaconf import OmegaConf
+
+    keys = ("train.precision", "train.use_mp", "train.compile", "sharding.strategy", "model.attention")
+    values = {key: OmegaConf.select(cfg, key, default=None) for key in keys}
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def _optimizer_step(cfg, world):
@@ -352,8 +528,8 @@ def _document_positions(seq_len: int, generator) -> "torch.Tensor":
 
 
 def _memory_shortfall(cfg, world, spec: dict) -> Optional[str]:
-    """Why a model this size cannot train here (fp32 weights, gradients and AdamW state: 16 bytes
-    per parameter, on the GPU or, with cpu_offload, in host memory), or None."""
+    """Why a model this size cannot train here (weights, gradients and AdamW state: STATE_BYTES
+    per parameter by train.precision, on the GPU or, with cpu_offload, in host memory), or None."""
     if world.device.type != "cuda":
         return None
     import torch
@@ -362,8 +538,9 @@ def _memory_shortfall(cfg, world, spec: dict) -> Optional[str]:
 
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(AutoConfig.for_model(**OmegaConf.to_container(cfg.model.config)))
-    state_gib = 16 * sum(p.numel() for p in meta.parameters()) / 2**30
-    if spec.get("cpu_offload"):
+    precision = OmegaConf.select(cfg, "train.precision", default=None) or ("mixed" if cfg.train.use_mp else "fp32")
+    state_gib = STATE_BYTES[precision] * sum(p.numel() for p in meta.parameters()) / 2**30
+    if cfg.sharding.cpu_offload:
         have, where = _host_memory_gib(), "host memory"
     else:
         have, where = torch.cuda.get_device_properties(world.device).total_memory / 2**30, "GPU memory"
@@ -376,7 +553,7 @@ def _memory_shortfall(cfg, world, spec: dict) -> Optional[str]:
 
 def _run_overrides(spec: dict, overrides: list[str], out: Path) -> list[str]:
     steps = SMOKE_RUN_STEPS if spec["smoke"] else RUN_STEPS
-    return [*steps, f"sharding.backend={spec['backend']}", *overrides, f"output_dir={out}"]
+    return _for_this_schema([*steps, f"sharding.backend={spec['backend']}", *overrides, f"output_dir={out}"])
 
 
 def _train_run(spec: dict, name: str, overrides: list[str], torchrun: bool = True) -> Path:
@@ -497,6 +674,8 @@ def _child(name: str, spec: dict, result_path: str, log_path: str) -> None:
         _compile_without_inductor()
     try:
         result = ITEMS_BY_NAME[name].run(spec)
+    except KeyAbsent as absent:
+        result = {"skipped": str(absent)}
     except BaseException:
         traceback.print_exc()
         sys.exit(1)
@@ -580,7 +759,8 @@ def _spec(item: Item, args, work: Path) -> dict:
     """What an item's process gets: its arguments over the defaults (smoke: tiny shapes, gloo)."""
     spec = {"item": item.name, "smoke": args.smoke, "work": str(work), "backend": "gloo" if args.smoke else "nccl",
             "peak_flops": args.peak_flops, "timeout_s": item.timeout_s, "run_steps": 4 if args.smoke else 20,
-            "batch": 8, "seq_len": 2048, "warmup": 3, "steps": 10, "extra": [], **item.args}
+            "batch": 8, "seq_len": 2048, "warmup": 3, "steps": 10, "overrides": OVERRIDES.get(item.name, []),
+            **item.args}
     spec["batch"] *= spec.pop("batch_factor", 1)
     if args.smoke:
         spec.update(batch=2, seq_len=64, warmup=1, steps=2)
@@ -620,6 +800,11 @@ def _figure_line(entry: dict) -> str:
     figures = entry.get("figures", {})
     if entry["status"] not in ("passed", "failed"):
         return entry.get("reason", "")
+    if "profile" in figures:
+        busy = figures["profile"]["gpu_busy_share_of_wall"]
+        top = figures["profile"]["top"][0]
+        return (f"{figures['profiled_item']}: GPU busy {'n/a' if busy is None else f'{busy:.0%}'} of wall, "
+                f"top {top['name'][:40]} {top['share']:.0%}")
     if "tokens_per_s" in figures:
         mfu = f", MFU {figures['mfu']:.1%} (6N {figures['mfu_6n']:.1%})" if figures.get("mfu") else ""
         return f"{figures['tokens_per_s']:,.0f} tok/s{mfu}, {figures['peak_memory_gib']:.1f} GiB, b{figures['batch']}"
@@ -641,14 +826,18 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, help=f"stop starting items after this (default {DEFAULT_BUDGET_S}; "
                                                       "--smoke: 600)")
     parser.add_argument("--only", help="comma-separated item names (in the listed order)")
+    parser.add_argument("--all", action="store_true", help="also the items outside the default set (--smoke: always)")
     parser.add_argument("--skip", help="comma-separated item names")
     parser.add_argument("--peak-flops", type=float, help="dense bf16 FLOP/s of the GPU (default: by its name)")
     parser.add_argument("--list", action="store_true", help="list the items and exit")
     args = parser.parse_args(argv)
     items = _select(args, parser)
     if args.list:
+        print(f"{'item (in the order they run)':52s} {'~s on H200':>10s}  what")
         for item in items:
-            print(f"{item.name:52s} {item.timeout_s:5.0f}s  {item.what}")
+            print(f"{item.name:52s} {item.estimate_s:10.0f}  {item.what}")
+        print(f"{'total (estimated; budget ' + str(DEFAULT_BUDGET_S) + ' s by default)':52s} "
+              f"{sum(item.estimate_s for item in items):10.0f}")
         return 0
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # no CUDA context before an item's own process
     if args.smoke:
@@ -662,13 +851,15 @@ def main(argv=None) -> int:
 
 
 def _select(args, parser) -> list[Item]:
-    """The items to run, in the listed order; `environment` always (the JSON records the setup)."""
+    """The items to run, in the listed order; `environment` always (the JSON records the setup).
+    Without --only: the default set (--all or --smoke: every item)."""
     only, skip = ({n for n in (value or "").split(",") if n} for value in (args.only, args.skip))
     unknown = sorted((only | skip) - ITEMS_BY_NAME.keys())
     if unknown:
         parser.error(f"unknown item(s) {', '.join(unknown)}; --list shows them")
-    return [item for item in ITEMS
-            if item.name == "environment" or ((not only or item.name in only) and item.name not in skip)]
+    every = args.all or args.smoke
+    return [item for item in ITEMS if item.name == "environment" or (
+        (item.name in only if only else item.default or every) and item.name not in skip)]
 
 
 def _cuda_present() -> bool:
@@ -690,26 +881,33 @@ def _run_all(items: list[Item], args, budget: float) -> int:
     with tempfile.TemporaryDirectory(prefix="hydralm-gpu-check-") as tmp:
         runner = Runner(Path(tmp))
         for item in items:  # `environment` first: it names the GPU in the default file name
-            entry = _run_item(item, args, runner, Path(tmp), budget - (time.perf_counter() - start))
+            entry = _run_item(item, args, runner, Path(tmp), budget - (time.perf_counter() - start), report, out)
             report["items"][item.name] = entry
             report["isolation"] = runner.isolation
             report["wall_s"] = time.perf_counter() - start
             out = out or _default_out(report, args.smoke)
             _write(report, out)
             _print_row(item.name, entry)
+    report["ratios"] = _ratios(report)
+    report["targets"] = _targets(report)
+    _write(report, out)
     _print_table(report, out)
     bad = [name for name, entry in report["items"].items() if entry["status"] not in ("passed", "skipped")]
     return 1 if bad else 0
 
 
-def _run_item(item: Item, args, runner: Runner, work: Path, remaining: float) -> dict:
+def _run_item(item: Item, args, runner: Runner, work: Path, remaining: float, report: Optional[dict] = None,
+              out: Optional[Path] = None) -> dict:
     reason = _skip_reason(item, args.smoke)
     if reason:
         return {"group": item.group, "what": item.what, "status": "skipped", "seconds": 0.0, "reason": reason}
-    if remaining < MIN_START_S:
+    needed = MIN_START_S if args.smoke else max(MIN_START_S, item.estimate_s)  # --smoke: estimates are GPU seconds
+    if remaining < needed:
         return {"group": item.group, "what": item.what, "status": "skipped", "seconds": 0.0,
-                "reason": f"budget: {remaining:.0f} s left of --budget-s"}
+                "reason": f"budget: needs ~{needed:.0f} s, {remaining:.0f} s left of --budget-s"}
     spec = _spec(item, args, work)
+    if item.name == "profile":
+        spec = _profile_spec(item, args, work, report or {"items": {}}, out)
     entry = runner.run(item, spec, min(item.timeout_s, remaining))
     if entry["status"] == "timeout" and remaining < item.timeout_s:
         entry["reason"] += " (the rest of --budget-s)"
@@ -718,6 +916,19 @@ def _run_item(item: Item, args, runner: Runner, work: Path, remaining: float) ->
         runner.use_spawn()  # CUDA refused a forked process: fresh interpreters from here on
         entry = runner.run(item, spec, min(item.timeout_s, remaining))
     return {"group": item.group, "what": item.what, **entry}
+
+
+def _profile_spec(item: Item, args, work: Path, report: dict, out: Optional[Path]) -> dict:
+    """The fastest hydralm 1.1B item measured so far in this run (else the default flags), run
+    again with its own overrides under the profiler."""
+    measured = {name: entry["figures"]["tokens_per_s"] for name, entry in report["items"].items()
+                if name in PROFILE_CANDIDATES and entry.get("status") == "passed"}
+    best = max(measured, key=measured.get) if measured else PROFILE_CANDIDATES[0]
+    spec = _spec(ITEMS_BY_NAME[best], args, work)
+    profile_path = (out or work / "gpu_check.json").with_suffix(".profile.txt")
+    spec.update(item=item.name, profile=True, profiled_item=best, profile_path=str(profile_path),
+                steps=min(spec["steps"], item.args["steps"]), timeout_s=item.timeout_s)
+    return spec
 
 
 def _print_table(report: dict, out: Path) -> None:
@@ -729,7 +940,28 @@ def _print_table(report: dict, out: Path) -> None:
     print(f"{'item':52s} {'status':8s} {'time':>7s}  figures")
     for name, entry in report["items"].items():
         _print_row(name, entry)
+    for what, value, goal, verdict in report["targets"]:
+        shown = (lambda x: f"{x:.1%}") if "MFU" in what else (lambda x: f"{x:.2f}x")
+        print(f"target {what} >= {shown(goal)}: " + (verdict if value is None else f"{shown(value)} ({verdict})"))
     print(f"-> {out}")
+    publish(report, None, report["ratios"])  # the ratio lines, last
+
+
+def _ratios(report: dict) -> dict:
+    speeds = {name: entry["figures"]["tokens_per_s"] for name, entry in report["items"].items()
+              if entry["status"] == "passed" and "tokens_per_s" in entry.get("figures", {})}
+    return {name: speeds[a] / speeds[b] for name, (a, b) in RATIOS.items() if a in speeds and b in speeds}
+
+
+def _targets(report: dict) -> list:
+    """[what, measured value or None, goal, met | missed | not measured] for each of TARGETS."""
+    rows = []
+    for what, source, figure, goal in TARGETS:
+        entry = report["items"].get(source, {})
+        value = report["ratios"].get(source) if figure == "ratio" else \
+            entry.get("figures", {}).get(figure) if entry.get("status") == "passed" else None
+        rows.append([what, value, goal, "not measured" if value is None else "met" if value >= goal else "missed"])
+    return rows
 
 
 if __name__ == "__main__":
