@@ -378,3 +378,15 @@ def test_the_embedded_default_learns_to_prefer_real_text(tmp_path):
     assert summary["initial_eval_loss"] == pytest.approx(LN2, rel=1e-15, abs=0)
     assert final["eval_reward_accuracy"] > 0.7 and final["eval_reward_margin"] > 0.2
     assert summary["final_eval_loss"] < LN2 - 0.1
+
+
+def test_task_dpo_alone_runs_on_the_embedded_pairs_and_any_data_choice_still_wins():
+    """The first thing a user types, `python -m launcher task=dpo`, must be a valid run."""
+    from launcher.cli.validate import check_config
+
+    alone = compose_config(["task=dpo"])
+    assert (alone.data.name, alone.data.source) == ("pydoc_pairs", "pydoc_pairs")
+    check_config(alone)  # passes every check before any work
+    chosen = compose_config(["task=dpo", "data=files", "data.load_path=pairs.jsonl"])
+    assert (chosen.data.name, chosen.data.load_path) == ("files", "pairs.jsonl")
+    assert compose_config([]).data.name == "pydoc"  # task=train keeps its default
