@@ -188,3 +188,34 @@ def test_sinfo_parsing_counts_gpus_and_finds_the_default_partition():
     with pytest.raises(ConfigError, match="cluster.tasks_per_node x cluster.cpus_per_task = 36 CPUs exceeds"):
         check_request(OmegaConf.merge(launcher, {"cpus_per_task": 9}), nodes)
     assert parse_sinfo(text, "cpu")[0]["mem_mb"] == 256000
+
+
+def _composed_launcher(overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=True).hydra
+
+
+def test_a_cluster_preset_with_another_launcher_spelling_is_one_error_naming_both():
+    """The spelling the user typed composes (Hydra lets it win over the preset's launcher) with
+    submitit's defaults, none of the preset's keys: refused before anything is queued."""
+    from launcher.cli.cluster import check_launcher_choice
+
+    hydra = _composed_launcher(["hydra/launcher=submitit_slurm", "cluster=local"])
+    assert hydra.launcher.timeout_min != OmegaConf.load(ROOT / "conf" / "cluster" / "local.yaml").cluster.time_min
+    with pytest.raises(ConfigError, match=r"^hydra/launcher=submitit_slurm drops the cluster=local preset .* leave hydra/launcher out"):
+        check_launcher_choice(hydra.runtime.choices)
+
+
+def test_a_cluster_preset_fills_its_launcher_and_the_preset_launcher_needs_a_preset():
+    from launcher.cli.cluster import check_launcher_choice
+
+    preset = OmegaConf.load(ROOT / "conf" / "cluster" / "local.yaml").cluster
+    hydra = _composed_launcher(["cluster=local"])
+    check_launcher_choice(hydra.runtime.choices)
+    launcher = hydra.launcher
+    assert (launcher.timeout_min, launcher.signal_delay_s, launcher.max_num_timeout, launcher.partition) == \
+        (preset.time_min, preset.signal_delay_s, preset.max_requeues, preset.partition)
+    with pytest.raises(ConfigError, match="^hydra/launcher=hydralm_slurm is filled from a cluster preset"):
+        check_launcher_choice(_composed_launcher(["hydra/launcher=hydralm_slurm"]).runtime.choices)

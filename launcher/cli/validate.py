@@ -97,12 +97,13 @@ class ChecksBeforeWork(Callback):
             sys.exit(0)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        from launcher.cli.cluster import SLURM_LAUNCHER, check_request, query_partition
+        from launcher.cli.cluster import SLURM_LAUNCHER, check_launcher_choice, check_request, query_partition
 
         validating = config.task.name == VALIDATE
         launcher = config.hydra.launcher
         here = launcher.get("_target_") == BASIC_LAUNCHER and not validating
         with _refusals():
+            check_launcher_choice(config.hydra.runtime.choices)
             _check_job_dir(config, "hydra.sweep.dir")
             points = sweep_points(config)
         for index, overrides in enumerate(points):
