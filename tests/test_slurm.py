@@ -113,6 +113,28 @@ def test_a_two_node_job_is_one_process_group(slurm, tmp_path):
     assert LocalSlurm.job_field(job_id, "NodeList") == "n[1-2]"
 
 
+@pytest.mark.slow
+def test_the_submitting_process_says_where_each_job_is_and_how_it_ended(slurm, tmp_path):
+    """The job id, its log and how to watch it once queued; its state and result at the end; with
+    an explicit output_dir, Hydra's record and the job log (with per-step lines) are in it."""
+    out = tmp_path / "run"
+    result = submit(["train.max_steps=2", f"output_dir={out}"], tmp_path / "sweep", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr + job_logs(tmp_path / "sweep")
+    (job_id,) = job_ids(tmp_path / "sweep")
+    log = tmp_path / "sweep" / ".submitit" / job_id / f"{job_id}_0_log.out"
+    queued = next(line for line in result.stdout.splitlines() if line.startswith("hydralm: queued SLURM job"))
+    assert queued.startswith(f"hydralm: queued SLURM job {job_id} (cluster=local ")
+    assert queued.endswith(f" train.max_steps=2 output_dir={out})")
+    assert f"log:   {log}\n" in result.stdout and f"squeue -j {job_id}; sacct -j {job_id}" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert (f"hydralm: SLURM job {job_id} COMPLETED: 2 steps, eval loss {summary['initial_eval_loss']:.4f} -> "
+            f"{summary['final_eval_loss']:.4f}, final model {out / 'final-model'}") in result.stdout
+    assert OmegaConf.load(out / ".hydra" / "config.yaml").train.max_steps == 2
+    job_log = (out / "hydralm.log").read_text()
+    assert "step 2/2: train loss " in job_log and "step 2/2: train loss " in log.read_text()
+    assert "\r" not in log.read_text()
+
+
 def stop_mid_run_and_resume(sweep, cwd, stop_job) -> str:
     """Submits the single job's run, calls `stop_job(job_id)` once it has logged a train row, waits
     for SLURM to requeue it and lets the requeued job run at once; returns the job logs."""

@@ -12,7 +12,9 @@ from omegaconf import DictConfig
 
 from launcher.errors import ConfigError
 
-SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+# submitit's SLURM launcher as hydra-submitit-launcher spells it, and as conf/hydra/launcher/hydralm_slurm.yaml does
+SLURM_LAUNCHERS = ("hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+                   "hydra_plugins.hydralm.slurm_launcher.SlurmJobsLauncher")
 PRESET_LAUNCHER = "hydralm_slurm"  # conf/hydra/launcher/: submitit's SLURM launcher filled from `cluster`
 
 
@@ -102,3 +104,4 @@ def check_request(launcher: DictConfig, nodes: list[dict]) -> None:
     gpus = max(n["gpus"] for n in nodes)
     if (launcher.gpus_per_node or 0) > gpus:
         raise ConfigError(f"cluster.gpus_per_node={launcher.gpus_per_node} exceeds the {gpus} GPUs per node of the {partition}")
+
