@@ -124,7 +124,7 @@ def test_the_submitting_process_says_where_each_job_is_and_how_it_ended(slurm, t
     log = tmp_path / "sweep" / ".submitit" / job_id / f"{job_id}_0_log.out"
     queued = next(line for line in result.stdout.splitlines() if line.startswith("hydralm: queued SLURM job"))
     assert queued.startswith(f"hydralm: queued SLURM job {job_id} (cluster=local ")
-    assert queued.endswith(f" train.max_steps=2 output_dir={out})")
+    assert " train.max_steps=2 " in queued and queued.endswith(f" output_dir={out})")
     assert f"log:   {log}\n" in result.stdout and f"squeue -j {job_id}; sacct -j {job_id}" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert (f"hydralm: SLURM job {job_id} COMPLETED: 2 steps, eval loss {summary['initial_eval_loss']:.4f} -> "

@@ -6,6 +6,7 @@ array per batch of sweep points. Imports no torch (it runs in the submitting pro
 """
 
 import json
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -30,10 +31,10 @@ class SlurmJobsLauncher(SlurmLauncher):
                 returns.append(job.results()[0])
             except Exception as error:  # reported with the others' states, then raised
                 failure = failure or error
-                print(f"hydralm: SLURM job {job.job_id} {job.state}: {str(error).strip().splitlines()[-1]}\n"
+                print(f"hydralm: SLURM job {job.job_id} {final_state(job)}: {str(error).strip().splitlines()[-1]}\n"
                       f"  log:   {job.paths.stderr}", flush=True)
                 continue
-            print(f"hydralm: SLURM job {job.job_id} {job.state}: {job_result_line(returns[-1])}", flush=True)
+            print(f"hydralm: SLURM job {job.job_id} {final_state(job)}: {job_result_line(returns[-1])}", flush=True)
         if failure is not None:
             raise failure
         return returns
@@ -59,6 +60,17 @@ class SlurmJobsLauncher(SlurmLauncher):
         job_params = [(list(overrides), "hydra.sweep.dir", initial_job_idx + index, f"job_id_for_{initial_job_idx + index}",
                        Singleton.get_state()) for index, overrides in enumerate(job_overrides)]
         return executor.map_array(self, *zip(*job_params))
+
+
+def final_state(job, wait_s: float = 60) -> str:
+    """The job's state as SLURM's accounting (sacct) records it once the job has ended: the result
+    is there a moment before SLURM has finished the job (RUNNING, COMPLETING)."""
+    deadline = time.monotonic() + wait_s
+    state = job.get_info(mode="force").get("State", "UNKNOWN")
+    while state in ("RUNNING", "COMPLETING", "PENDING", "REQUEUED", "UNKNOWN") and time.monotonic() < deadline:
+        time.sleep(2)
+        state = job.get_info(mode="force").get("State", "UNKNOWN")
+    return state
 
 
 def job_result_line(job_return: JobReturn) -> str:
