@@ -29,6 +29,7 @@ def evaluate(cfg: DictConfig) -> dict:
     from launcher.model.task_model import load_task_model
     from launcher.store.atomic import write_json
     from launcher.store.outputs import resolve_output_dir
+    from launcher.training.loggers import scrub
     from launcher.training.trainer import evaluate as evaluate_loss
     from tasks.train import LanguageModeling
 
@@ -45,10 +46,10 @@ def evaluate(cfg: DictConfig) -> dict:
         loss = evaluate_loss(model, loader, task, world, cfg.train.max_eval_batches)["eval_loss"]
         batches = len(loader) if cfg.train.max_eval_batches is None else min(len(loader), cfg.train.max_eval_batches)
         result = {
-            "model": model_cfg.path or cfg.checkpoint or model_cfg.name,
-            "checkpoint": cfg.checkpoint,
+            "model": model_cfg.path or model_cfg.name,
+            "checkpoint": str(Path(cfg.checkpoint).absolute()) if cfg.checkpoint else None,
             "settings_from": str(run / HYDRA_RECORD) if run else "the command line",
-            "data": OmegaConf.to_container(cfg.data, resolve=True),
+            "data": scrub(OmegaConf.to_container(cfg.data, resolve=True)),  # no tokens in a result file
             "split": "eval",
             "eval_sequences": len(split),
             "eval_batches": batches,
