@@ -39,6 +39,16 @@ class SlurmJobsLauncher(SlurmLauncher):
             raise failure
         return returns
 
+    def checkpoint(self, *args, **kwargs):
+        """What submitit's requeue signal handler pickles for the requeued job: the plugin's own
+        launcher with this one's state (the printing is only the submitting process's). This class,
+        pickled from inside a job, did not load in the submitting process (its result pickle)."""
+        import submitit
+
+        plain = SlurmLauncher.__new__(SlurmLauncher)
+        plain.__dict__.update(self.__dict__)
+        return submitit.helpers.DelayedSubmission(plain, *args, **kwargs)
+
     def _submit(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list:
         """hydra-submitit-launcher's BaseSubmititLauncher.launch up to the submission (1.2.0)."""
         import submitit
