@@ -22,7 +22,8 @@ class SlurmJobsLauncher(SlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         jobs = self._submit(job_overrides, initial_job_idx)
         for job, overrides in zip(jobs, job_overrides):
-            print(f"hydralm: queued SLURM job {job.job_id} ({' '.join(filter_overrides(overrides)) or 'the default config'})\n"
+            described = " ".join(filter_overrides(overrides)) or "the default config"
+            print(f"hydralm: queued SLURM job {job.job_id} ({described})\n"
                   f"  log:   {job.paths.stdout}\n"
                   f"  watch: squeue -j {job.job_id}; sacct -j {job.job_id}; tail -f {job.paths.stdout}", flush=True)
         returns, failure = [], None
@@ -67,8 +68,8 @@ class SlurmJobsLauncher(SlurmLauncher):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if "mode" in self.config.hydra.sweep:
             sweep_dir.chmod(int(str(self.config.hydra.sweep.mode), 8))
-        job_params = [(list(overrides), "hydra.sweep.dir", initial_job_idx + index, f"job_id_for_{initial_job_idx + index}",
-                       Singleton.get_state()) for index, overrides in enumerate(job_overrides)]
+        job_params = [(list(overrides), "hydra.sweep.dir", index, f"job_id_for_{index}", Singleton.get_state())
+                      for index, overrides in enumerate(job_overrides, start=initial_job_idx)]
         return executor.map_array(self, *zip(*job_params))
 
 
