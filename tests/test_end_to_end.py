@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from conftest import QUICK, compose_config, run_in_fresh_python, run_launcher
 from transformers import AutoModelForCausalLM
@@ -40,6 +41,38 @@ def test_launcher_trains_learns_and_exports_a_reloadable_model(tmp_path):
     # The exported weights are the trained weights: evaluating them reproduces the final eval loss.
     reloaded = run_task(compose_config(["task=evaluate", f"checkpoint={model_dir}", f"output_dir={tmp_path / 'eval'}"]))
     assert abs(reloaded["eval_loss"] - summary["final_eval_loss"]) < 1e-4
+
+
+@pytest.mark.slow
+def test_evaluate_on_a_runs_checkpoint_uses_the_runs_data_and_settings(tmp_path):
+    """`task=evaluate checkpoint=<run>/final-model`, typed with nothing else, scores the run's own
+    eval split (its sequence length, batch size and batch limit, none of them the defaults) and
+    reproduces the run's final eval loss; eval.json lands in the run, whose Hydra record stays."""
+    run = tmp_path / "run"
+    trained = run_launcher(["train.max_seq_len=64", "data.train_bs=2", "data.eval_bs=4", "train.max_eval_batches=2",
+                            "train.max_steps=4", "train.logging_steps=4", "train.checkpointing_enabled=true",
+                            "train.save_steps=4", f"output_dir={run}"], cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    record = (run / ".hydra" / "config.yaml").read_text()
+
+    result = run_launcher(["task=evaluate", f"checkpoint={run / 'final-model'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    scored = json.loads((run / "eval.json").read_text())
+    assert scored["eval_loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-5)
+    assert scored["data"]["source"] == "pydoc" and scored["data"]["eval_bs"] == 4 and scored["split"] == "eval"
+    assert scored["eval_batches"] == 2 and 0 < scored["eval_tokens"] <= 2 * 4 * 64
+    assert scored["settings_from"] == str(run / ".hydra" / "config.yaml")
+    assert f"-> {run / 'eval.json'}" in result.stdout
+    assert (run / ".hydra" / "config.yaml").read_text() == record
+
+    # A training checkpoint too; a key on the command line wins over the run's; output_dir is honoured.
+    out = tmp_path / "scores"
+    result = run_launcher(["task=evaluate", f"checkpoint={run / 'checkpoints' / 'checkpoint-00000004'}",
+                           "train.max_eval_batches=1", f"output_dir={out}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    scored = json.loads((out / "eval.json").read_text())
+    assert scored["eval_batches"] == 1 and scored["data"]["eval_bs"] == 4 and 0 < scored["eval_tokens"] <= 4 * 64
 
 
 def test_exported_model_gives_the_in_memory_logits(tmp_path):

@@ -65,3 +65,30 @@ def test_tags_reach_wandb_and_tensorboard(tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0}).Reload()
     (tags,) = events.Tensors("tags/text_summary")
     assert tags.tensor_proto.string_val == [b"baseline, lr-sweep"]
+
+
+def test_without_a_terminal_progress_is_plain_lines_on_stdout_and_in_the_job_log(tmp_path, capsys, monkeypatch):
+    """A SLURM log or a pipe gets one line per logged row, no \\r-redrawn bar; hydralm.log (Hydra's
+    file handler on the root logger) gets the same lines."""
+    import logging
+
+    from launcher.training.metrics import RunLog
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)  # pytest's captured stderr is not a TTY
+    job_log = logging.FileHandler(tmp_path / "hydralm.log")
+    logging.getLogger().addHandler(job_log)
+    try:
+        run_log = RunLog(tmp_path, total_steps=40, enabled=True)
+        run_log.advance()
+        run_log.write({"step": 10, "epoch": 0, "train_loss": 6.81234, "lr": 3e-4, "grad_norm": 1.5,
+                       "tokens_per_s": 5210.4})
+        run_log.write({"step": 10, "epoch": 0, "eval_loss": 6.90101, "lr": 3e-4})
+        run_log.close()
+    finally:
+        logging.getLogger().removeHandler(job_log)
+        job_log.close()
+    expected = ["step 10/40: train loss 6.8123, lr 0.0003, 5210 tokens/s", "step 10/40: eval loss 6.9010"]
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == expected
+    assert "\r" not in captured.err and "step/s" not in captured.err  # no tqdm bar
+    assert (tmp_path / "hydralm.log").read_text().splitlines() == expected

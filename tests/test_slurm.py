@@ -1,8 +1,9 @@
 """SLURM through `cluster=local`: a real cluster on this machine (tests/slurm_cluster.py).
 
 Jobs: a single job, a 2-point sweep, an Optuna search whose 2 trials run in parallel, a 2-node job
-whose ranks form one process group, and a job that gets the time-limit signal mid-training,
-requeues itself and ends with the weights of the uninterrupted single job. Requests the partition
+whose ranks form one process group, and jobs that get the time-limit signal or `scontrol requeue`
+(SIGTERM, as on preemption) mid-training, with checkpointing off, checkpoint, requeue and end with
+the weights of the uninterrupted single job. Requests the partition
 cannot satisfy fail before anything is queued.
 """
 
@@ -13,16 +14,15 @@ import sys
 
 import optuna
 import pytest
-from conftest import ROOT, run_launcher
+from conftest import ROOT, assert_same_weights, final_weights, run_launcher
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 from slurm_cluster import LocalSlurm
 
 from launcher.cli.cluster import check_request, parse_sinfo
 from launcher.errors import ConfigError
 
 SMALL = ["train.max_seq_len=64", "data.train_bs=2", "data.eval_bs=4", "train.max_eval_batches=1",
-         "train.max_steps=8", "train.logging_steps=2"]
+         "train.max_steps=30", "train.logging_steps=2"]
 JOB_TIMEOUT = 420
 
 
@@ -60,14 +60,16 @@ def single_job(slurm, tmp_path_factory):
     return sweep
 
 
+@pytest.mark.slow
 def test_a_single_job_trains_and_exports(single_job):
     summary = json.loads((single_job / "0" / "summary.json").read_text())
-    assert summary["steps"] == 8 and summary["final_eval_loss"] < summary["initial_eval_loss"]
+    assert summary["steps"] == 30 and summary["final_eval_loss"] < summary["initial_eval_loss"]
     assert (single_job / "0" / "final-model" / "model.safetensors").is_file()
     (job_id,) = job_ids(single_job)
     LocalSlurm.wait_for(lambda: LocalSlurm.job_field(job_id, "JobState") == "COMPLETED", 60, "the job to complete")
 
 
+@pytest.mark.slow
 def test_a_sweep_submits_one_job_per_point(slurm, tmp_path):
     result = submit(["optimizer.lr=1e-3,3e-3", "train.max_steps=2"], tmp_path / "sweep", cwd=tmp_path)
     assert result.returncode == 0, result.stderr + job_logs(tmp_path / "sweep")
@@ -79,6 +81,7 @@ def test_a_sweep_submits_one_job_per_point(slurm, tmp_path):
     assert job_ids(tmp_path / "sweep") == [array_job, f"{array_job}_0", f"{array_job}_1"]
 
 
+@pytest.mark.slow
 def test_an_optuna_search_runs_its_trials_in_parallel_jobs(slurm, tmp_path):
     sweep = tmp_path / "sweep"
     result = submit(["hparams_search=lr_warmup", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
@@ -96,6 +99,7 @@ def test_an_optuna_search_runs_its_trials_in_parallel_jobs(slurm, tmp_path):
     assert start0 < end1 and start1 < end0, (start0, end0, start1, end1)
 
 
+@pytest.mark.slow
 def test_a_two_node_job_is_one_process_group(slurm, tmp_path):
     sweep = tmp_path / "sweep"
     result = submit(["cluster.nodes=2", "sharding=full_shard", "train.max_steps=2", "train.checkpointing_enabled=true",
@@ -109,16 +113,39 @@ def test_a_two_node_job_is_one_process_group(slurm, tmp_path):
     assert LocalSlurm.job_field(job_id, "NodeList") == "n[1-2]"
 
 
-def test_the_time_limit_signal_checkpoints_requeues_and_resumes_to_the_same_weights(slurm, single_job, tmp_path):
-    sweep = tmp_path / "sweep"
+@pytest.mark.slow
+def test_the_submitting_process_says_where_each_job_is_and_how_it_ended(slurm, tmp_path):
+    """The job id, its log and how to watch it once queued; its state and result at the end; with
+    an explicit output_dir, Hydra's record and the job log (with per-step lines) are in it."""
+    out = tmp_path / "run"
+    result = submit(["train.max_steps=2", f"output_dir={out}"], tmp_path / "sweep", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr + job_logs(tmp_path / "sweep")
+    (job_id,) = job_ids(tmp_path / "sweep")
+    log = tmp_path / "sweep" / ".submitit" / job_id / f"{job_id}_0_log.out"
+    queued = next(line for line in result.stdout.splitlines() if line.startswith("hydralm: queued SLURM job"))
+    assert queued.startswith(f"hydralm: queued SLURM job {job_id} (cluster=local ")
+    assert " train.max_steps=2 " in queued and queued.endswith(f" output_dir={out})")
+    assert f"log:   {log}\n" in result.stdout and f"squeue -j {job_id}; sacct -j {job_id}" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert (f"hydralm: SLURM job {job_id} COMPLETED: 2 steps, eval loss {summary['initial_eval_loss']:.4f} -> "
+            f"{summary['final_eval_loss']:.4f}, final model {out / 'final-model'}") in result.stdout
+    assert OmegaConf.load(out / ".hydra" / "config.yaml").train.max_steps == 2
+    job_log = (out / "hydralm.log").read_text()
+    assert "step 2/2: train loss " in job_log and "step 2/2: train loss " in log.read_text()
+    assert "\r" not in log.read_text()
+
+
+def stop_mid_run_and_resume(sweep, cwd, stop_job) -> str:
+    """Submits the single job's run, calls `stop_job(job_id)` once it has logged a train row, waits
+    for SLURM to requeue it and lets the requeued job run at once; returns the job logs."""
     command = [sys.executable, "-m", "launcher", "cluster=local", *SMALL, f"hydra.sweep.dir={sweep}"]
-    launcher = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    launcher = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         metrics = sweep / "0" / "metrics.jsonl"
         LocalSlurm.wait_for(lambda: metrics.is_file() and "train_loss" in metrics.read_text(), 240, "training to start")
         (job_id,) = job_ids(sweep)
-        subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+        stop_job(job_id)
         LocalSlurm.wait_for(lambda: LocalSlurm.job_field(job_id, "Restarts") == "1"
                             and LocalSlurm.job_field(job_id, "JobState") == "PENDING", 120, "the requeue")
         # SLURM holds a requeued job for 2 minutes before it is eligible; the test cluster need not wait.
@@ -128,13 +155,34 @@ def test_the_time_limit_signal_checkpoints_requeues_and_resumes_to_the_same_weig
         if launcher.poll() is None:
             launcher.kill()
     assert launcher.returncode == 0, output + job_logs(sweep)
-    logs = job_logs(sweep)
+    return job_logs(sweep)
+
+
+@pytest.mark.slow
+def test_the_time_limit_signal_checkpoints_requeues_and_resumes_to_the_same_weights(slurm, single_job, tmp_path):
+    """submitit's requeue signal (USR2), as SLURM sends it `cluster.signal_delay_s` before the time
+    limit; checkpointing is off (the default): the requeue checkpoint is saved anyway."""
+    sweep = tmp_path / "sweep"
+    logs = stop_mid_run_and_resume(
+        sweep, tmp_path, lambda job: subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30))
     assert "stopping for requeue after the checkpoint" in logs and "hydralm: resuming from" in logs
-    expected = load_file(single_job / "0" / "final-model" / "model.safetensors")
-    actual = load_file(sweep / "0" / "final-model" / "model.safetensors")
-    assert all(actual[name].equal(expected[name]) for name in expected)
+    assert_same_weights(final_weights(sweep / "0"), final_weights(single_job / "0"))
 
 
+@pytest.mark.slow
+def test_scontrol_requeue_mid_run_checkpoints_and_resumes_to_the_same_weights(slurm, single_job, tmp_path):
+    """SLURM preemption and `scontrol requeue` send SIGTERM (submitit's own handler only logs it):
+    hydralm saves a checkpoint at the next step boundary, with checkpointing off, before SLURM's
+    KillWait runs out; the requeued job resumes from it."""
+    sweep = tmp_path / "sweep"
+    logs = stop_mid_run_and_resume(
+        sweep, tmp_path, lambda job: subprocess.run(["scontrol", "requeue", job], check=True, timeout=30))
+    assert "hydralm: stopped by SIGTERM after step" in logs and "a requeued job resumes from it" in logs
+    assert "hydralm: resuming from" in logs
+    assert_same_weights(final_weights(sweep / "0"), final_weights(single_job / "0"))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -162,3 +210,34 @@ def test_sinfo_parsing_counts_gpus_and_finds_the_default_partition():
     with pytest.raises(ConfigError, match="cluster.tasks_per_node x cluster.cpus_per_task = 36 CPUs exceeds"):
         check_request(OmegaConf.merge(launcher, {"cpus_per_task": 9}), nodes)
     assert parse_sinfo(text, "cpu")[0]["mem_mb"] == 256000
+
+
+def _composed_launcher(overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=True).hydra
+
+
+def test_a_cluster_preset_with_another_launcher_spelling_is_one_error_naming_both():
+    """The spelling the user typed composes (Hydra lets it win over the preset's launcher) with
+    submitit's defaults, none of the preset's keys: refused before anything is queued."""
+    from launcher.cli.cluster import check_launcher_choice
+
+    hydra = _composed_launcher(["hydra/launcher=submitit_slurm", "cluster=local"])
+    assert hydra.launcher.timeout_min != OmegaConf.load(ROOT / "conf" / "cluster" / "local.yaml").cluster.time_min
+    with pytest.raises(ConfigError, match=r"^hydra/launcher=submitit_slurm drops the cluster=local preset .* leave hydra/launcher out"):
+        check_launcher_choice(hydra.runtime.choices)
+
+
+def test_a_cluster_preset_fills_its_launcher_and_the_preset_launcher_needs_a_preset():
+    from launcher.cli.cluster import check_launcher_choice
+
+    preset = OmegaConf.load(ROOT / "conf" / "cluster" / "local.yaml").cluster
+    hydra = _composed_launcher(["cluster=local"])
+    check_launcher_choice(hydra.runtime.choices)
+    launcher = hydra.launcher
+    assert (launcher.timeout_min, launcher.signal_delay_s, launcher.max_num_timeout, launcher.partition) == \
+        (preset.time_min, preset.signal_delay_s, preset.max_requeues, preset.partition)
+    with pytest.raises(ConfigError, match="^hydra/launcher=hydralm_slurm is filled from a cluster preset"):
+        check_launcher_choice(_composed_launcher(["hydra/launcher=hydralm_slurm"]).runtime.choices)

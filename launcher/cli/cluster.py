@@ -12,7 +12,25 @@ from omegaconf import DictConfig
 
 from launcher.errors import ConfigError
 
-SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+# submitit's SLURM launcher as hydra-submitit-launcher spells it, and as conf/hydra/launcher/hydralm_slurm.yaml does
+SLURM_LAUNCHERS = ("hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+                   "hydra_plugins.hydralm.slurm_launcher.SlurmJobsLauncher")
+PRESET_LAUNCHER = "hydralm_slurm"  # conf/hydra/launcher/: submitit's SLURM launcher filled from `cluster`
+
+
+def check_launcher_choice(choices: DictConfig) -> None:
+    """A cluster preset and the launcher it fills come together: another launcher named on the
+    command line (`hydra/launcher=submitit_slurm`) would win over the preset's and submit with
+    submitit's defaults (60 min, the requeue signal at 120 s), dropping every `cluster.*` key."""
+    cluster, launcher = choices.get("cluster"), choices.get("hydra/launcher")
+    if cluster is not None and launcher != PRESET_LAUNCHER:
+        raise ConfigError(
+            f"hydra/launcher={launcher} drops the cluster={cluster} preset (its partition, time limit, requeue "
+            f"signal and requeues): cluster={cluster} already selects hydra/launcher={PRESET_LAUNCHER}, so leave "
+            f"hydra/launcher out, and set submitit options as hydra.launcher.<key>=...")
+    if cluster is None and launcher == PRESET_LAUNCHER:
+        raise ConfigError(f"hydra/launcher={PRESET_LAUNCHER} is filled from a cluster preset: choose one with "
+                          f"cluster=<name> (conf/cluster/: local, vector) instead of hydra/launcher")
 
 
 # ---------------------------------------------------------------- before submitting
@@ -86,3 +104,4 @@ def check_request(launcher: DictConfig, nodes: list[dict]) -> None:
     gpus = max(n["gpus"] for n in nodes)
     if (launcher.gpus_per_node or 0) > gpus:
         raise ConfigError(f"cluster.gpus_per_node={launcher.gpus_per_node} exceeds the {gpus} GPUs per node of the {partition}")
+

@@ -97,12 +97,13 @@ class ChecksBeforeWork(Callback):
             sys.exit(0)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        from launcher.cli.cluster import SLURM_LAUNCHER, check_request, query_partition
+        from launcher.cli.cluster import SLURM_LAUNCHERS, check_launcher_choice, check_request, query_partition
 
         validating = config.task.name == VALIDATE
         launcher = config.hydra.launcher
         here = launcher.get("_target_") == BASIC_LAUNCHER and not validating
         with _refusals():
+            check_launcher_choice(config.hydra.runtime.choices)
             _check_job_dir(config, "hydra.sweep.dir")
             points = sweep_points(config)
         for index, overrides in enumerate(points):
@@ -110,7 +111,7 @@ class ChecksBeforeWork(Callback):
                 _check_job(_point_config(config, overrides, index), on_this_machine=here)
             if validating:
                 print(f"hydralm: ok: #{index} {_described(overrides)}", flush=True)
-        if launcher.get("_target_") == SLURM_LAUNCHER:
+        if launcher.get("_target_") in SLURM_LAUNCHERS:
             with _refusals():
                 check_request(launcher, query_partition(launcher.get("partition")))
         if validating:

@@ -6,6 +6,7 @@ runs, which would overwrite the record of a run whose directory a training run t
 (launcher/store/claim.py). No torch at import: the checks before any work use `check_output_dir`.
 """
 
+import logging
 import os
 import tempfile
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ def resolve_output_dir(cfg: DictConfig, world: "World") -> Path:
     path = Path(chosen[0])
     if world.is_main:
         path.mkdir(parents=True, exist_ok=True)
-        record_hydra_job(cfg)
+        record_hydra_job(cfg, path)
     return path
 
 
@@ -54,26 +55,45 @@ def claimed_output_dir(cfg: DictConfig, world: "World") -> Iterator[Path]:
     try:
         path = Path(on_rank0_then_all(claim_on_rank0, world))
         if world.is_main:
-            record_hydra_job(cfg)
+            record_hydra_job(cfg, path)
         yield path
     finally:
         if lock is not None:
             lock.release()
 
 
-def record_hydra_job(cfg: DictConfig) -> None:
-    """Write Hydra's record of this job into the job's directory, without secrets."""
+def record_hydra_job(cfg: DictConfig, path: Path) -> None:
+    """Write Hydra's record of this job (without secrets) and its log into `path`, the job's output
+    directory: with an explicit output_dir under -m or SLURM, Hydra's own directory for the job is
+    another one (<sweep dir>/<point>)."""
     from hydra.core.hydra_config import HydraConfig
 
     from launcher.training.loggers import scrub
 
     if not HydraConfig.initialized():
         return
+    keep_job_log_in(path)
     hydra_cfg = HydraConfig.instance().cfg
-    record = Path(hydra_cfg.hydra.runtime.output_dir) / HYDRA_RECORD
+    record = path / HYDRA_RECORD
     record.mkdir(parents=True, exist_ok=True)
     for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg), ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
         OmegaConf.save(OmegaConf.create(scrub(OmegaConf.to_container(node, resolve=False))), record / name)
+
+
+def keep_job_log_in(path: Path) -> None:
+    """Hydra's job log (`hydralm.log`, its file handler on the root logger) also written in `path`,
+    when Hydra's handler writes elsewhere. Ranks other than 0 have no job log."""
+    root = logging.getLogger()
+    hydra_logs = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
+    if not hydra_logs:
+        return
+    target = (path / Path(hydra_logs[0].baseFilename).name).absolute()
+    if any(Path(h.baseFilename) == target for h in hydra_logs):
+        return
+    handler = logging.FileHandler(target)
+    handler.setFormatter(hydra_logs[0].formatter)
+    handler.setLevel(hydra_logs[0].level)
+    root.addHandler(handler)
 
 
 def _local_choice(cfg: DictConfig) -> Path:

@@ -4,6 +4,9 @@ numbers of a row: model FLOPs per token, MFU against the device's peak, and peak
 """
 
 import json
+import logging
+import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -11,6 +14,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from launcher.cli.console import record_in_job_log
 from launcher.store.run_dir import METRICS
 from launcher.training.host_memory import peak_host_memory_gib
 
@@ -102,9 +106,13 @@ class RunLog:
                  start_step: int = 0, append: bool = False):
         self.enabled = enabled
         self.loggers = list(loggers)
+        self.total_steps = total_steps
         self.file = open(output_dir / METRICS, "a" if append else "w") if enabled else None
-        self.bar = tqdm(total=total_steps, initial=start_step, desc=description, unit="step", disable=not enabled,
-                        dynamic_ncols=True)
+        # A bar redrawn with \r is one unreadable line in a SLURM log or a pipe: there, each row
+        # is a plain log line instead (hydralm.log keeps the lines in both cases).
+        self.plain = not interactive_console()
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=description, unit="step",
+                        disable=not enabled or self.plain, dynamic_ncols=True)
 
     def advance(self) -> None:
         self.bar.update(1)
@@ -118,6 +126,10 @@ class RunLog:
             logger.log(row)
         shown = {k: row[k] for k in ("train_loss", "eval_loss", "lr", "tokens_per_s") if k in row}
         self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=True)
+        line = progress_line(row, self.total_steps)
+        if self.plain:
+            print(line, flush=True)
+        record_in_job_log(logging.INFO, line)
 
     def close(self) -> None:
         if self.enabled:
@@ -125,6 +137,22 @@ class RunLog:
             self.file.close()
             for logger in self.loggers:
                 logger.close()
+
+
+def interactive_console() -> bool:
+    """A terminal a person watches: stderr is a TTY and this is not a SLURM job (whose output
+    goes to a file even when srun gives it a pseudo-terminal)."""
+    return sys.stderr.isatty() and "SLURM_JOB_ID" not in os.environ
+
+
+def progress_line(row: dict, total_steps: int) -> str:
+    """`step 10/40: train loss 6.8123, lr 0.0003, 5210 tokens/s` (a train row) or
+    `step 10/40: eval loss 6.9010` (an eval row)."""
+    if "train_loss" in row:
+        values = f"train loss {row['train_loss']:.4f}, lr {row['lr']:.3g}, {row['tokens_per_s']:.0f} tokens/s"
+    else:
+        values = f"eval loss {row['eval_loss']:.4f}"
+    return f"step {row['step']}/{total_steps}: {values}"
 
 
 def flops_per_token(model_config, total_params: int, trainable_params: int, embedding_params: int,

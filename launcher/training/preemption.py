@@ -1,14 +1,20 @@
 """Stop signals: SIGINT (Ctrl-C), SIGTERM and, inside a SLURM job, submitit's requeue signal
 become a checkpoint at the next optimizer-step boundary, then a clean stop (or a requeue).
+docs/runs.md ("Stopping and preemption") says what happens on each signal.
 
-- SIGINT, SIGTERM (outside SLURM): the ranks finish their step and write a checkpoint together
+- SIGINT, and SIGTERM outside SLURM: the ranks finish their step and write a checkpoint together
   (when `train.checkpointing_enabled`), and the run stops with one line and exit code
   128 + the signal's number. A second Ctrl-C exits at once, without a checkpoint.
-- The requeue signal (USR2 by default, `cluster.signal_delay_s` before the time limit, or on
-  preemption): a checkpoint (even with checkpointing off), then submitit's own handler resubmits
-  the same Hydra job, which finds the checkpoint in its output directory (`resume=auto`). Inside
-  a SLURM job, SIGTERM stays submitit's (it ignores the SIGTERM SLURM sends after the requeue
-  signal).
+- SIGTERM inside a SLURM job (preemption, `scontrol requeue`, `scancel`, the time limit itself):
+  a checkpoint, even with checkpointing off, then the same stop. SLURM requeues a preempted or
+  requeued job itself; the requeued job finds the checkpoint in its output directory (`resume=auto`).
+- The requeue signal (USR2 by default, `cluster.signal_delay_s` before the time limit): a
+  checkpoint (even with checkpointing off), then submitit's own handler requeues the job.
+
+submitit's job process (submitit/core/job_environment.py, `JobEnvironment._handle_signals`)
+installs a SIGTERM handler that only logs "Bypassing signal SIGTERM": SLURM would then kill the
+job KillWait seconds later, mid-step, without a checkpoint. `StopSignals` replaces it (and the
+requeue signal's) for the training loop and puts it back after, so hydralm's handler wins.
 
 The ranks must stop at the same step, without waiting for the device every step: a handler only
 records the signal; at each step boundary the ranks start an asynchronous all-reduce of what
@@ -39,7 +45,8 @@ class StopSignals:
     def __init__(self, world: World):
         self.world = world
         self.received: Optional[int] = None
-        self.handled = [requeue_signal()] if in_submitit_job() else [signal.SIGINT, signal.SIGTERM]
+        self.in_slurm = in_submitit_job()
+        self.handled = [signal.SIGINT, signal.SIGTERM] + ([requeue_signal()] if self.in_slurm else [])
         self.previous: dict = {}
         self.group = dist.new_group(backend="gloo") if world.size > 1 else None
         self.exchange = None  # (work, tensor) of the all-reduce started at the previous step boundary
@@ -75,11 +82,16 @@ class StopSignals:
         return agreed
 
     def saves(self, signum: int, checkpointing_enabled: bool) -> bool:
-        """The requeue signal always checkpoints (the requeued job resumes from it)."""
-        return checkpointing_enabled or self.requeues(signum)
+        """Inside a SLURM job the requeue signal and SIGTERM always checkpoint: the requeued job
+        resumes from it."""
+        return checkpointing_enabled or self.preempted(signum)
+
+    def preempted(self, signum: int) -> bool:
+        return self.in_slurm and signum in (signal.SIGTERM, requeue_signal())
 
     def requeues(self, signum: int) -> bool:
-        return in_submitit_job() and signum == requeue_signal()
+        """Only the requeue signal requeues from here; after SIGTERM SLURM requeues (or cancels) itself."""
+        return self.in_slurm and signum == requeue_signal()
 
     def stop(self, signum: int, step: int, checkpoint) -> None:
         """After the checkpoint (if any): requeue, or stop with one line. Never returns."""
@@ -89,6 +101,10 @@ class StopSignals:
             if self.world.is_main:
                 self.previous[signum](signum, None)  # submitit's handler: requeues, then sys.exit
             sys.exit(-1)
-        saved = (f"saved {checkpoint}; the same command resumes from it" if checkpoint else
-                 "nothing saved (train.checkpointing_enabled=false)")
+        if checkpoint and self.preempted(signum):
+            saved = f"saved {checkpoint}; a requeued job resumes from it"
+        elif checkpoint:
+            saved = f"saved {checkpoint}; the same command resumes from it"
+        else:
+            saved = "nothing saved (train.checkpointing_enabled=false)"
         raise RunStopped(f"stopped by {signal.Signals(signum).name} after step {step}: {saved}", 128 + signum)
