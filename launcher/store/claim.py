@@ -158,10 +158,7 @@ def _remove_old_run(output_dir: Path, written: set[str]) -> None:
 
 
 def _read_record(output_dir: Path) -> Optional[dict]:
-    try:
-        record = json.loads((output_dir / RUN_RECORD).read_text())
-    except (OSError, ValueError):
-        return None
+    record = atomic.read_own_json(output_dir / RUN_RECORD)
     return record if isinstance(record, dict) and isinstance(record.get("identity"), dict) else None
 
 
@@ -221,7 +218,7 @@ class RunLock:
 def _open_locked(path: Path) -> tuple[int, bool]:
     """An fd of `path` holding its flock (True), or without one where the filesystem has none."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = atomic.open_own_file(path, os.O_RDWR | os.O_CREAT)  # never through a symlink
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

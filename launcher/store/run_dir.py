@@ -9,6 +9,7 @@
 """
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -122,10 +123,12 @@ def drop_metrics_after(output_dir: Path, step: int) -> None:
     """Rows an interrupted run logged after its checkpoint are logged again by the resumed run
     (step -1: every row, for a run that starts over)."""
     metrics = Path(output_dir) / METRICS
+    atomic.check_own_file(metrics)  # a symlink or a FIFO there is refused, never read or replaced
     if metrics.is_file():
         kept = [row for row in metrics.read_text().splitlines() if _logged_step(row) <= step]
         partial = metrics.with_name(f".{METRICS}.tmp")
-        partial.write_text("".join(row + "\n" for row in kept))
+        with os.fdopen(atomic.open_own_file(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as f:
+            f.write("".join(row + "\n" for row in kept))
         partial.replace(metrics)  # a kill now leaves the old rows or the kept ones, never half a file
 
 

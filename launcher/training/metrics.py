@@ -4,6 +4,7 @@ numbers of a row: model FLOPs per token, MFU against the device's peak, and peak
 """
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -11,6 +12,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from launcher.store.atomic import open_own_file
 from launcher.store.run_dir import METRICS
 from launcher.training.host_memory import peak_host_memory_gib
 
@@ -89,6 +91,12 @@ class Throughput:
         return row
 
 
+def _open_metrics(path: Path, append: bool):
+    """metrics.jsonl for appending rows (or fresh), never through a symlink (launcher/store/atomic.py)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    return os.fdopen(open_own_file(path, flags), "a" if append else "w")
+
+
 class RunLog:
     """Rank 0 writes; on other ranks every method is a no-op.
 
@@ -102,7 +110,7 @@ class RunLog:
                  start_step: int = 0, append: bool = False):
         self.enabled = enabled
         self.loggers = list(loggers)
-        self.file = open(output_dir / METRICS, "a" if append else "w") if enabled else None
+        self.file = _open_metrics(output_dir / METRICS, append) if enabled else None
         self.bar = tqdm(total=total_steps, initial=start_step, desc=description, unit="step", disable=not enabled,
                         dynamic_ncols=True)
 

@@ -1,0 +1,100 @@
+"""hydralm's own files (run.lock, run.json, COMPLETE, metrics.jsonl, the data cache's lock) are
+never written through a symlink, nor opened when something else stands at their name: one line,
+and every byte the user owned is still there."""
+
+import os
+from pathlib import Path
+
+import pytest
+from conftest import compose_config, run_launcher
+from test_ownership import assert_kept, snapshot, user_tree
+
+from launcher.errors import ConfigError
+from launcher.store import atomic
+from launcher.store.claim import LOCK_FILE, RUN_RECORD, claim
+
+
+def put_in_the_way(path: Path, kind: str, target: Path) -> None:
+    if kind == "symlink":
+        path.symlink_to(target)
+    elif kind == "directory":
+        path.mkdir()
+        (path / "mine.txt").write_text("mine")
+    else:
+        os.mkfifo(path)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "directory", "fifo"])
+@pytest.mark.parametrize("name", [LOCK_FILE, RUN_RECORD])
+def test_claim_refuses_a_lock_or_record_that_is_not_a_regular_file(tmp_path, name, kind):
+    home = user_tree(tmp_path / "home")
+    out = tmp_path / "run"
+    out.mkdir()
+    put_in_the_way(out / name, kind, home / "corpus.jsonl")
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        claim(compose_config([f"output_dir={out}"]), out).release()
+    expected = {"symlink": "a symlink", "directory": "a directory", "fifo": "a FIFO"}[kind]
+    assert str(err.value) == (f"{out / name} is {expected} where hydralm keeps its own file: hydralm never "
+                              f"writes through it; move it away")
+    assert_kept(before, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_symlinked_run_lock_is_one_line_and_exit_2_from_the_command_line(tmp_path):
+    """The attack: each run truncated the link's target with the lock JSON, then deleted the link."""
+    home = user_tree(tmp_path / "home")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_FILE).symlink_to(home / "corpus.jsonl")
+    before = snapshot(tmp_path)
+    result = run_launcher([f"output_dir={out}", "train.max_steps=1"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("hydralm")] == [
+        f"hydralm: error: {out / LOCK_FILE} is a symlink where hydralm keeps its own file: hydralm never writes "
+        f"through it; move it away"]
+    assert_kept(before, tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "directory"])
+def test_a_marker_or_record_is_never_written_through_a_symlink_or_over_a_directory(tmp_path, kind):
+    home = user_tree(tmp_path / "home")
+    result = tmp_path / "result"
+    result.mkdir()
+    put_in_the_way(result / atomic.COMPLETE, kind, home / "corpus.jsonl")
+    put_in_the_way(tmp_path / ".eval.json.tmp", "symlink", home / "notes" / "paper.tex")
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError, match="where hydralm keeps its own file"):
+        atomic.write_json(result / atomic.COMPLETE, {"written_by": "hydralm"})
+    with pytest.raises(ConfigError, match=r"\.eval\.json\.tmp is a symlink"):
+        atomic.write_json(tmp_path / "eval.json", {"eval_loss": 1.0})
+    assert_kept(before, tmp_path)
+
+
+@pytest.mark.parametrize("append", [False, True])
+def test_metrics_are_never_appended_through_a_symlink(tmp_path, append):
+    from launcher.training.metrics import RunLog
+
+    home = user_tree(tmp_path / "home")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").symlink_to(home / "corpus.jsonl")
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError, match="metrics.jsonl is a symlink"):
+        RunLog(out, total_steps=1, enabled=True, append=append)
+    assert_kept(before, tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "directory"])
+def test_the_data_cache_lock_is_never_opened_through_a_symlink(tmp_path, kind):
+    from launcher.data.preprocessing import lock_path, one_builder
+
+    home = user_tree(tmp_path / "home")
+    entry = tmp_path / "cache" / "entry"
+    entry.parent.mkdir()
+    put_in_the_way(lock_path(entry), kind, home / "corpus.jsonl")
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError, match=r"\.entry\.lock is a " + kind):
+        with one_builder(entry):
+            pass
+    assert_kept(before, tmp_path)
