@@ -98,3 +98,50 @@ def test_the_data_cache_lock_is_never_opened_through_a_symlink(tmp_path, kind):
         with one_builder(entry):
             pass
     assert_kept(before, tmp_path)
+
+
+def a_finished_run(out: Path) -> None:
+    """A training run's directory as a run leaves it: run.json, final-model/, Hydra's record."""
+    claim(compose_config([f"output_dir={out}"]), out).release()
+    with atomic.atomic_directory(out / "final-model") as staging:
+        (staging / "model.safetensors").write_bytes(b"trained weights")
+    (out / ".hydra").mkdir()
+    (out / ".hydra" / "config.yaml").write_text("optimizer:\n  lr: 0.001\n")
+
+
+@pytest.mark.parametrize("task", ["export", "evaluate", "preprocess"])
+@pytest.mark.parametrize("live", [False, True])
+def test_export_evaluate_and_preprocess_never_write_into_a_runs_directory(tmp_path, task, live):
+    from launcher.cli.app import run_task
+
+    out = tmp_path / "run"
+    a_finished_run(out)
+    lock = claim(compose_config([f"output_dir={out}"]), out) if live else None  # a run training there now
+    before = snapshot(out)
+    try:
+        with pytest.raises(ConfigError) as err:
+            run_task(compose_config([f"task={task}", f"output_dir={out}"]))
+        assert_kept(before, out)  # the live run's lock included
+    finally:
+        if lock:
+            lock.release()
+    found = "run.lock and run.json there (a live run holds it)" if live else "run.json there"
+    assert str(err.value) == (f"output_dir={out} is a training run's directory ({found}): task=export/evaluate/"
+                              f"preprocess write only into a directory of their own; name another output_dir "
+                              f"(e.g. {out}/export)")
+
+
+def test_a_run_that_started_after_the_checks_is_still_refused_by_the_task(tmp_path):
+    """resolve_output_dir checks again where the task writes (a run may have claimed the directory
+    between the checks and the task): nothing written, Hydra's record included."""
+    from launcher.store.outputs import resolve_output_dir
+    from tasks.preprocess import SINGLE_PROCESS
+
+    out = tmp_path / "run"
+    a_finished_run(out)
+    before = snapshot(out)
+    with pytest.raises(ConfigError, match="is a training run's directory"):
+        resolve_output_dir(compose_config(["task=export", f"output_dir={out}"]), SINGLE_PROCESS)
+    assert_kept(before, out)
+    export_dir = resolve_output_dir(compose_config(["task=export", f"output_dir={out / 'export'}"]), SINGLE_PROCESS)
+    assert export_dir == out / "export" and export_dir.is_dir()
