@@ -145,3 +145,27 @@ def test_a_run_that_started_after_the_checks_is_still_refused_by_the_task(tmp_pa
     assert_kept(before, out)
     export_dir = resolve_output_dir(compose_config(["task=export", f"output_dir={out / 'export'}"]), SINGLE_PROCESS)
     assert export_dir == out / "export" and export_dir.is_dir()
+
+
+def test_the_embedded_tokenizer_is_identified_by_its_content_not_its_install_path(tmp_path, monkeypatch):
+    """The same commit from another clone or venv is the same run (issue 22, case 6)."""
+    import hashlib
+    import shutil
+
+    from launcher import schema
+    from launcher.store.identity import run_identity
+
+    identities = []
+    for clone in ("clone-a", "venv/lib/site-packages"):
+        assets = tmp_path / clone / "assets"
+        shutil.copytree(schema.ASSETS_DIR / "tiny_bpe", assets / "tiny_bpe")
+        monkeypatch.setattr(schema, "ASSETS_DIR", assets)
+        identities.append(run_identity(compose_config(["model=tiny"])))
+    assert identities[0] == identities[1]
+    assert not any(str(tmp_path) in str(value) for value in identities[0].values())
+    expected = hashlib.sha256()
+    for file in sorted((assets / "tiny_bpe").iterdir()):
+        expected.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+    assert identities[0]["model.tokenizer"] == f"hydralm-asset:tiny_bpe sha256:{expected.hexdigest()}"
+    (assets / "tiny_bpe" / "tokenizer_config.json").write_text("{}")  # another tokenizer: another run
+    assert run_identity(compose_config(["model=tiny"]))["model.tokenizer"] != identities[0]["model.tokenizer"]
