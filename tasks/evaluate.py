@@ -16,7 +16,7 @@ from tasks.train import LanguageModeling
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    with distributed(cfg.sharding.backend) as world:
+    with distributed(cfg.sharding.backend, cfg.sharding.collective_timeout_s) as world:
         seed_everything(cfg.train.seed)
         output_dir = resolve_output_dir(cfg, world)
         model_cfg, tokenizer, model = load_task_model(cfg, world)
