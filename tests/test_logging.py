@@ -65,3 +65,19 @@ def test_tags_reach_wandb_and_tensorboard(tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0}).Reload()
     (tags,) = events.Tensors("tags/text_summary")
     assert tags.tensor_proto.string_val == [b"baseline, lr-sweep"]
+
+
+def test_headers_authorization_cookies_and_credentials_are_secret_names():
+    """`...http_headers.Authorization` reached .hydra/ and wandb's files (issue 22, case 8)."""
+    from launcher.training.loggers import learn_secrets, mask_secrets
+
+    config = {"logger": {"wandb": {"settings": {"http_headers": {"Authorization": "Bearer abc123"}}}},
+              "hub": {"Authorization": "Bearer def456", "cookie": "c=1", "aws_credentials": "AKIA9",
+                      "author": "me", "header_rows": 2}}
+    clean = scrub(config)
+    assert clean["logger"]["wandb"]["settings"]["http_headers"] == REDACTED
+    assert clean["hub"] == {"Authorization": REDACTED, "cookie": REDACTED, "aws_credentials": REDACTED,
+                            "author": "me", "header_rows": 2}
+    learn_secrets(["+logger.wandb.settings.http_headers.Authorization=Bearer zz-98765"])
+    text = "+logger.wandb.settings.http_headers.Authorization=Bearer zz-98765 optimizer.lr=3e-4 'auth': 'a-b'"
+    assert mask_secrets(text) == "+logger.wandb.settings.http_headers.Authorization=*** optimizer.lr=3e-4 'auth': ***"
