@@ -169,3 +169,16 @@ def test_the_embedded_tokenizer_is_identified_by_its_content_not_its_install_pat
     assert identities[0]["model.tokenizer"] == f"hydralm-asset:tiny_bpe sha256:{expected.hexdigest()}"
     (assets / "tiny_bpe" / "tokenizer_config.json").write_text("{}")  # another tokenizer: another run
     assert run_identity(compose_config(["model=tiny"]))["model.tokenizer"] != identities[0]["model.tokenizer"]
+
+
+@pytest.mark.parametrize("directory", ["/", "/usr", "/etc", "/var", "/proc", "~", "/usr/../etc"])
+def test_root_system_directories_and_home_itself_are_refused_as_output_dir(directory, monkeypatch, tmp_path):
+    from launcher.store.outputs import check_output_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    path = os.path.expanduser(directory)
+    with pytest.raises(ConfigError, match=r"is (a system directory|your home directory): a run's files need a "
+                                          r"folder of their own"):
+        check_output_dir(path)
+    check_output_dir(str(tmp_path / "home" / "runs" / "a"))  # a folder inside them is fine

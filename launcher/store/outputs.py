@@ -106,6 +106,21 @@ def _local_choice(cfg: DictConfig) -> Path:
     raise ConfigError("output_dir must be set when the task is called outside `python -m launcher`")
 
 
+# A run's files (run.json, run.lock, checkpoints/, .hydra/) belong in a folder of their own: these
+# directories themselves are refused (a folder inside them is fine: /var/tmp/run, ~/runs/a).
+SYSTEM_DIRECTORIES = ("/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/opt", "/proc", "/root",
+                      "/run", "/sbin", "/srv", "/sys", "/usr", "/var")
+
+
+def check_not_a_system_directory(target: Path, key: str = "output_dir") -> None:
+    resolved = Path(os.path.realpath(target))
+    home = Path(os.path.realpath(Path.home()))
+    if str(resolved) in SYSTEM_DIRECTORIES or resolved == home:
+        what = "your home directory" if resolved == home else "a system directory"
+        raise ConfigError(f"{key}={target} is {what}: a run's files need a folder of their own; name a new "
+                          f"folder (e.g. {target.as_posix().rstrip('/')}/runs/my-run)")
+
+
 def check_output_dir(path, key: str = "output_dir") -> None:
     """Before any work: `path` is a directory hydralm can create or write into (tried with a
     directory made and removed at once where it would be created)."""
@@ -115,6 +130,7 @@ def check_output_dir(path, key: str = "output_dir") -> None:
         raise ConfigError(f"{key}={str(path)!r} is empty: name a directory, or leave {key} unset for "
                           "Hydra's outputs/<date>/<time>/")
     target = Path(path).absolute()
+    check_not_a_system_directory(target, key)
     existing = next(p for p in (target, *target.parents) if p.exists())
     if not existing.is_dir():
         where = "is a file" if existing == target else f"is under a file ({existing})"
