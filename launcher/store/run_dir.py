@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from launcher.cli.console import announce
 from launcher.errors import ConfigError
 from launcher.store import atomic
 from launcher.store.identity import differing_keys
@@ -86,16 +87,32 @@ def describe_run(output_dir: Path) -> str:
 
 def tidy(output_dir: Path) -> None:
     """Finish or undo what a killed run left half done: interrupted swaps and removals
-    (launcher/store/atomic.py), and checkpoint directories without their COMPLETE marker (a removal
-    interrupted by an older hydralm; nothing completes them, nothing reads them)."""
+    (launcher/store/atomic.py). Checkpoint directories without their COMPLETE marker (a removal
+    interrupted by an older hydralm, or a directory hydralm did not write) are moved aside with a
+    message: nothing completes them, nothing reads them, and hydralm cannot prove they are its own."""
     output_dir = Path(output_dir)
     atomic.recover_all(output_dir)
     checkpoints = output_dir / CHECKPOINTS_DIR
     atomic.recover_all(checkpoints)
     if checkpoints.is_dir():
-        for entry in checkpoints.iterdir():
+        for entry in sorted(checkpoints.iterdir()):
             if checkpoint_step(entry) is not None and entry.is_dir() and not atomic.is_complete(entry):
-                atomic.remove(entry)
+                aside = move_aside(entry, "incomplete")
+                announce(f"hydralm: {entry} has no {atomic.COMPLETE} marker (a save or removal cut short, or not "
+                         f"hydralm's): moved it aside to {aside.name}, never read nor deleted; delete it when you "
+                         f"no longer need it")
+
+
+def move_aside(path: Path, why: str) -> Path:
+    """Rename `path` to `<name>.<why>` (`.<why>-2`, ... when taken): out of every listing of
+    checkpoints (CHECKPOINT_NAME does not match it), kept for the user to look at."""
+    path = Path(path)
+    aside, n = path.with_name(f"{path.name}.{why}"), 1
+    while os.path.lexists(aside):
+        n += 1
+        aside = path.with_name(f"{path.name}.{why}-{n}")
+    os.replace(path, aside)
+    return aside
 
 
 def remove_checkpoints_after(output_dir: Path, step: int) -> list[Path]:
