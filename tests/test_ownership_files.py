@@ -182,3 +182,36 @@ def test_root_system_directories_and_home_itself_are_refused_as_output_dir(direc
                                           r"folder of their own"):
         check_output_dir(path)
     check_output_dir(str(tmp_path / "home" / "runs" / "a"))  # a folder inside them is fine
+
+
+def test_a_final_model_cut_short_by_a_kill_is_never_loadable(tmp_path, monkeypatch):
+    """A kill while the weights stream in left `.final-model.partial` that from_pretrained loaded
+    with most tensors zero; config.json is now written after every weight."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from launcher.distributed import distributed
+    from launcher.model.modeling import load_tokenizer
+    from launcher.training import export
+    from launcher.training.trainer import build_training_model
+
+    cfg = compose_config([f"output_dir={tmp_path}"])
+    written = []
+
+    def killed_at_the_last_tensor(model, name, full, where):
+        written.append(name)
+        if len(written) == len(model.state_dict()) - 1:  # (tied embeddings: one name fewer)
+            raise KeyboardInterrupt  # like a kill: no cleanup runs
+        return real(model, name, full, where)
+
+    real = export._write_saved
+    monkeypatch.setattr(export, "_write_saved", killed_at_the_last_tensor)
+    with distributed() as world:
+        tokenizer = load_tokenizer(cfg.model)
+        model = build_training_model(cfg, tokenizer, world)
+        with pytest.raises(KeyboardInterrupt):
+            export.save_hf_model(model, tokenizer, tmp_path / "final-model", world)
+    partial = atomic.partial_path(tmp_path / "final-model")
+    assert any(partial.glob("*.safetensors")) and not (tmp_path / "final-model").exists()
+    with pytest.raises((OSError, ValueError), match="config.json"):  # no config.json: nothing to load
+        AutoModelForCausalLM.from_pretrained(partial, torch_dtype=torch.float32)
