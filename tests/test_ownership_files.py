@@ -215,3 +215,31 @@ def test_a_final_model_cut_short_by_a_kill_is_never_loadable(tmp_path, monkeypat
     assert any(partial.glob("*.safetensors")) and not (tmp_path / "final-model").exists()
     with pytest.raises((OSError, ValueError), match="config.json"):  # no config.json: nothing to load
         AutoModelForCausalLM.from_pretrained(partial, torch_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("edit", ["identity", "writes", "unsealed"])
+def test_a_hand_edited_run_record_is_refused_not_trusted(tmp_path, edit):
+    """An edited identity would let a finished run answer for another config; an edited `writes`
+    would tell overwrite=true to delete the user's entries."""
+    import json
+
+    out = tmp_path / "run"
+    claim(compose_config(["optimizer.lr=1e-3", f"output_dir={out}"]), out).release()
+    (out / "metrics.jsonl").write_text('{"step": 2}\n')
+    user_tree(out / "mine")
+    record = json.loads((out / RUN_RECORD).read_text())
+    if edit == "identity":
+        record["identity"]["optimizer.lr"] = 3e-3
+    elif edit == "writes":
+        record["writes"].append("mine")
+    else:
+        del record["checksum"]
+    (out / RUN_RECORD).write_text(json.dumps(record))
+    before = snapshot(out)
+    for overwrite in ("false", "true"):
+        with pytest.raises(ConfigError) as err:
+            claim(compose_config(["optimizer.lr=3e-3", f"overwrite={overwrite}", f"output_dir={out}"]), out)
+        assert str(err.value) == (f"{out / RUN_RECORD} does not match the checksum hydralm sealed it with (edited by "
+                                  f"hand, or written by an older hydralm): hydralm does not trust a run record it "
+                                  f"cannot check; put back the original, or use another output_dir")
+        assert_kept(before, out)
