@@ -243,3 +243,34 @@ def test_a_hand_edited_run_record_is_refused_not_trusted(tmp_path, edit):
                                   f"hand, or written by an older hydralm): hydralm does not trust a run record it "
                                   f"cannot check; put back the original, or use another output_dir")
         assert_kept(before, out)
+
+
+def test_a_data_file_edited_in_place_with_the_same_size_and_mtime_is_a_new_cache_key(tmp_path):
+    """Small files are identified by their content: stale cached tokens are never reused."""
+    from launcher.data.sources import files_fingerprint
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "first version"}\n')
+    stat = corpus.stat()
+    before = files_fingerprint([corpus])
+    corpus.write_text('{"text": "other version"}\n')  # same size
+    os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime
+    assert corpus.stat().st_size == stat.st_size and corpus.stat().st_mtime_ns == stat.st_mtime_ns
+    assert files_fingerprint([corpus]) != before
+    corpus.write_text('{"text": "first version"}\n')
+    assert files_fingerprint([corpus]) == before  # the same content is the same entry (touching rebuilds nothing)
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero"])
+def test_a_fifo_or_a_device_as_a_data_file_is_one_line(tmp_path, special):
+    from launcher.data.sources import file_list, files_fingerprint
+
+    path = tmp_path / "corpus.jsonl"
+    if special == "fifo":
+        os.mkfifo(path)
+    else:
+        path = Path(special)
+    with pytest.raises(ConfigError, match=r"is not a regular file \(a FIFO, a device or a socket\)"):
+        file_list(str(path), key=f"data.load_path={path}")
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        files_fingerprint([path])
