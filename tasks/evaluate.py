@@ -2,6 +2,7 @@
 training checkpoint) or `model`, on the eval split of `data`."""
 
 import math
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -9,10 +10,26 @@ from launcher.cli.console import announce
 from launcher.data.loaders import eval_loader
 from launcher.distributed import distributed, seed_everything
 from launcher.model.task_model import load_task_model
-from launcher.store.atomic import write_json
+from launcher.errors import ConfigError
+from launcher.store.atomic import WRITTEN_BY, read_own_json, write_json
 from launcher.store.outputs import resolve_output_dir
 from launcher.training.trainer import evaluate as evaluate_loss
 from tasks.train import LanguageModeling
+
+
+EVAL_RECORD = "eval.json"
+
+
+def check_eval_record(cfg: DictConfig) -> None:
+    """Before any work: an `eval.json` already in output_dir is replaced only when hydralm wrote
+    it (a symlink, a directory or a FIFO there is one line too, `read_own_json`)."""
+    if not cfg.output_dir:
+        return  # Hydra's outputs/<date>/<time>/: a new directory
+    path = Path(cfg.output_dir) / EVAL_RECORD
+    record = read_own_json(path)
+    if path.exists() and not (isinstance(record, dict) and record.get("written_by") == WRITTEN_BY["written_by"]):
+        raise ConfigError(f"output_dir={cfg.output_dir} holds an {EVAL_RECORD} hydralm did not write: hydralm replaces "
+                          f"only what it wrote; name another output_dir (or move that file away)")
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -31,6 +48,6 @@ def evaluate(cfg: DictConfig) -> dict:
             "eval_sequences": len(split),
         }
         if world.is_main:
-            write_json(output_dir / "eval.json", result)
-            announce(f"hydralm: eval loss {loss:.4f} (perplexity {result['perplexity']:.2f}) -> {output_dir / 'eval.json'}")
+            write_json(output_dir / EVAL_RECORD, {**WRITTEN_BY, **result})
+            announce(f"hydralm: eval loss {loss:.4f} (perplexity {result['perplexity']:.2f}) -> {output_dir / EVAL_RECORD}")
         return result

@@ -274,3 +274,19 @@ def test_a_fifo_or_a_device_as_a_data_file_is_one_line(tmp_path, special):
         file_list(str(path), key=f"data.load_path={path}")
     with pytest.raises(ConfigError, match="is not a regular file"):
         files_fingerprint([path])
+
+
+def test_evaluate_never_replaces_an_eval_json_it_did_not_write(tmp_path):
+    from launcher.cli.app import run_task
+    from tasks.evaluate import check_eval_record
+
+    out = user_tree(tmp_path / "results")
+    (out / "eval.json").write_text('{"my_metric": 0.93}\n')
+    before = snapshot(out)
+    with pytest.raises(ConfigError) as err:
+        run_task(compose_config(["task=evaluate", f"output_dir={out}"]))
+    assert str(err.value) == (f"output_dir={out} holds an eval.json hydralm did not write: hydralm replaces only "
+                              f"what it wrote; name another output_dir (or move that file away)")
+    assert_kept(before, out)
+    atomic.write_json(out / "eval.json", {"written_by": "hydralm", "eval_loss": 2.0})  # an earlier evaluation
+    check_eval_record(compose_config(["task=evaluate", f"output_dir={out}"]))
