@@ -1,8 +1,20 @@
 """The process group every task runs in: world size 1 when started plainly, torchrun's or a
-SLURM job's (through submitit) otherwise."""
+SLURM job's (through submitit) otherwise.
+
+A stopped or wedged rank (SIGSTOP, a hung filesystem, a frozen node) must not hold the others for
+torch's default half hour. Each rank of a multi-rank job beats a heartbeat into the process
+group's store; a watchdog thread on every rank stops that rank, with one line naming the silent
+ranks, once one of them has not beaten for `sharding.collective_timeout_s`. torch's own
+collective timeout is set to twice that, a backstop for a collective that hangs while every rank
+still beats (mismatched collectives).
+"""
 
 import os
 import random
+import sys
+import threading
+import time
+from datetime import timedelta
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
@@ -33,9 +45,13 @@ def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600
+
+
 @contextmanager
-def distributed(backend: str = "auto") -> Iterator[World]:
-    """Join (or create) the default process group and tear it down afterwards."""
+def distributed(backend: str = "auto", collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> Iterator[World]:
+    """Join (or create) the default process group and tear it down afterwards; with more than
+    one rank, a watchdog stops every rank left waiting for a silent one (`Watchdog`)."""
     if "RANK" not in os.environ and in_submitit_job():  # a SLURM task: no torchrun, submitit knows the ranks
         os.environ.update(submitit_environment())
     launched = "RANK" in os.environ
@@ -52,14 +68,76 @@ def distributed(backend: str = "auto") -> Iterator[World]:
     owner = not dist.is_initialized()
     if owner:
         if launched:
-            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
+                                    timeout=timedelta(seconds=2 * collective_timeout_s))
         else:  # a world of one needs no rendezvous port
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    watchdog = Watchdog(rank, size, collective_timeout_s) if owner and size > 1 else None
     try:
         yield World(rank, local_rank, size, local_size, device)
     finally:
+        if watchdog is not None:
+            watchdog.finish()
         if owner and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class Watchdog:
+    """Every rank adds 1 to its counter in the process group's store every `interval` seconds
+    (a thread: it beats while the rank computes, waits or saves, and stops only when the process
+    is stopped or frozen). The same thread reads the others' counters: a rank whose counter has
+    not moved for `timeout_s` is silent, and this rank stops with one line naming it rather than
+    wait in a collective that cannot finish. A rank that left the process group cleanly says so
+    and is not waited for. Counters, not clocks: hosts' clocks need not agree."""
+
+    PREFIX = "hydralm/watchdog"
+
+    def __init__(self, rank: int, size: int, timeout_s: float):
+        self.rank, self.size, self.timeout_s = rank, size, timeout_s
+        self.interval = max(0.2, min(timeout_s / 10, 10.0))
+        self.store = dist.distributed_c10d._get_default_store()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="hydralm-watchdog", daemon=True)
+        self.thread.start()
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        try:
+            self.store.add(f"{self.PREFIX}/done/{self.rank}", 1)
+        except Exception:  # the store's host is gone: nobody is left to wait for this rank
+            pass
+
+    def _run(self) -> None:
+        last_seen = {r: (-1, time.monotonic()) for r in range(self.size) if r != self.rank}
+        try:
+            while not self.stop.wait(self.interval):
+                self.store.add(f"{self.PREFIX}/beat/{self.rank}", 1)
+                silent = self._silent(last_seen)
+                if silent:
+                    self._stop_this_rank(silent)
+        except Exception:  # the store's host went away: torch's own timeout and torchrun take over
+            return
+
+    def _silent(self, last_seen: dict) -> list[int]:
+        now, silent = time.monotonic(), []
+        for other, (count, since) in list(last_seen.items()):
+            if self.store.add(f"{self.PREFIX}/done/{other}", 0):
+                del last_seen[other]
+                continue
+            current = self.store.add(f"{self.PREFIX}/beat/{other}", 0)
+            if current != count:
+                last_seen[other] = (current, now)
+            elif now - since >= self.timeout_s:
+                silent.append(other)
+        return silent
+
+    def _stop_this_rank(self, silent: list[int]) -> None:
+        ranks = ", ".join(str(r) for r in silent)
+        print(f"hydralm: error: rank {ranks} stopped responding (no heartbeat for {self.timeout_s:g} s, "
+              f"sharding.collective_timeout_s={self.timeout_s:g}; stopped, frozen or its host hung): rank "
+              f"{self.rank} stops instead of waiting for it in a collective", file=sys.stderr, flush=True)
+        os._exit(1)  # the main thread is blocked in a collective that will not return
 
 
 def seed_everything(seed: int) -> None:

@@ -136,6 +136,9 @@ class ShardingConfig:
     low_cpu_mem_usage: bool = False
     # auto: nccl on CUDA, gloo on CPU.
     backend: str = "auto"
+    # Seconds a rank waits for a silent one (stopped, frozen, its host hung) before every rank stops
+    # with one line naming it (launcher/distributed.py). Longer than any step one rank does alone.
+    collective_timeout_s: float = affects(default=600.0)
 
 
 @dataclass

@@ -6,7 +6,9 @@ on that run's own data and settings: its `data` and `train` keys come from the r
 `.hydra/config.yaml`, except those named on the command line (`data=...`, `data.eval_bs=8`,
 `train.max_eval_batches=4`). So the loss equals the run's own final eval loss on the same model.
 `eval.json` (the checkpoint, the data, the split, the token count, the loss) goes to `output_dir`
-when given, else into the run's directory (beside the checkpoint when it is no run's).
+when given, else into the run's directory (beside the checkpoint when it is no run's). Nothing
+else of the run's is touched, a live run's directory not at all (launcher/store/atomic.py's
+ownership rule: an `eval.json` hydralm did not write is never replaced).
 """
 
 import math
@@ -27,7 +29,7 @@ def evaluate(cfg: DictConfig) -> dict:
     from launcher.data.loaders import eval_loader
     from launcher.distributed import distributed, seed_everything
     from launcher.model.task_model import load_task_model
-    from launcher.store.atomic import write_json
+    from launcher.store.atomic import WRITTEN_BY, write_json
     from launcher.store.outputs import resolve_output_dir
     from launcher.training.loggers import scrub
     from launcher.training.trainer import evaluate as evaluate_loss
@@ -35,7 +37,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
     run = checkpoint_run(cfg.checkpoint)
     cfg = with_run_settings(cfg, run)
-    with distributed(cfg.sharding.backend) as world:
+    with distributed(cfg.sharding.backend, cfg.sharding.collective_timeout_s) as world:
         seed_everything(cfg.train.seed)
         # The run's directory keeps its own Hydra record: only an explicit output_dir gets this job's.
         output_dir = resolve_output_dir(cfg, world) if cfg.output_dir else result_dir(cfg.checkpoint, run)
@@ -58,7 +60,7 @@ def evaluate(cfg: DictConfig) -> dict:
             "perplexity": math.exp(loss),
         }
         if world.is_main:
-            write_json(output_dir / RESULT, result)
+            write_json(output_dir / RESULT, {**WRITTEN_BY, **result})
             announce(f"hydralm: eval loss {loss:.4f} (perplexity {result['perplexity']:.2f}) on "
                      f"{result['eval_tokens']} tokens of the eval split of data={cfg.data.source} "
                      f"({result['settings_from']}) -> {output_dir / RESULT}")
@@ -66,10 +68,34 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 def check_evaluate(cfg: DictConfig) -> None:
-    """Before any work: the run's settings with the command line's on top pass the data checks."""
+    """Before any work: the run's settings with the command line's on top pass the data checks,
+    and eval.json may be written where it goes."""
     from launcher.data.preprocessing import check_data
 
-    check_data(with_run_settings(cfg, checkpoint_run(cfg.checkpoint)))
+    run = checkpoint_run(cfg.checkpoint)
+    check_data(with_run_settings(cfg, run))
+    if cfg.output_dir:
+        check_result_file(Path(cfg.output_dir), "output_dir")
+    elif cfg.checkpoint:
+        check_result_file(result_dir(cfg.checkpoint, run), "checkpoint")
+
+
+def check_result_file(directory: Path, key: str) -> None:
+    """An `eval.json` there is replaced only when hydralm wrote it (a symlink, a directory or a
+    FIFO in its place is one line too), and a live run's directory is not written at all."""
+    from launcher.errors import ConfigError
+    from launcher.store.atomic import WRITTEN_BY, read_own_json
+    from launcher.store.claim import LOCK_FILE
+
+    if (directory / LOCK_FILE).exists() or (directory / LOCK_FILE).is_symlink():
+        raise ConfigError(f"{key}: {directory} belongs to a run that is training now ({LOCK_FILE} there): give "
+                          f"output_dir=<a directory of its own> for eval.json")
+    path = directory / RESULT
+    record = read_own_json(path)
+    if path.exists() and not (isinstance(record, dict) and record.get("written_by") == WRITTEN_BY["written_by"]):
+        where = f"output_dir={directory}" if key == "output_dir" else str(directory)
+        raise ConfigError(f"{where} holds an {RESULT} hydralm did not write: hydralm replaces only what it "
+                          f"wrote; name another output_dir (or move that file away)")
 
 
 def checkpoint_run(checkpoint: Optional[str]) -> Optional[Path]:

@@ -18,7 +18,7 @@ from launcher.training.export import save_hf_model
 
 
 def export(cfg: DictConfig) -> dict:
-    with distributed(cfg.sharding.backend) as world:
+    with distributed(cfg.sharding.backend, cfg.sharding.collective_timeout_s) as world:
         output_dir = resolve_output_dir(cfg, world)
         model_cfg, tokenizer, model = load_task_model(cfg, world)
         target = output_dir / FINAL_MODEL

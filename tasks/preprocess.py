@@ -21,7 +21,7 @@ from launcher.model.modeling import load_tokenizer
 from launcher.model.task_model import model_config
 from launcher.store.atomic import atomic_directory, check_replaceable, owned
 from launcher.store.integrity import CHECKSUMS, file_checksums
-from launcher.store.outputs import resolve_output_dir
+from launcher.store.outputs import check_not_a_run, resolve_output_dir
 
 SINGLE_PROCESS = World(rank=0, local_rank=0, size=1, local_size=1, device=None)
 
@@ -30,7 +30,8 @@ def check_save_path(cfg: DictConfig) -> None:
     """Before any work: `data.save_path` is new, empty, or an earlier output of task=preprocess
     (its COMPLETE marker and checksums); hydralm replaces nothing else there."""
     if not cfg.data.save_path:
-        return  # <output_dir>/data: checked with the output directory
+        check_not_a_run(cfg.output_dir)  # <output_dir>/data: never inside a training run's directory
+        return
     path = Path(cfg.data.save_path)
     check_replaceable(path, "data.save_path")
     if owned(path) and not (path / CHECKSUMS).is_file():

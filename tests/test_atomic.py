@@ -146,14 +146,22 @@ def test_a_prune_killed_at_any_instant_is_cleaned_up_at_the_next_start(tmp_path)
     killed_at_every_instant(lambda: atomic.remove(run_dir.checkpoint_dir(out, 2)), prepare, check)
 
 
-def test_a_checkpoint_left_half_deleted_by_an_older_prune_is_removed_at_the_next_start(tmp_path):
+def test_a_checkpoint_without_its_marker_is_moved_aside_with_a_message_not_deleted(tmp_path, capsys):
+    """Left half deleted by an older prune, or a directory hydralm did not write: hydralm cannot
+    prove it is its own, so it is kept, out of the listing, and the user is told."""
     half = run_dir.checkpoint_dir(tmp_path, 2)
     write_result(half, "old")
     (half / atomic.COMPLETE).unlink()  # rmtree in place had got this far
+    (half / "notes.txt").write_text("the user's")
     write_result(run_dir.checkpoint_dir(tmp_path, 4), "4")
     (run_dir.checkpoint_dir(tmp_path, 4) / run_dir.TRAINER_STATE).write_text("{}")
+    before = sorted((p.name, p.read_bytes()) for p in half.rglob("*") if p.is_file())
     run_dir.tidy(tmp_path)
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-00000004"]
+    aside = tmp_path / "checkpoints" / "checkpoint-00000002.incomplete"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [aside.name, "checkpoint-00000004"]
+    assert sorted((p.name, p.read_bytes()) for p in aside.rglob("*") if p.is_file()) == before
+    assert f"{half} has no COMPLETE marker" in capsys.readouterr().out
+    assert [p.name for p in run_dir.complete_checkpoints(tmp_path)] == ["checkpoint-00000004"]
 
 
 def test_an_overwrite_killed_at_any_instant_is_finished_by_the_next_overwrite(tmp_path):

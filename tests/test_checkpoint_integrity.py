@@ -165,11 +165,15 @@ def flip_a_bit(path: Path) -> str:
 def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(reference, tmp_path, capfd, damage):
     out = copy_unfinished_run(reference, tmp_path)
     expected_problem = damage(checkpoint(out, 6))
+    damaged_bytes = {p.name: p.read_bytes() for p in checkpoint(out, 6).iterdir() if p.is_file()}
     summary = run_task(compose_config([*SMALL, f"output_dir={out}"]))
     captured = capfd.readouterr()
     warnings = [line for line in captured.err.splitlines() if line.startswith("hydralm: warning:")]
     assert len(warnings) == 1 and expected_problem in warnings[0], captured.err
-    assert warnings[0].endswith(f"; resuming from {checkpoint(out, 4)} instead")
+    assert warnings[0].endswith(f"; moved aside to checkpoint-00000006.damaged (kept for you to look at, never "
+                                f"loaded); resuming from {checkpoint(out, 4)} instead")
+    aside = out / "checkpoints" / "checkpoint-00000006.damaged"  # kept byte for byte, not deleted
+    assert {p.name: p.read_bytes() for p in aside.iterdir() if p.is_file()} == damaged_bytes
     assert warnings[0].startswith(f"hydralm: warning: {checkpoint(out, 6)} cannot be loaded (")
     assert f"hydralm: resuming from {checkpoint(out, 4)} (step 4" in captured.out
     assert summary["steps"] == 6

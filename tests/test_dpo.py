@@ -312,6 +312,31 @@ def test_pairs_are_framed_cut_and_held_out_like_the_spec(tmp_path):
     assert cut["chosen_input_ids"][-1] != eos
 
 
+def test_pairs_with_the_same_chosen_and_rejected_are_counted_in_a_warning(tmp_path, caplog):
+    """They carry no preference: the run trains them to no effect, so the user is told how many."""
+    from launcher.data.pairs import preference_splits
+    from launcher.distributed import distributed
+    from launcher.model.modeling import load_tokenizer
+
+    rows = [{"q": f"question {i}", "good": f" answer {i}", "bad": f" answer {i}" if i % 4 == 0 else " no"}
+            for i in range(12)]  # rows 0, 4, 8 identical
+    common = " the same start of both responses, long enough to fill the row"
+    rows.append({"q": "cut", "good": common + " x" * 9, "bad": common + " y" * 9})  # equal once cut
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = compose_config(["task=dpo", "data=files", f"data.load_path={tmp_path / 'pairs.jsonl'}",
+                          "train.max_seq_len=8", "dpo.max_prompt_len=2", "dpo.prompt_field=q",
+                          "dpo.chosen_field=good", "dpo.rejected_field=bad", f"output_dir={tmp_path}"])
+    with distributed() as world, caplog.at_level("WARNING"):
+        tokenizer = load_tokenizer(cfg.model)
+        splits = preference_splits(cfg, tokenizer, world)
+    pairs = [p for split in splits.values() for p in split]
+    identical = sum(p["chosen_input_ids"] == p["rejected_input_ids"] and p["chosen_labels"] == p["rejected_labels"]
+                    for p in pairs)
+    assert identical >= 4 and len(pairs) == 13  # counted, not dropped
+    assert (f"{identical} of 13 pairs have the same chosen and rejected response (after fitting to "
+            "train.max_seq_len)") in caplog.text
+
+
 def test_chat_pairs_train_exactly_the_response_turn(tmp_path):
     """data.format=chat: the prompt's messages plus each response rendered by the chat template;
     the trained tokens are the response's content and its end-of-turn token, nothing else, and a

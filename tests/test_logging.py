@@ -92,3 +92,19 @@ def test_without_a_terminal_progress_is_plain_lines_on_stdout_and_in_the_job_log
     assert captured.out.splitlines() == expected
     assert "\r" not in captured.err and "step/s" not in captured.err  # no tqdm bar
     assert (tmp_path / "hydralm.log").read_text().splitlines() == expected
+
+
+def test_headers_authorization_cookies_and_credentials_are_secret_names():
+    """`...http_headers.Authorization` reached .hydra/ and wandb's files (issue 22, case 8)."""
+    from launcher.training.loggers import learn_secrets, mask_secrets
+
+    config = {"logger": {"wandb": {"settings": {"http_headers": {"Authorization": "Bearer abc123"}}}},
+              "hub": {"Authorization": "Bearer def456", "cookie": "c=1", "aws_credentials": "AKIA9",
+                      "author": "me", "header_rows": 2}}
+    clean = scrub(config)
+    assert clean["logger"]["wandb"]["settings"]["http_headers"] == REDACTED
+    assert clean["hub"] == {"Authorization": REDACTED, "cookie": REDACTED, "aws_credentials": REDACTED,
+                            "author": "me", "header_rows": 2}
+    learn_secrets(["+logger.wandb.settings.http_headers.Authorization=Bearer zz-98765"])
+    text = "+logger.wandb.settings.http_headers.Authorization=Bearer zz-98765 optimizer.lr=3e-4 'auth': 'a-b'"
+    assert mask_secrets(text) == "+logger.wandb.settings.http_headers.Authorization=*** optimizer.lr=3e-4 'auth': ***"

@@ -54,7 +54,8 @@ def test_preprocess_into_a_users_directory_is_refused_before_any_work(tmp_path):
     result = run_launcher(["task=preprocess", "data=files", f"data.load_path={data / 'corpus.jsonl'}",
                            f"data.save_path={data}", f"output_dir={tmp_path / 'out'}"], cwd=tmp_path)
     assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("hydralm")]
     assert lines == [f"hydralm: error: data.save_path={data} is a directory hydralm did not write (no COMPLETE "
                      f"marker of hydralm's in it): hydralm replaces only what it wrote; name a new or empty "
                      f"directory (or move that one away)"]

@@ -30,10 +30,12 @@ def check_config(cfg: DictConfig, on_this_machine: bool = True) -> None:
     """`on_this_machine=False`: the job runs elsewhere or is only validated, so the checks of
     this machine's devices and of the model's modules are left to the job. Checks whose modules
     import no torch come first: a bad path or key is refused without paying for torch."""
-    from launcher.store.outputs import check_output_dir
+    from launcher.store.outputs import check_not_a_run, check_output_dir
     from launcher.store.run_dir import check_resume
 
     check_output_dir(cfg.output_dir)
+    if cfg.task.uses_model and not cfg.task.trains and cfg.task.name != VALIDATE:  # export, evaluate
+        check_not_a_run(cfg.output_dir)
     if cfg.task.uses_model:
         check_resume(cfg.resume)
         _check_training_run(cfg, on_this_machine)
@@ -151,7 +153,7 @@ def _check_job(config: DictConfig, on_this_machine: bool) -> None:
 
 def _check_job_dir(config: DictConfig, key: str) -> None:
     """Hydra's directory for the job(s) can be made (an explicit output_dir is checked with the rest)."""
-    from launcher.store.outputs import check_output_dir
+    from launcher.store.outputs import check_not_a_run, check_output_dir
 
     if config.get("output_dir") is None:
         check_output_dir(OmegaConf.select(config, key), key)

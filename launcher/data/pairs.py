@@ -33,6 +33,7 @@ PAIR_FORMATS = ("text", "chat")
 ENCODED_FEATURES = Features({
     **{f"{side}_{column}": List(Value("int32")) for side in SIDES for column in ("input_ids", "labels")},
     "truncated": Value("bool"),
+    "identical": Value("bool"),  # chosen == rejected after fitting: no preference to learn (counted, kept)
     "malformed": Value("bool"),  # a chat pair that is not a conversation (counted, then dropped)
 })
 Side = tuple[list[int], list[bool]]  # token ids, trained mask
@@ -70,7 +71,7 @@ def build_pairs(cfg: DictConfig, tokenizer, raw: dict, out: Path) -> dict:
     encode = EncodePairs(tokenizer, cfg)
     work = out / "work"
     work.mkdir(parents=True)
-    report = {"pairs": 0, "truncated": 0, "dropped_without_response": 0, "dropped_malformed": 0}
+    report = {"pairs": 0, "truncated": 0, "identical": 0, "dropped_without_response": 0, "dropped_malformed": 0}
     first_id = 0
     for name in ("train", "eval"):
         dataset = raw[name]
@@ -86,8 +87,9 @@ def build_pairs(cfg: DictConfig, tokenizer, raw: dict, out: Path) -> dict:
         report["dropped_malformed"] += malformed
         report["dropped_without_response"] += len(dataset) - len(encoded) - malformed
         report["truncated"] += int(np.sum(encoded.with_format("numpy")["truncated"]))
+        report["identical"] += int(np.sum(encoded.with_format("numpy")["identical"]))
         report[f"{name}_pairs"] = len(encoded)
-        encoded = encoded.remove_columns("truncated").add_column("id", np.arange(first_id, first_id + len(encoded)))
+        encoded = encoded.remove_columns(["truncated", "identical"]).add_column("id", np.arange(first_id, first_id + len(encoded)))
         encoded.save_to_disk(str(out / name))
         first_id += len(encoded)
     shutil.rmtree(work)
@@ -115,7 +117,7 @@ class EncodePairs:
         for pair in sides:
             if pair is None:  # malformed: kept as an empty marker row so that it is counted
                 for name in ENCODED_FEATURES:
-                    out[name].append(True if name == "malformed" else False if name == "truncated" else [])
+                    out[name].append(True if name == "malformed" else False if name in ("truncated", "identical") else [])
                 continue
             keep = 1 if self.tokenizer.bos_token_id is not None and pair[0][0][:1] == [self.tokenizer.bos_token_id] else 0
             pair, truncated = fit_pair(pair, self.max_len, self.max_prompt_len, keep)
@@ -125,6 +127,7 @@ class EncodePairs:
                 out[f"{side}_input_ids"].append(ids)
                 out[f"{side}_labels"].append([t if m else self.ignore_index for t, m in zip(ids, trained)])
             out["truncated"].append(truncated)
+            out["identical"].append(pair[0] == pair[1])  # the same ids and the same trained tokens
             out["malformed"].append(False)
         return out
 
@@ -208,6 +211,10 @@ def fit_pair(pair: list[Side], max_len: int, max_prompt_len: int, keep: int) -> 
 
 
 def _warn_about(report: dict, cfg: DictConfig) -> None:
+    if report["identical"]:
+        log.warning("%d of %d pairs have the same chosen and rejected response (after fitting to "
+                    "train.max_seq_len): they carry no preference and train to no effect; check dpo.chosen_field "
+                    "and dpo.rejected_field", report["identical"], report["pairs"])
     if report["truncated"]:
         log.warning("%d of %d pairs are longer than train.max_seq_len=%d: their prompts were cut from the start "
                     "(to at least %d tokens, dpo.max_prompt_len), then their responses at the end",

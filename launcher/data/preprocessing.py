@@ -35,7 +35,7 @@ from launcher.data.sources import SOURCES, DataSource, source_of
 from launcher.distributed import World, on_rank0_then_all
 from launcher.errors import ConfigError, at_least, choice_error
 from launcher.schema import PREPROCESSING
-from launcher.store.atomic import atomic_directory, is_complete
+from launcher.store.atomic import atomic_directory, check_own_file, is_complete
 from launcher.store.identity import identity
 from launcher.store.integrity import CHECKSUMS, damaged_files, file_checksums
 
@@ -180,6 +180,7 @@ def one_builder(path: Path) -> Iterator[None]:
     """Held while `path` is checked and (re)built: one builder per result. A second process with
     the same settings waits here (saying so), then finds the result built and reuses it."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    check_own_file(lock_path(path))  # filelock opens (and truncates) through a symlink: refuse one first
     lock = FileLock(str(lock_path(path)))
     try:
         lock.acquire(timeout=0)

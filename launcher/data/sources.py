@@ -17,6 +17,7 @@ import os
 import socket
 from contextlib import contextmanager
 from pathlib import Path
+from stat import S_ISREG
 from typing import Callable, Optional
 from urllib.parse import urlparse
 
@@ -72,11 +73,33 @@ def source_of(data: DictConfig) -> DataSource:
     return SOURCES.get(data.source)(data)
 
 
+# Files up to this size are identified by their content (xxh3-128, ~11 GB/s: reading is the cost);
+# larger ones by size and modification time, which an edit in place that keeps both would fool
+# (docs/runs.md: touch the file, or remove the cache entry, to rebuild).
+CONTENT_HASH_BYTES = 64 * 1024 * 1024
+
+
 def files_fingerprint(paths) -> str:
     digest = hashlib.sha256()
     for path in sorted(os.path.abspath(p) for p in paths):
         stat = os.stat(path)
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+        if not S_ISREG(stat.st_mode):  # a FIFO or /dev/zero would never end
+            raise ConfigError(f"{path} is not a regular file (a FIFO, a device or a socket): data files must be "
+                              f"regular files")
+        if stat.st_size <= CONTENT_HASH_BYTES:
+            digest.update(f"{path}\0{stat.st_size}\0{_content_digest(path)}\0".encode())
+        else:
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return digest.hexdigest()
+
+
+def _content_digest(path: str) -> str:
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(16 * 1024 * 1024), b""):
+            digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -286,6 +309,9 @@ def file_list(pattern: str, key: Optional[str] = None) -> list[str]:
         return [path]
     if os.path.isdir(path):
         raise ConfigError(f"{key or pattern} is a directory; give a file or a glob such as {pattern.rstrip('/')}/*.jsonl")
+    if os.path.exists(path):  # a FIFO, /dev/zero, a socket: reading would hang or never end
+        raise ConfigError(f"{key or pattern} is not a regular file (a FIFO, a device or a socket): data files "
+                          f"must be regular files")
     return sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
 
 

@@ -110,6 +110,7 @@ def check_sharding(cfg: DictConfig) -> None:
     with open_dict(sharding):
         sharding.strategy = str(sharding.strategy).upper() if "." not in str(sharding.strategy) else sharding.strategy
     at_least(sharding.shard_group_size, 1, "sharding.shard_group_size")
+    at_least(sharding.collective_timeout_s, 1, "sharding.collective_timeout_s")
     if sharding.backend not in ("auto", "gloo", "nccl"):
         raise choice_error("sharding.backend", sharding.backend, ("auto", "gloo", "nccl"))
     STRATEGIES.get(sharding.strategy)  # an unknown name is a ConfigError listing the registered ones

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -233,11 +234,71 @@ def publish(staging: Path, target: Path) -> None:
     _delete(previous)
 
 
+# ---------------------------------------------------------------------- hydralm's own files
+# A lock, a marker, a record or a log hydralm keeps at a fixed name is opened without following a
+# symlink (a link there would make hydralm truncate and write whatever it points at) and only when
+# it is a regular file (a directory, a FIFO or a device there would be a traceback or a hang).
+
+
+def _kind(mode: int) -> str:
+    return ("a symlink" if stat.S_ISLNK(mode) else "a directory" if stat.S_ISDIR(mode) else
+            "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+
+
+def _not_ours(path: Path, kind: str) -> ConfigError:
+    return ConfigError(f"{path} is {kind} where hydralm keeps its own file: hydralm never writes through it; "
+                       f"move it away")
+
+
+def check_own_file(path: Path) -> None:
+    """`path` is absent or a regular file (not a symlink): else one line naming what is there."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        raise _not_ours(Path(path), _kind(mode))
+
+
+def open_own_file(path: Path, flags: int, mode: int = 0o644) -> int:
+    """`os.open` of one of hydralm's own files, never through a symlink and only a regular file
+    (O_NONBLOCK while opening: a FIFO there must not block the open)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            check_own_file(path)  # names what is there
+            raise _not_ours(Path(path), "not a regular file") from None
+        raise
+    st_mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(st_mode):
+        os.close(fd)
+        raise _not_ours(Path(path), _kind(st_mode))
+    os.set_blocking(fd, True)
+    return fd
+
+
+def read_own_json(path: Path):
+    """The JSON in one of hydralm's own files; None when absent or unreadable as JSON."""
+    try:
+        fd = open_own_file(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        try:
+            return json.loads(f.read())
+        except ValueError:
+            return None
+
+
 def write_json(path: Path, value, fsync: bool = False) -> None:
-    """Write JSON through a temporary file and a rename: a reader never sees a cut-off file."""
+    """Write JSON through a temporary file and a rename: a reader never sees a cut-off file.
+    Neither name is written through a symlink or over a directory (`open_own_file`)."""
     path = Path(path)
+    check_own_file(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
+    with os.fdopen(open_own_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as f:
         json.dump(value, f, indent=1)
         if fsync:
             f.flush()

@@ -16,12 +16,14 @@ One exception: an earlier attempt of this same SLURM job (a requeue: same SLURM_
 SLURM_RESTART_COUNT) is always continued, whatever `resume` and `overwrite` say, so a requeued
 `overwrite=true` job does not delete its own progress.
 
-`run.json` records the identity; `run.lock` (see RunLock) keeps a second run out while this one
+`run.json` records the identity, sealed with a checksum of its content (a record edited by hand is
+refused, not trusted); `run.lock` (see RunLock) keeps a second run out while this one
 lives.
 """
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -80,8 +82,8 @@ def _apply_rule(cfg: DictConfig, output_dir: Path) -> None:
     elif present:
         _check_same_run(cfg, output_dir, record, current)
     run_dir.tidy(output_dir)
-    atomic.write_json(output_dir / RUN_RECORD, {"identity": current, "slurm": _slurm_attempt(),
-                                                "writes": list(run_dir.RUN_STATE)})
+    atomic.write_json(output_dir / RUN_RECORD, _sealed({"identity": current, "slurm": _slurm_attempt(),
+                                                        "writes": list(run_dir.RUN_STATE)}))
 
 
 def _written_by_run(record: Optional[dict]) -> set[str]:
@@ -158,11 +160,28 @@ def _remove_old_run(output_dir: Path, written: set[str]) -> None:
 
 
 def _read_record(output_dir: Path) -> Optional[dict]:
-    try:
-        record = json.loads((output_dir / RUN_RECORD).read_text())
-    except (OSError, ValueError):
+    """The run record hydralm sealed (its checksum matches), None when there is none. One that is
+    not sealed or whose checksum differs (edited by hand) is refused: it would decide which run
+    this is and what overwrite=true deletes."""
+    path = output_dir / RUN_RECORD
+    record = atomic.read_own_json(path)
+    if not (isinstance(record, dict) and isinstance(record.get("identity"), dict)):
         return None
-    return record if isinstance(record, dict) and isinstance(record.get("identity"), dict) else None
+    if record.get("checksum") != _checksum(record):
+        raise AnotherRunsDirectory(f"{path} does not match the checksum hydralm sealed it with (edited by hand, or "
+                                   f"written by an older hydralm): hydralm does not trust a run record it cannot "
+                                   f"check; put back the original, or use another output_dir")
+    return record
+
+
+def _sealed(record: dict) -> dict:
+    return {**record, "checksum": _checksum(record)}
+
+
+def _checksum(record: dict) -> str:
+    """sha256 of the record without its checksum, as canonical JSON."""
+    body = {k: v for k, v in record.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------- SLURM attempts
@@ -221,7 +240,7 @@ class RunLock:
 def _open_locked(path: Path) -> tuple[int, bool]:
     """An fd of `path` holding its flock (True), or without one where the filesystem has none."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = atomic.open_own_file(path, os.O_RDWR | os.O_CREAT)  # never through a symlink
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

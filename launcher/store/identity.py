@@ -4,15 +4,22 @@ training run depends on.
 The answer is read off the schema (launcher/schema.py): every field says, or inherits from its
 group, what it `affects`. So a key added to the schema is part of every identity its group is
 part of, without anyone remembering to list it; only a deliberate `affects(...)` takes it out.
+
+An identity holds no install path: an asset shipped with hydralm (`${hydralm.asset:tiny_bpe}`,
+launcher/assets/) is identified by its name and the hash of its content, so the same commit from
+another clone or virtualenv is the same run and hits the same cache entries.
 """
 
 import dataclasses
+import hashlib
 import json
 import typing
+from pathlib import Path
 from typing import Any, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
+from launcher import schema
 from launcher.schema import BATCH_LAYOUT, RUN, Config
 
 
@@ -81,4 +88,24 @@ def _dataclass_of(annotation) -> type | None:
 def _plain(value):
     if OmegaConf.is_config(value):
         return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, str):
+        return _asset_content(value) or value
     return value
+
+
+def _asset_content(value: str) -> str | None:
+    """`hydralm-asset:<name> sha256:<hash of its files>` for a path inside hydralm's assets, else None."""
+    assets = Path(schema.ASSETS_DIR).resolve()
+    try:
+        path = Path(value).resolve()
+        name = path.relative_to(assets)
+    except (ValueError, OSError):
+        return None
+    if not path.exists():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+        if "__pycache__" in file.parts:
+            continue
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+    return f"hydralm-asset:{name.as_posix()} sha256:{digest.hexdigest()}"

@@ -25,17 +25,37 @@ HYDRA_RECORD = ".hydra"
 
 
 def resolve_output_dir(cfg: DictConfig, world: "World") -> Path:
-    """Rank 0 decides and broadcasts: ranks started a second apart would see different Hydra dirs."""
-    import torch.distributed as dist  # (checks import this module before any torch is needed)
+    """The directory of a task that does not train (export, evaluate, preprocess). Rank 0 decides
+    and hands it to every rank (ranks started a second apart would see different Hydra dirs);
+    a training run's directory is refused (`check_not_a_run`), on every rank, before anything
+    is written there."""
+    from launcher.distributed import on_rank0_then_all  # (checks import this module before torch is needed)
 
-    chosen = [str(_local_choice(cfg))] if world.is_main else [None]
-    if world.size > 1:
-        dist.broadcast_object_list(chosen, src=0)
-    path = Path(chosen[0])
-    if world.is_main:
+    def choose_on_rank0() -> str:
+        path = _local_choice(cfg)
+        check_not_a_run(path)
         path.mkdir(parents=True, exist_ok=True)
         record_hydra_job(cfg, path)
-    return path
+        return str(path)
+
+    return Path(on_rank0_then_all(choose_on_rank0, world))
+
+
+def check_not_a_run(path, key: str = "output_dir") -> None:
+    """export, evaluate and preprocess never write into a training run's directory: its
+    final-model/, its Hydra record and its files are the run's, and a live run holds its lock
+    there. Refused in one line (they write into a directory of their own instead)."""
+    from launcher.store.claim import LOCK_FILE, RUN_RECORD
+
+    if path is None:
+        return
+    path = Path(path)
+    found = [name for name in (LOCK_FILE, RUN_RECORD) if os.path.lexists(path / name)]
+    if found:
+        live = " (a live run holds it)" if LOCK_FILE in found else ""
+        raise ConfigError(f"{key}={path} is a training run's directory ({' and '.join(found)} there{live}): "
+                          f"task=export/evaluate/preprocess write only into a directory of their own; name "
+                          f"another {key} (e.g. {path}/export)")
 
 
 @contextmanager
@@ -106,6 +126,21 @@ def _local_choice(cfg: DictConfig) -> Path:
     raise ConfigError("output_dir must be set when the task is called outside `python -m launcher`")
 
 
+# A run's files (run.json, run.lock, checkpoints/, .hydra/) belong in a folder of their own: these
+# directories themselves are refused (a folder inside them is fine: /var/tmp/run, ~/runs/a).
+SYSTEM_DIRECTORIES = ("/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/opt", "/proc", "/root",
+                      "/run", "/sbin", "/srv", "/sys", "/usr", "/var")
+
+
+def check_not_a_system_directory(target: Path, key: str = "output_dir") -> None:
+    resolved = Path(os.path.realpath(target))
+    home = Path(os.path.realpath(Path.home()))
+    if str(resolved) in SYSTEM_DIRECTORIES or resolved == home:
+        what = "your home directory" if resolved == home else "a system directory"
+        raise ConfigError(f"{key}={target} is {what}: a run's files need a folder of their own; name a new "
+                          f"folder (e.g. {target.as_posix().rstrip('/')}/runs/my-run)")
+
+
 def check_output_dir(path, key: str = "output_dir") -> None:
     """Before any work: `path` is a directory hydralm can create or write into (tried with a
     directory made and removed at once where it would be created)."""
@@ -115,6 +150,7 @@ def check_output_dir(path, key: str = "output_dir") -> None:
         raise ConfigError(f"{key}={str(path)!r} is empty: name a directory, or leave {key} unset for "
                           "Hydra's outputs/<date>/<time>/")
     target = Path(path).absolute()
+    check_not_a_system_directory(target, key)
     existing = next(p for p in (target, *target.parents) if p.exists())
     if not existing.is_dir():
         where = "is a file" if existing == target else f"is under a file ({existing})"

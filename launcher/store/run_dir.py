@@ -9,10 +9,12 @@
 """
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Optional
 
+from launcher.cli.console import announce
 from launcher.errors import ConfigError
 from launcher.store import atomic
 from launcher.store.identity import differing_keys
@@ -85,16 +87,32 @@ def describe_run(output_dir: Path) -> str:
 
 def tidy(output_dir: Path) -> None:
     """Finish or undo what a killed run left half done: interrupted swaps and removals
-    (launcher/store/atomic.py), and checkpoint directories without their COMPLETE marker (a removal
-    interrupted by an older hydralm; nothing completes them, nothing reads them)."""
+    (launcher/store/atomic.py). Checkpoint directories without their COMPLETE marker (a removal
+    interrupted by an older hydralm, or a directory hydralm did not write) are moved aside with a
+    message: nothing completes them, nothing reads them, and hydralm cannot prove they are its own."""
     output_dir = Path(output_dir)
     atomic.recover_all(output_dir)
     checkpoints = output_dir / CHECKPOINTS_DIR
     atomic.recover_all(checkpoints)
     if checkpoints.is_dir():
-        for entry in checkpoints.iterdir():
+        for entry in sorted(checkpoints.iterdir()):
             if checkpoint_step(entry) is not None and entry.is_dir() and not atomic.is_complete(entry):
-                atomic.remove(entry)
+                aside = move_aside(entry, "incomplete")
+                announce(f"hydralm: {entry} has no {atomic.COMPLETE} marker (a save or removal cut short, or not "
+                         f"hydralm's): moved it aside to {aside.name}, never read nor deleted; delete it when you "
+                         f"no longer need it")
+
+
+def move_aside(path: Path, why: str) -> Path:
+    """Rename `path` to `<name>.<why>` (`.<why>-2`, ... when taken): out of every listing of
+    checkpoints (CHECKPOINT_NAME does not match it), kept for the user to look at."""
+    path = Path(path)
+    aside, n = path.with_name(f"{path.name}.{why}"), 1
+    while os.path.lexists(aside):
+        n += 1
+        aside = path.with_name(f"{path.name}.{why}-{n}")
+    os.replace(path, aside)
+    return aside
 
 
 def remove_checkpoints_after(output_dir: Path, step: int) -> list[Path]:
@@ -122,10 +140,12 @@ def drop_metrics_after(output_dir: Path, step: int) -> None:
     """Rows an interrupted run logged after its checkpoint are logged again by the resumed run
     (step -1: every row, for a run that starts over)."""
     metrics = Path(output_dir) / METRICS
+    atomic.check_own_file(metrics)  # a symlink or a FIFO there is refused, never read or replaced
     if metrics.is_file():
         kept = [row for row in metrics.read_text().splitlines() if _logged_step(row) <= step]
         partial = metrics.with_name(f".{METRICS}.tmp")
-        partial.write_text("".join(row + "\n" for row in kept))
+        with os.fdopen(atomic.open_own_file(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as f:
+            f.write("".join(row + "\n" for row in kept))
         partial.replace(metrics)  # a kill now leaves the old rows or the kept ones, never half a file
 
 

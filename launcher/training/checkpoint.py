@@ -111,8 +111,10 @@ class Checkpointer:
             problem = checkpoint_problem(path)
             if problem is None:
                 if damaged and self.world.is_main:
-                    print(f"hydralm: warning: {_describe_damage(damaged)}; resuming from {path} instead",
-                          file=sys.stderr, flush=True)
+                    aside = [run_dir.move_aside(p, "damaged").name for p, _ in damaged]
+                    print(f"hydralm: warning: {_describe_damage(damaged)}; moved aside to {', '.join(aside)} (kept "
+                          f"for you to look at, never loaded); resuming from {path} instead", file=sys.stderr, flush=True)
+                barrier()  # every rank sees the damaged ones out of the listing before going on
                 return path
             damaged.append((path, problem))
         if damaged:

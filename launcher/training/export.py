@@ -41,20 +41,18 @@ def save_hf_model(
     model: torch.nn.Module, tokenizer, out_dir: Path, world: World, max_shard_bytes: int = MAX_SHARD_BYTES
 ) -> None:
     """Collective: every rank calls it; rank 0 writes `out_dir` atomically (launcher/store/atomic.py).
-    A failed write removes the staging directory and is raised on every rank (a full disk: one line)."""
+    A failed write removes the staging directory and is raised on every rank (a full disk: one line).
+    config.json and the tokenizer are written after every weight: a staging directory a kill left
+    behind (`.final-model.partial`, its shards preallocated, some still zeros) has no config.json,
+    so `from_pretrained` refuses it instead of loading zeros."""
     staging = begin(out_dir) if world.is_main else None
-    failure = None
-    if world.is_main:
-        try:
-            save_hf_metadata(model, tokenizer, staging)
-        except Exception as err:
-            failure = err
-    failure = _write_weight_shards(model, staging, world, max_shard_bytes, failure)
+    failure = _write_weight_shards(model, staging, world, max_shard_bytes, None)
 
     def publish() -> None:  # rank 0; its failure is raised on every rank
         try:
             if failure is not None:
                 raise failure
+            save_hf_metadata(model, tokenizer, staging)
             commit(staging, out_dir)
         except Exception as err:
             shutil.rmtree(staging, ignore_errors=True)

@@ -22,7 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from launcher.errors import ConfigError, check_arguments
 
 REDACTED = "***"
-_SECRET_NAME = re.compile(r"(^|[_\-])(api_?key|key|token|password|passwd|secret)$", re.IGNORECASE)
+# A key whose last word is one of these holds a secret (`hf_token`, `http_headers`, `Authorization`).
+_SECRET_WORDS = r"api_?key|key|token|password|passwd|secret|authorization|auth|headers?|cookie|credentials?"
+_SECRET_NAME = re.compile(rf"(^|[_\-])({_SECRET_WORDS})$", re.IGNORECASE)
 WANDB_RUN_ID_FILE = "wandb_run_id"
 # wandb.init arguments hydralm sets itself; `config` is always the composed config.
 WANDB_RESERVED = ("config",)
@@ -46,8 +48,9 @@ def scrub(value):
 
 # `name=value`, `name: value`, `'name': 'value'` in free text (console lines, messages, tracebacks).
 _ASSIGNMENT_IN_TEXT = re.compile(
-    r"(?P<key>(?<![\w.\-/])[+~]*(?:[\w\-/]+\.)*(?:[\w\-]*[_\-])?(?:api_?key|key|token|password|passwd|secret))"
-    r"(?P<sep>['\"]?\s*[=:]\s*)(?P<value>'[^']*'|\"[^\"]*\"|[^\s,;'\"\]\)}]+)", re.IGNORECASE)
+    rf"(?P<key>(?<![\w.\-/])[+~]*(?:[\w\-/]+\.)*(?:[\w\-]*[_\-])?(?:{_SECRET_WORDS}))"
+    r"(?P<sep>['\"]?\s*[=:]\s*)"
+    r"(?P<value>'[^']*'|\"[^\"]*\"|(?:Bearer|Basic|Token)\s+[^\s,;'\"\]\)}]+|[^\s,;'\"\]\)}]+)", re.IGNORECASE)
 # A bare `key:` or `token=` is prose ("Every key: see docs"); `hub.key=...`, `api_key: ...` are not.
 _PROSE = ("key", "token")
 _MIN_SECRET_LENGTH = 4  # shorter values are not worth masking wherever they appear

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from launcher.cli.console import record_in_job_log
+from launcher.store.atomic import open_own_file
 from launcher.store.run_dir import METRICS
 from launcher.training.host_memory import peak_host_memory_gib
 
@@ -93,6 +94,12 @@ class Throughput:
         return row
 
 
+def _open_metrics(path: Path, append: bool):
+    """metrics.jsonl for appending rows (or fresh), never through a symlink (launcher/store/atomic.py)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    return os.fdopen(open_own_file(path, flags), "a" if append else "w")
+
+
 class RunLog:
     """Rank 0 writes; on other ranks every method is a no-op.
 
@@ -107,7 +114,7 @@ class RunLog:
         self.enabled = enabled
         self.loggers = list(loggers)
         self.total_steps = total_steps
-        self.file = open(output_dir / METRICS, "a" if append else "w") if enabled else None
+        self.file = _open_metrics(output_dir / METRICS, append) if enabled else None
         # A bar redrawn with \r is one unreadable line in a SLURM log or a pipe: there, each row
         # is a plain log line instead (hydralm.log keeps the lines in both cases).
         self.plain = not interactive_console()

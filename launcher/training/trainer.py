@@ -113,7 +113,7 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         task_start = time.perf_counter()
-        with distributed(cfg.sharding.backend) as world, claimed_output_dir(cfg, world) as output_dir:
+        with distributed(cfg.sharding.backend, cfg.sharding.collective_timeout_s) as world, claimed_output_dir(cfg, world) as output_dir:
             self.world, self.output_dir = world, output_dir
             finished = on_rank0_then_all(self._finished_run, world)
             if finished is not None:
