@@ -73,6 +73,8 @@ class DataConfig:
     # example of the train split is held out for eval.
     eval_split: Optional[str] = None
     eval_every: int = 10
+    # files source, .txt/.md files: one example per file | paragraph (blank-line separated) | line.
+    text_unit: str = "file"
     # What an example is (launcher/data/formats.py): text | chat (a column of conversations, trained on
     # the assistant turns) | prompt_completion (trained on the completion).
     format: str = "text"
