@@ -36,8 +36,11 @@ def affects(*purposes: str, default: Any = MISSING, factory: Any = None) -> Any:
 @dataclass
 class ModelConfig:
     name: str = affects()
-    # Local directory with HF weights + tokenizer (VectorLM's `model:`). None: random init from `config`.
+    # Local directory with HF weights + tokenizer (VectorLM's `model:`), or a Hugging Face Hub id
+    # (`org/name`, loaded through transformers and the HF cache). None: random init from `config`.
     path: Optional[str] = None
+    # The preset's model on the Hub, named when `path` (a cluster folder) does not exist here.
+    hub_id: Optional[str] = affects(default=None)
     # HF config kwargs (must include `model_type`) for a randomly initialised model.
     config: Optional[Dict[str, Any]] = None
     # Tokenizer directory; defaults to `path`.
