@@ -24,6 +24,9 @@ ASSETS_DIR = Path(__file__).parent / "assets"
 # `resume=<checkpoint>` may change them (with the world size, a resharded resume); `resume=auto`
 # may not, so a sweep over them never continues another point's run.
 PREPROCESSING, RUN, BATCH_LAYOUT = "preprocessing", "run", "batch layout"
+# LENGTH marks run keys that only say how long the run goes on: raised on a run (finished or
+# not), the run continues from its latest checkpoint (docs/runs.md, "Extending a finished run").
+LENGTH = "run length"
 
 
 def affects(*purposes: str, default: Any = MISSING, factory: Any = None) -> Any:
@@ -142,9 +145,9 @@ class ShardingConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1
+    epochs: int = affects(RUN, LENGTH, default=1)
     # Cap on optimizer steps (None: run all epochs).
-    max_steps: Optional[int] = None
+    max_steps: Optional[int] = affects(RUN, LENGTH, default=None)
     seed: int = 11
     max_seq_len: int = affects(PREPROCESSING, RUN, default=256)
     gradient_accumulation_steps: int = affects(RUN, BATCH_LAYOUT, default=1)
