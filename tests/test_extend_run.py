@@ -9,6 +9,7 @@ import pytest
 from conftest import assert_same_weights, compose_config, final_weights
 
 from launcher.cli.app import run_task
+from launcher.cli.validate import check_config
 from launcher.errors import ConfigError
 
 LR = 1e-3
@@ -66,8 +67,11 @@ def test_a_cosine_run_continued_takes_the_longer_schedules_lr_from_the_step_it_r
 def test_a_finished_run_cannot_be_shortened(tmp_path):
     out = tmp_path / "run"
     run_task(compose_config([*SMALL, f"train.max_steps={STEPS}", f"output_dir={out}"]))
+    before = {path: path.stat().st_mtime_ns for path in out.rglob("*")}
     with pytest.raises(ConfigError) as err:
-        run_task(compose_config([*SMALL, "train.max_steps=2", f"output_dir={out}"]))
+        check_config(compose_config([*SMALL, "train.max_steps=2", f"output_dir={out}"]))  # before any work
     assert str(err.value).startswith(f"train.max_steps=2 is below this finished run's train.max_steps={STEPS} "
                                      f"({STEPS} steps trained)")
-    assert (out / "summary.json").is_file()  # still finished
+    with pytest.raises(ConfigError, match="is below this finished run"):
+        run_task(compose_config([*SMALL, "train.max_steps=2", f"output_dir={out}"]))
+    assert {path: path.stat().st_mtime_ns for path in out.rglob("*")} == before  # still finished, untouched

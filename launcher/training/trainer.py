@@ -156,19 +156,14 @@ class Trainer:
                 return summary
             changed = {key: (summary["length"].get(key), value) for key, value in length.items()
                        if summary["length"].get(key) != value}
-            train, old_epochs = self.cfg.train, summary["length"].get("train.epochs")
-            if (train.max_steps is not None and train.max_steps < summary["steps"]) or train.epochs < (old_epochs or 0):
-                key, old = (("train.epochs", old_epochs) if train.epochs < (old_epochs or 0)
-                            else ("train.max_steps", f"{summary['length'].get('train.max_steps')} ({summary['steps']} steps trained)"))
-                raise ConfigError(f"{key}={OmegaConf.select(self.cfg, key)} is below this finished run's {key}={old} "
-                                  f"(output_dir={self.output_dir}): a run's length may only grow; use another output_dir")
+            check_length_change(self.cfg, self.output_dir)
             changes = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
             announce(f"hydralm: {self.output_dir} holds this run, finished at step {summary['steps']}; "
                      f"{changes}: it continues from its latest checkpoint")
         (self.output_dir / run_dir.SUMMARY).unlink(missing_ok=True)
         return None
 
-    def _check_length(self) -> None:
+    def _check_length(self) -> None:  # an unfinished run (a finished one: check_length_change)
         """A run's length may grow, never shrink below the step it has reached."""
         if self.progress.step > self.total_steps:
             raise ConfigError(
@@ -431,6 +426,24 @@ def evaluate(model, loader, task: TrainingTask, world: World, max_batches: Optio
 
 
 # ---------------------------------------------------------------------- builders and checks
+
+
+def check_length_change(cfg: DictConfig, output_dir: Optional[Path] = None) -> None:
+    """Before any work (and before Hydra writes .hydra/ into output_dir): a finished run in
+    output_dir is continued only to a greater length (docs/runs.md)."""
+    output_dir = output_dir or (Path(cfg.output_dir) if cfg.get("output_dir") else None)
+    summary = run_dir.finished_summary(output_dir) if output_dir is not None and output_dir.is_dir() else None
+    if summary is None or cfg.resume != "auto" or not isinstance(summary.get("length"), dict):
+        return
+    train, old_epochs = cfg.train, summary["length"].get("train.epochs") or 0
+    if train.epochs < old_epochs:
+        key, old = "train.epochs", old_epochs
+    elif train.max_steps is not None and train.max_steps < summary["steps"]:
+        key, old = "train.max_steps", f"{summary['length'].get('train.max_steps')} ({summary['steps']} steps trained)"
+    else:
+        return
+    raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} is below this finished run's {key}={old} "
+                      f"(output_dir={output_dir}): a run's length may only grow; use another output_dir")
 
 
 def check_train(train: DictConfig) -> None:
