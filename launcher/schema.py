@@ -24,6 +24,9 @@ ASSETS_DIR = Path(__file__).parent / "assets"
 # `resume=<checkpoint>` may change them (with the world size, a resharded resume); `resume=auto`
 # may not, so a sweep over them never continues another point's run.
 PREPROCESSING, RUN, BATCH_LAYOUT = "preprocessing", "run", "batch layout"
+# LENGTH marks run keys that only say how long the run goes on: raised on a run (finished or
+# not), the run continues from its latest checkpoint (docs/runs.md, "Extending a finished run").
+LENGTH = "run length"
 
 
 def affects(*purposes: str, default: Any = MISSING, factory: Any = None) -> Any:
@@ -36,8 +39,11 @@ def affects(*purposes: str, default: Any = MISSING, factory: Any = None) -> Any:
 @dataclass
 class ModelConfig:
     name: str = affects()
-    # Local directory with HF weights + tokenizer (VectorLM's `model:`). None: random init from `config`.
+    # Local directory with HF weights + tokenizer (VectorLM's `model:`), or a Hugging Face Hub id
+    # (`org/name`, loaded through transformers and the HF cache). None: random init from `config`.
     path: Optional[str] = None
+    # The preset's model on the Hub, named when `path` (a cluster folder) does not exist here.
+    hub_id: Optional[str] = affects(default=None)
     # HF config kwargs (must include `model_type`) for a randomly initialised model.
     config: Optional[Dict[str, Any]] = None
     # Tokenizer directory; defaults to `path`.
@@ -76,6 +82,8 @@ class DataConfig:
     # example of the train split is held out for eval.
     eval_split: Optional[str] = None
     eval_every: int = 10
+    # files source, .txt/.md files: one example per file | paragraph (blank-line separated) | line.
+    text_unit: str = "file"
     # What an example is (launcher/data/formats.py): text | chat (a column of conversations, trained on
     # the assistant turns) | prompt_completion (trained on the completion) | sharegpt | alpaca (docs/data.md).
     format: str = "text"
@@ -143,9 +151,9 @@ class ShardingConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1
+    epochs: int = affects(RUN, LENGTH, default=1)
     # Cap on optimizer steps (None: run all epochs).
-    max_steps: Optional[int] = None
+    max_steps: Optional[int] = affects(RUN, LENGTH, default=None)
     seed: int = 11
     max_seq_len: int = affects(PREPROCESSING, RUN, default=256)
     gradient_accumulation_steps: int = affects(RUN, BATCH_LAYOUT, default=1)

@@ -73,9 +73,11 @@ def test_an_existing_file_is_taken_literally_not_as_a_glob(tmp_path):
     assert summary["examples"] == 20
 
 
-def test_a_directory_is_not_a_file(tmp_path):
-    with pytest.raises(ConfigError, match=rf"data.load_path={tmp_path} is a directory; give a file or a glob such as {tmp_path}/\*.jsonl"):
-        _preprocess(tmp_path, [f"data.load_path={tmp_path}"])
+def test_a_directory_without_data_files_names_the_file_types(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.pdf").write_bytes(b"%PDF")
+    with pytest.raises(ConfigError, match=rf"data.load_path={tmp_path}/empty holds no .json/.jsonl/.csv/.parquet/.txt/.md file"):
+        _preprocess(tmp_path, [f"data.load_path={tmp_path / 'empty'}"])
 
 
 def test_a_directory_that_is_not_a_saved_dataset(tmp_path):

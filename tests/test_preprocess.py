@@ -106,7 +106,7 @@ def test_files_source_reads_every_format(tmp_path, suffix):
         frame.to_parquet(path)
     else:
         path.write_text("\n".join(texts) + "\n")
-    cfg = compose_config(["data=files", f"data.load_path={tmp_path}/part-*.{suffix}"])
+    cfg = compose_config(["data=files", f"data.load_path={tmp_path}/part-*.{suffix}", "data.text_unit=line"])
     assert source_of(cfg.data).splits()["train"]["text"] == texts
 
 
@@ -222,7 +222,7 @@ def test_tokenizer_without_bos_eos_is_an_error(tmp_path):
         (["data.dataset_format=json"], "data.dataset_format='json' is not valid; choose one of: hf"),
         (["data.separator=A", "data.seperator=B"], "data.separator='A' and its alias data.seperator='B' differ"),
         (["data.packing_type=partial", "data.document_mask=true"], "data.document_mask=true needs data.packing_type=full"),
-        (["data.eval_split=validation"], "data.eval_split does not apply to data.source=pydoc"),
+        (["data.eval_split=validation"], "data.eval_split is a key of data=disk/files/hub; data=pydoc ignores it"),
         (["data.source=s3"], "data.source='s3' is not valid; choose one of: pydoc, pydoc_chat, disk, files, hub, preprocessed, mixture"),
         (["data.num_proc=0"], "data.num_proc=0 must be >= 1"),
         (["data.format=chatty"], "data.format='chatty' is not valid; choose one of: text, chat, prompt_completion"),
@@ -237,7 +237,7 @@ def test_tokenizer_without_bos_eos_is_an_error(tmp_path):
         (["data=disk", "data.load_path=/no/such/ds"], "data.load_path=/no/such/ds does not exist"),
         (["data=hub"], "data.load_path must be set for data.source=hub"),
         (["data=files", "data.load_path=/no/such/*.jsonl"], "data.load_path=/no/such/*.jsonl matches no file"),
-        (["data=files", f"data.load_path={ROOT}/README.md"], "unsupported file type; supported: .json, .jsonl, .csv"),
+        (["data=files", f"data.load_path={ROOT}/pyproject.toml"], "unsupported file type; supported: .json, .jsonl, .csv"),
     ],
 )
 def test_bad_data_settings_are_named_before_any_work(overrides, message, tmp_path):

@@ -2,7 +2,9 @@
 a 24-run sweep and an Optuna study (maximising a DPO-style metric) written here as run directories."""
 
 import json
+import math
 import subprocess
+from pathlib import Path
 import sys
 
 import numpy as np
@@ -53,7 +55,8 @@ def test_report_task_plots_and_tables_a_sweep(sweep, tmp_path):
     cfg = compose_config(["task=report", f"report.dir={sweep}", "model=mistral_7b"])
     result = run_task(cfg)
     out = sweep / "report"
-    assert sorted(p.name for p in out.iterdir()) == ["loss.png", "lr.png", "objective.png", "report.md", "tokens_per_s.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["grad_norm.png", "loss.png", "lr.png", "objective.png", "report.md",
+                                                     "tokens_per_s.png"]
     for plot in result["plots"]:
         _assert_plot(plot, min_coloured=50 if plot.endswith("objective.png") else 200)  # 2 points, or lines
 
@@ -66,6 +69,10 @@ def test_report_task_plots_and_tables_a_sweep(sweep, tmp_path):
     losses = {lr: float(line.split(" | ")[2]) for lr, line in rows.items()}
     assert BEST_MARK in rows[min(losses, key=losses.get)]
     assert result["best_run"] in ("0", "1")
+    for name in ("0", "1"):  # the schedule rebuilt from each run's config gives the lr its training logged
+        logged = {row["step"]: row["lr"] for row in map(json.loads, (sweep / name / "metrics.jsonl").read_text().splitlines())
+                  if "train_loss" in row}
+        assert logged and {step: result["lr_per_step"][name][step - 1] for step in logged} == logged
 
 
 def test_report_cli_on_a_single_run(sweep, tmp_path):
@@ -85,16 +92,17 @@ def test_report_of_a_directory_without_runs_is_a_config_error(tmp_path):
         run_task(compose_config(["task=report"]))
 
 
-def _write_run(run_dir, overrides, rows, final_eval, objective="eval_loss", job_num=None, direction=None):
+def _write_run(run_dir, overrides, rows, final_eval, objective="eval_loss", job_num=None, direction=None,
+               config=None, steps=None):
     """A run directory as hydralm and Hydra leave it."""
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"objective": objective}))
+    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"objective": objective, **(config or {})}))
     hydra = {"job": {"num": job_num}, **({"sweeper": {"direction": direction}} if direction else {})}
     (run_dir / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": hydra}))
     (run_dir / "summary.json").write_text(json.dumps({"final_eval": final_eval, "tokens_per_s": 1000.0,
-                                                      "train_wall_time_s": 2.0}))
+                                                      "train_wall_time_s": 2.0, **({"steps": steps} if steps else {})}))
 
 
 def _curve(final_loss, lr, steps=4):
@@ -102,7 +110,7 @@ def _curve(final_loss, lr, steps=4):
     for step in range(1, steps + 1):
         loss = 8.0 - (8.0 - final_loss) * step / steps
         rows += [{"step": step, "train_loss": loss + 0.05, "lr": lr * (1 - step / (steps + 1)), "tokens_seen": 512 * step,
-                  "tokens_per_s": 900.0 + 50 * step + 1e4 * lr, "time_s": 0.5 * step},
+                  "tokens_per_s": 900.0 + 50 * step + 1e4 * lr, "time_s": 0.5 * step, "grad_norm": 2.0 / step + 100 * lr},
                  {"step": step, "eval_loss": loss, "tokens_seen": 512 * step}]
     return rows
 
@@ -117,7 +125,8 @@ def test_a_24_run_sweep_has_distinct_colours_one_best_run_and_a_plot_per_swept_k
                    _curve(losses[str(i)], float(lr)), {"eval_loss": losses[str(i)]}, job_num=i)
     result = write_report(sweep)
     out = sweep / "report"
-    assert sorted(p.name for p in out.iterdir()) == ["loss.png", "lr.png", "objective.png", "report.md", "tokens_per_s.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["grad_norm.png", "loss.png", "lr.png", "objective.png", "report.md",
+                                                     "tokens_per_s.png"]
     for plot in result["plots"]:
         _assert_plot(plot)
 
@@ -172,3 +181,65 @@ def test_an_optuna_study_that_maximises_a_task_metric(tmp_path):
         ("0", "complete", "0.5500", "0.5500"), ("1", "complete", "0.7000", "0.7000"), ("2", "fail", "", "0.7000"),
         ("3", "complete", "0.6200", "0.7000"), ("4", "complete", "0.8100", "0.8100")]
     assert rows[5][-1].rstrip(" |") == f"4 {BEST_MARK}" and rows[3][-1].rstrip(" |") == ""
+
+
+def test_lr_is_drawn_at_every_step_from_the_runs_schedule(tmp_path):
+    """A cosine with warmup logged every 5 steps: the report's lr of each of the 20 steps is the
+    schedule's (hydralm's documented shift: step s trains with s/(W+1) of the peak in the
+    warmup, then the cosine of step s-1), not a line between logged points."""
+    lr, steps, warmup = 1e-3, 20, 2  # warmup_ratio 0.1 of 20 steps
+
+    def reference(step):
+        if step <= warmup:
+            return lr * step / (warmup + 1)
+        return lr * 0.5 * (1 + math.cos(math.pi * (step - 1 - warmup) / (steps - warmup)))
+
+    rows = [{"step": s, "train_loss": 5.0, "lr": reference(s), "grad_norm": 1.0, "tokens_seen": 64 * s}
+            for s in range(5, steps + 1, 5)]
+    config = {"optimizer": {"_target_": "torch.optim.AdamW", "lr": lr}, "train": {"max_steps": steps},
+              "scheduler": {"name": "cosine", "warmup_ratio": 0.1, "kwargs": {}}}
+    _write_run(tmp_path / "run", [], rows, {"eval_loss": 5.0}, config=config, steps=steps)
+    result = write_report(tmp_path / "run")
+    assert result["lr_per_step"]["."] == pytest.approx([reference(s) for s in range(1, steps + 1)], rel=1e-9)
+    for name in ("lr.png", "grad_norm.png"):
+        _assert_plot(tmp_path / "run" / "report" / name, min_coloured=50)
+
+
+def test_an_eval_driven_schedule_draws_only_the_logged_lr(tmp_path):
+    config = {"optimizer": {"lr": 1e-3}, "train": {"max_steps": 4},
+              "scheduler": {"name": "plateau_with_warmup", "warmup_ratio": 0.0, "kwargs": {}}}
+    _write_run(tmp_path / "run", [], _curve(5.0, 1e-3), {"eval_loss": 5.0}, config=config, steps=4)
+    assert write_report(tmp_path / "run")["lr_per_step"] == {".": None}
+
+
+def test_a_two_parameter_optuna_search_gets_importance_and_contour_plots_and_log_axes(tmp_path):
+    """lr searched with log=True over less than a decade (a grid's >= 10x rule would not make
+    it log), warmup on a linear scale; the objective depends mostly on the lr."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    study = optuna.create_study(study_name="hydralm", storage=f"sqlite:///{sweep / 'optuna.db'}",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    for number in range(12):
+        trial = study.ask()
+        lr = trial.suggest_float("optimizer.lr", 1e-3, 5e-3, log=True)
+        warmup = trial.suggest_float("scheduler.warmup_ratio", 0.0, 0.3)
+        loss = 5.0 + 100 * abs(lr - 2.5e-3) + 0.01 * warmup
+        study.tell(trial, loss)
+        _write_run(sweep / str(number), [f"optimizer.lr={lr}", f"scheduler.warmup_ratio={warmup}"], _curve(loss, lr),
+                   {"eval_loss": loss}, job_num=number, direction="minimize")
+    result = write_report(sweep)
+    names = [Path(p).name for p in result["plots"]]
+    assert names[-3:] == ["optuna_history.png", "optuna_importance.png", "optuna_contour.png"]
+    for plot in result["plots"]:
+        _assert_plot(plot, min_coloured=50)
+    assert result["log_axes"] == ["optimizer.lr"]
+    importances = result["study"]["importances"]
+    assert set(importances) == {"optimizer.lr", "scheduler.warmup_ratio"} and sum(importances.values()) == pytest.approx(1)
+    assert importances["optimizer.lr"] > importances["scheduler.warmup_ratio"]
+
+
+def test_a_sweepers_tag_log_marks_a_log_axis():
+    from launcher.cli.report import Run, log_scale_keys
+
+    run = Run("0", [], search_space={"optimizer.lr": "tag(log, interval(1e-4, 1e-2))", "train.seed": "range(1, 4)"})
+    assert log_scale_keys([run], None) == {"optimizer.lr"}

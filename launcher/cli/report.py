@@ -4,17 +4,23 @@
     python -m launcher task=report report.dir=multirun/2026-11-28/01-04-45
 
 Writes, to `<dir>/report` unless told otherwise:
-- loss.png (train and eval loss vs tokens seen), lr.png and tokens_per_s.png (vs optimizer step):
-  one colour per run, all distinct, the legend beside the plot, the best run drawn thick and
-  starred;
+- loss.png (train and eval loss vs tokens seen), lr.png, grad_norm.png and tokens_per_s.png (vs
+  optimizer step): one colour per run, all distinct, the legend beside the plot, the best run
+  drawn thick and starred. lr.png draws the lr of every step as the run's schedule gives it
+  (hydralm's own scheduler, rebuilt from the run's .hydra/config.yaml), the logged values as
+  dots (an eval-driven schedule: the logged values only);
 - objective.png: the objective (`objective`, default eval_loss) against each swept key, one
-  panel per key, the best run starred;
+  panel per key, the best run starred; a key searched on a log scale (Optuna `log=True`, the
+  sweeper's `tag(log, ...)`) on a log axis;
 - optuna_history.png when the directory holds an Optuna study (optuna.db, hydra/sweeper=
-  hydralm_optuna): the objective of each trial and the best so far;
+  hydralm_optuna): the objective of each trial and the best so far; with two or more searched
+  parameters also optuna_importance.png (optuna.importance's parameter importances) and
+  optuna_contour.png (the objective over the two most important parameters, log10 of a
+  log-scale one);
 - report.md: one row per run with the swept overrides (from each run's .hydra/overrides.yaml) as
   columns, the final objective, throughput and wall time, the best run marked; and for a study,
   its trials, best parameters and history.
-Needs neither torch nor a model.
+Needs no model; torch only to rebuild a schedule for lr.png.
 """
 
 import argparse
@@ -45,6 +51,8 @@ class Run:
     objective: str = "eval_loss"  # the run's `objective` key
     job_num: Optional[int] = None  # Hydra's job number in its sweep (= the Optuna trial number)
     direction: Optional[str] = None  # hydra.sweeper.direction of its sweep, if it had one
+    config: dict = field(default_factory=dict)  # its .hydra/config.yaml
+    search_space: dict = field(default_factory=dict)  # hydra.sweeper.params of its sweep
 
     def last(self, key: str) -> Optional[float]:
         return next((row[key] for row in reversed(self.rows) if key in row), None)
@@ -79,6 +87,8 @@ class Study:
     name: str
     direction: str
     trials: list[Trial]
+    optuna_study: object = None  # the optuna.Study, for optuna's own plots
+    importances: Optional[dict] = None  # parameter -> fANOVA importance, once _optuna_plots ran
 
     @property
     def best(self) -> Optional[Trial]:
@@ -122,8 +132,10 @@ def load_run(run_dir: Path, root: Path) -> Run:
     hydra = (_read_yaml(run_dir / ".hydra" / "hydra.yaml") or {}).get("hydra", {})
     direction = (hydra.get("sweeper") or {}).get("direction")
     job_num = (hydra.get("job") or {}).get("num")
+    search_space = (hydra.get("sweeper") or {}).get("params") or {}
     return Run(str(run_dir.relative_to(root)), rows, overrides, summary, config.get("objective", "eval_loss"),
-               job_num if isinstance(job_num, int) else None, direction if isinstance(direction, str) else None)
+               job_num if isinstance(job_num, int) else None, direction if isinstance(direction, str) else None,
+               config, search_space if isinstance(search_space, dict) else {})
 
 
 def load_study(directory: Path) -> Optional[Study]:
@@ -142,7 +154,53 @@ def load_study(directory: Path) -> Optional[Study]:
     if len(study.directions) != 1:
         return None  # a multi-objective study has no single best
     trials = [Trial(t.number, t.state.name, t.value, dict(t.params)) for t in study.trials]
-    return Study(study.study_name, study.direction.name.lower(), trials)
+    return Study(study.study_name, study.direction.name.lower(), trials, study)
+
+
+def log_scale_keys(runs: list[Run], study: Optional[Study]) -> set[str]:
+    """The keys searched on a log scale: Optuna distributions with `log=True`, and sweeper
+    params written `tag(log, ...)` (the Optuna sweeper's spelling)."""
+    keys = {key for run in runs for key, spec in run.search_space.items()
+            if re.match(r"\s*tag\(\s*log\s*,", str(spec))}
+    if study is not None and study.optuna_study is not None:
+        keys |= {name for trial in study.optuna_study.trials for name, distribution in trial.distributions.items()
+                 if _log_scale(distribution)}
+    return keys
+
+
+def _log_scale(distribution) -> bool:
+    """optuna 2.x: a LogUniform / IntLogUniform distribution; optuna 3: `log=True`."""
+    return bool(getattr(distribution, "log", False)) or type(distribution).__name__ in (
+        "LogUniformDistribution", "IntLogUniformDistribution")
+
+
+def scheduled_lrs(run: Run) -> Optional[list[float]]:
+    """The lr of every optimizer step 1..N as the run's schedule gives it: hydralm's own
+    build_scheduler on a one-parameter optimizer with the run's optimizer.lr and scheduler keys,
+    stepped as training steps it. N: the steps of a finished run, else train.max_steps. None
+    when the schedule follows the eval loss, or the run's config does not say."""
+    import warnings
+
+    scheduler, optimizer_cfg = run.config.get("scheduler"), run.config.get("optimizer") or {}
+    steps = run.summary.get("steps") or (run.config.get("train") or {}).get("max_steps")
+    if not isinstance(scheduler, dict) or optimizer_cfg.get("lr") is None or not steps:
+        return None
+    import torch
+    from omegaconf import OmegaConf
+
+    from launcher.training.optim import EVAL_DRIVEN, PLATEAU_WITH_WARMUP, build_scheduler
+
+    if scheduler.get("name") in (*EVAL_DRIVEN, PLATEAU_WITH_WARMUP):
+        return None
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=float(optimizer_cfg["lr"]))
+    lrs = []
+    with warnings.catch_warnings():  # stepping the schedule without optimizer steps is the point
+        warnings.simplefilter("ignore", UserWarning)
+        schedule = build_scheduler(optimizer, OmegaConf.create(scheduler), int(steps))
+        for _ in range(int(steps)):
+            lrs.append(schedule.get_last_lr()[0])  # the lr step s trains with, as metrics.jsonl logs it
+            schedule.step()
+    return lrs
 
 
 # ---------------------------------------------------------------------- what to show
@@ -248,6 +306,97 @@ def _curves(runs, keys, colours, best, out: Path, x: str, ys: list[str], title: 
     plt.close(fig)
 
 
+def _lr_plot(runs, keys, colours, best, lrs: dict, log_y: bool, out: Path) -> None:
+    """The lr of every step (its schedule) as a line, the logged values as dots."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=100)
+    for run, colour in zip(runs, colours):
+        is_best = run is best
+        label = f"{'★ ' if is_best else ''}{run.name}: {_label(run, keys)}"
+        logged = [(row["step"], row["lr"]) for row in run.rows if "step" in row and "lr" in row and "train_loss" in row]
+        if lrs.get(run.name):
+            ax.plot(range(1, len(lrs[run.name]) + 1), lrs[run.name], color=colour, label=label,
+                    linewidth=2.6 if is_best else 1.2, zorder=3 if is_best else 2,
+                    path_effects=_outline() if is_best else None)
+            label = None
+        if logged:
+            ax.plot(*zip(*logged), "o", color=colour, label=label, markersize=3, zorder=4)
+    ax.set(title="learning rate at every step (line: the schedule; dots: logged)", xlabel="step", ylabel="lr")
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if len(runs) > 1 or keys:
+        _legend(ax, runs, keys)
+    fig.savefig(out, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _optuna_plots(study: Study, out_dir: Path, log_keys: set[str]) -> list[str]:
+    """For a study of two or more parameters with two or more complete trials: the parameters'
+    importances (optuna.importance with its mean-decrease-in-impurity evaluator: optuna 2.x's
+    default fANOVA fails on numpy 2, and its importance plot on matplotlib >= 3.9, so the bars are
+    drawn here) and a contour of the objective over the two most important parameters."""
+    import warnings
+
+    import optuna
+    from optuna.importance import MeanDecreaseImpurityImportanceEvaluator
+
+    complete = [t for t in study.trials if t.state == "COMPLETE" and t.value is not None]
+    params = list(dict.fromkeys(k for t in complete for k in t.params))
+    if study.optuna_study is None or len(params) < 2 or len(complete) < 2:
+        return []
+    plt = _pyplot()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.importances = dict(optuna.importance.get_param_importances(
+            study.optuna_study, evaluator=MeanDecreaseImpurityImportanceEvaluator(seed=0)))
+        fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(study.importances)), dpi=100)
+        names = list(study.importances)[::-1]  # the most important on top
+        ax.barh(names, [study.importances[n] for n in names], color="tab:blue")
+        ax.set(title=f"parameter importance for the objective ({len(complete)} complete trials)",
+               xlabel="importance (mean decrease in impurity, sums to 1)")
+        ax.grid(alpha=0.3, axis="x")
+        fig.savefig(out_dir / "optuna_importance.png", bbox_inches="tight")
+        plt.close(fig)
+    _contour_plot(study, list(study.importances)[:2], log_keys, out_dir / "optuna_contour.png")
+    return ["optuna_importance.png", "optuna_contour.png"]
+
+
+def _contour_plot(study: Study, params: list[str], log_keys: set[str], out: Path) -> None:
+    """The objective of the complete trials over two parameters: the trials as points (the best
+    starred) on a filled contour interpolated between them (matplotlib's tricontourf, over
+    log10 of a parameter searched on a log scale). optuna 2.x's plot_contour mislabels log axes
+    on current matplotlib, so it is drawn here."""
+    import numpy as np
+
+    plt = _pyplot()
+    x_key, y_key = params
+    trials = [t for t in study.trials if t.state == "COMPLETE" and t.value is not None
+              and x_key in t.params and y_key in t.params]
+    def axis(key):
+        values = np.array([float(t.params[key]) for t in trials])
+        return (np.log10(values), f"log10({key})") if key in log_keys else (values, key)
+    (xs, x_label), (ys, y_label) = axis(x_key), axis(y_key)
+    values = np.array([t.value for t in trials])
+    fig, ax = plt.subplots(figsize=(8, 6), dpi=100)
+    try:
+        filled = ax.tricontourf(xs, ys, values, levels=12, cmap="viridis_r" if study.direction == MINIMIZE else "viridis")
+        fig.colorbar(filled, ax=ax, label="final objective")
+    except (ValueError, RuntimeError):  # too few distinct points to triangulate: the points alone
+        pass
+    ax.scatter(xs, ys, c="white", edgecolors="black", s=30, zorder=3, label="trial")
+    best = study.best
+    if best in trials:
+        index = trials.index(best)
+        ax.scatter([xs[index]], [ys[index]], marker="*", s=260, color="tab:red", edgecolors="black", zorder=4,
+                   label=f"best: trial {best.number}")
+    ax.set(title=f"final objective over the two most important parameters ({study.direction})",
+           xlabel=x_label, ylabel=y_label)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.25, 1.0), fontsize=8, frameon=False)
+    fig.savefig(out, bbox_inches="tight")
+    plt.close(fig)
+
+
 def _numbers(values: list[str]) -> Optional[list[float]]:
     try:
         return [float(v) for v in values]
@@ -255,8 +404,11 @@ def _numbers(values: list[str]) -> Optional[list[float]]:
         return None
 
 
-def _objective_plot(runs, keys, colours, best, objective: str, direction: str, out: Path) -> None:
-    """One panel per swept key: each run's final objective against its value of that key."""
+def _objective_plot(runs, keys, colours, best, objective: str, direction: str, out: Path,
+                    log_keys: frozenset = frozenset()) -> None:
+    """One panel per swept key: each run's final objective against its value of that key; on a
+    log axis when the key was searched on a log scale (`log_keys`), or, for a grid, when its
+    values span a factor of 10 or more."""
     plt = _pyplot()
     scored = [(run, colour) for run, colour in zip(runs, colours) if run.objective_value is not None]
     columns = min(len(keys), 3)
@@ -272,7 +424,7 @@ def _objective_plot(runs, keys, colours, best, objective: str, direction: str, o
             ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right", fontsize=8)
         else:
             xs = numbers
-            if min(xs) > 0 and max(xs) / min(xs) >= 10:
+            if min(xs) > 0 and (key in log_keys or max(xs) / min(xs) >= 10):
                 ax.set_xscale("log")
         for x, (run, colour) in zip(xs, scored):
             is_best = run is best
@@ -388,18 +540,22 @@ def write_report(directory: Path, out_dir: Optional[Path] = None) -> dict:
 
     curves = {
         "loss.png": ("tokens_seen", ["train_loss", "eval_loss"], "train (solid) and eval (dashed) loss", "loss"),
-        "lr.png": ("step", ["lr"], "learning rate", "lr"),
+        "grad_norm.png": ("step", ["grad_norm"], "global gradient norm (before clipping), mean per logged interval",
+                          "grad norm"),
         "tokens_per_s.png": ("step", ["tokens_per_s"], "throughput", "tokens/s"),
     }
     for name, (x, ys, title, ylabel) in curves.items():
         _curves(runs, keys, colours, best, out_dir / name, x, ys, title, ylabel)
-    plots = list(curves)
+    log_keys = log_scale_keys(runs, study)
+    lrs = {run.name: scheduled_lrs(run) for run in runs}
+    _lr_plot(runs, keys, colours, best, lrs, "optimizer.lr" in log_keys, out_dir / "lr.png")
+    plots = ["loss.png", "lr.png", "grad_norm.png", "tokens_per_s.png"]
     if len(runs) > 1 and keys and any(run.objective_value is not None for run in runs):
-        _objective_plot(runs, keys, colours, best, objective, direction, out_dir / "objective.png")
+        _objective_plot(runs, keys, colours, best, objective, direction, out_dir / "objective.png", frozenset(log_keys))
         plots.append("objective.png")
     if study is not None:
         _history_plot(study, objective, out_dir / "optuna_history.png")
-        plots.append("optuna_history.png")
+        plots += ["optuna_history.png", *_optuna_plots(study, out_dir, log_keys)]
 
     table = _table(runs, keys, best, objective)
     verdict = ""
@@ -414,12 +570,14 @@ def write_report(directory: Path, out_dir: Optional[Path] = None) -> dict:
     report = out_dir / "report.md"
     report.write_text("\n\n".join(sections) + "\n")
     return {"report": str(report), "plots": [str(out_dir / n) for n in plots], "table": table,
+            "lr_per_step": lrs, "log_axes": sorted(log_keys),
             "best_run": best.name if best is not None else None, "colours": dict(zip((r.name for r in runs), colours)),
             "study": None if study is None else {
                 "name": study.name, "direction": study.direction, "trials": len(study.trials),
                 "best_trial": study.best.number if study.best else None,
                 "best_params": study.best.params if study.best else None,
-                "best_value": study.best.value if study.best else None}}
+                "best_value": study.best.value if study.best else None,
+                "importances": study.importances}}
 
 
 def check_report(cfg) -> None:

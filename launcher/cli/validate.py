@@ -57,10 +57,11 @@ def _check_training_run(cfg: DictConfig, on_this_machine: bool) -> None:
     from launcher.store.run_dir import is_training_checkpoint
     from launcher.training.checkpoint import check_before_loading
     from launcher.training.optim import check_optimizer, check_scheduler
-    from launcher.training.trainer import check_train
+    from launcher.training.trainer import check_length_change, check_train
 
     task = "train" if cfg.task.name == VALIDATE else cfg.task.name  # validate checks a training run
     check_train(cfg.train)
+    check_length_change(cfg)
     check_scheduler(cfg.scheduler)
     check_sharding(cfg)
     check_data(cfg)

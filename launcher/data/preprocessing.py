@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from launcher.data import formats
 from launcher.data.mixture import Part, describe_mixture, mix
 from launcher.data.packing import Documents, Packer, PackingSpec
-from launcher.data.sources import SOURCES, DataSource, source_of
+from launcher.data.sources import SOURCES, DataSource, check_foreign_keys, source_of
 from launcher.distributed import World, on_rank0_then_all
 from launcher.errors import ConfigError, at_least, choice_error
 from launcher.schema import PREPROCESSING
@@ -234,6 +234,7 @@ def check_data(cfg: DictConfig) -> None:
     at_least(data.eval_bs, 1, "data.eval_bs")
     at_least(data.num_workers, 0, "data.num_workers")
     source = SOURCES.get(data.source)
+    check_foreign_keys(data)
     source.check(data)
     components = [component for _, component in source(data).components()] if source.mixes else [data]
     for component in components:
@@ -247,6 +248,7 @@ def check_source(data: DictConfig, max_seq_len: int) -> None:
     source = SOURCES.get(data.source)
     if source.mixes:
         raise ConfigError("a data.mixture component cannot itself be a mixture")
+    check_foreign_keys(data)
     source.check(data)
     if not source.tokenized:
         check_preprocessing(data, max_seq_len)

@@ -30,7 +30,10 @@ from launcher.registry import Registry
 SOURCES: Registry["DataSource"] = Registry("data.source")
 
 # `files` source: file extension -> datasets builder.
-FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".md": "text"}
+# `files` source, .txt/.md: data.text_unit -> datasets' text builder `sample_by` (one example per
+# file, per blank-line paragraph, or per line).
+TEXT_UNITS = {"file": "document", "paragraph": "paragraph", "line": "line"}
 HUB_PROBE_TIMEOUT_S = 3.0
 
 
@@ -42,6 +45,10 @@ class DataSource:
     tokenized = False
     # True for a layer over other sources (`components()`), mixed after each is prepared.
     mixes = False
+    # The data.* keys only this kind of source reads (SOURCE_KEYS): set under another source, such
+    # a key is an error naming the sources that read it (check_foreign_keys). None (a source of
+    # your own that declares nothing): not checked.
+    keys: Optional[tuple[str, ...]] = None
 
     def __init__(self, data: DictConfig):
         self.data = data
@@ -77,6 +84,40 @@ def source_of(data: DictConfig) -> DataSource:
 # larger ones by size and modification time, which an edit in place that keeps both would fool
 # (docs/runs.md: touch the file, or remove the cache entry, to rebuild).
 CONTENT_HASH_BYTES = 64 * 1024 * 1024
+
+
+# The keys that say where the examples are; each is read by some sources and ignored by the rest.
+SOURCE_KEYS = ("load_path", "split", "eval_split", "text_unit", "train_ds", "eval_ds", "mixture")
+
+
+def check_foreign_keys(data: DictConfig) -> None:
+    """A source key (SOURCE_KEYS) set away from its schema default under a source that does not
+    read it is an error naming the sources that do: `data.load_path=chat.jsonl` without
+    `data=files` must not silently train the default corpus."""
+    from launcher.schema import DataConfig
+
+    source = SOURCES.get(data.source)
+    if source.keys is None:
+        return
+    defaults = OmegaConf.structured(DataConfig)
+    for key in SOURCE_KEYS:
+        if key in source.keys or OmegaConf.select(data, key, throw_on_missing=False) == defaults[key]:
+            continue
+        readers = sorted(name for name in SOURCES.names() if key in (SOURCES.get(name).keys or ()))
+        value = OmegaConf.select(data, key)
+        hint = f"data={_likely_source(value)} data.{key}={value}" if key == "load_path" else f"data={readers[0]}"
+        raise ConfigError(f"data.{key} is a key of data={'/'.join(readers)}; data={data.source} ignores it "
+                          f"(choose the source, e.g. {hint})")
+
+
+def _likely_source(load_path: str) -> str:
+    """The source a `data.load_path` looks meant for, for the hint of check_foreign_keys: files of
+    a supported type (or a directory of them) -> files, another directory -> disk, else hub."""
+    path = Path(os.path.expanduser(load_path))
+    if path.suffix.lower() in FILE_BUILDERS or (path.is_dir() and not (path / "dataset_info.json").is_file()
+                                                 and not (path / "dataset_dict.json").is_file()):
+        return "files"
+    return "disk" if path.is_dir() else "hub"
 
 
 def files_fingerprint(paths) -> str:
@@ -123,10 +164,7 @@ class PydocSource(DataSource):
     """The embedded corpus: CPython's pydoc topics, sorted by name (the same list on every
     Python of one version)."""
 
-    @classmethod
-    def check(cls, data: DictConfig) -> None:
-        if data.eval_split is not None:
-            raise ConfigError("data.eval_split does not apply to data.source=pydoc (eval is every data.eval_every-th topic)")
+    keys = ()  # eval is every data.eval_every-th topic
 
     def splits(self) -> dict:
         from datasets import Dataset
@@ -216,6 +254,8 @@ class SplitSource(DataSource):
 class DiskSource(SplitSource):
     """A dataset written by datasets' `save_to_disk` (a Dataset, or a DatasetDict and a split)."""
 
+    keys = ("load_path", "split", "eval_split")
+
     @classmethod
     def check(cls, data: DictConfig) -> None:
         path = _required(data, "load_path")
@@ -242,14 +282,19 @@ class FilesSource(DataSource):
     """Local json/jsonl/csv/parquet/txt files or globs, one file type per split. A file that
     cannot be read is named in one ConfigError (`read_problem` says what is wrong with it)."""
 
+    keys = ("load_path", "eval_split", "text_unit")
+
     @classmethod
     def check(cls, data: DictConfig) -> None:
+        if data.text_unit not in TEXT_UNITS:
+            raise choice_error("data.text_unit", data.text_unit, TEXT_UNITS)
         for key, pattern in (("data.load_path", _required(data, "load_path")), ("data.eval_split", data.eval_split)):
             if pattern is None:
                 continue
             files = file_list(pattern, f"{key}={pattern}")
             if not files:
-                raise ConfigError(f"{key}={pattern} matches no file")
+                holds = f"holds no {'/'.join(FILE_BUILDERS)} file" if os.path.isdir(os.path.expanduser(pattern)) else "matches no file"
+                raise ConfigError(f"{key}={pattern} {holds}")
             file_builder(files, f"{key}={pattern}")
             for file in files:
                 if os.path.getsize(file) == 0:
@@ -265,7 +310,7 @@ class FilesSource(DataSource):
             raise ConfigError(f"no file matches {pattern}")
         builder = file_builder(files, pattern)
         try:
-            return read_files(builder, files)
+            return read_files(builder, files, self.data.text_unit)
         except Exception as err:  # noqa: BLE001 (datasets raises many kinds for an unreadable file)
             problem = read_problem(err, builder)
         where, problem = self._first_bad_file(files, builder) or (files[0] if len(files) == 1 else pattern, problem)
@@ -279,7 +324,7 @@ class FilesSource(DataSource):
         problem_of = problem_of or (lambda dataset: column_problem(dataset, self.data))
         for file in files if len(files) > 1 else []:
             try:
-                problem = problem_of(read_files(builder, [file]))
+                problem = problem_of(read_files(builder, [file], self.data.text_unit))
             except Exception as err:  # noqa: BLE001
                 problem = read_problem(err, builder)
             if problem:
@@ -303,16 +348,20 @@ class FilesSource(DataSource):
 
 def file_list(pattern: str, key: Optional[str] = None) -> list[str]:
     """The files of `pattern`: an existing file is taken literally (`data[1].jsonl` is a name,
-    not a glob); anything else is a glob (`**` recursive)."""
+    not a glob); a directory gives the files of a supported type under it (FILE_BUILDERS, at any
+    depth, hidden ones left out); anything else is a glob (`**` recursive). Sorted by path."""
     path = os.path.expanduser(pattern)
     if os.path.isfile(path):
         return [path]
     if os.path.isdir(path):
-        raise ConfigError(f"{key or pattern} is a directory; give a file or a glob such as {pattern.rstrip('/')}/*.jsonl")
-    if os.path.exists(path):  # a FIFO, /dev/zero, a socket: reading would hang or never end
+        found = (f for f in glob.glob(os.path.join(glob.escape(path), "**", "*"), recursive=True)
+                 if Path(f).suffix.lower() in FILE_BUILDERS)
+    elif os.path.exists(path):  # a FIFO, /dev/zero, a socket: reading would hang or never end
         raise ConfigError(f"{key or pattern} is not a regular file (a FIFO, a device or a socket): data files "
                           f"must be regular files")
-    return sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+    else:
+        found = glob.glob(path, recursive=True)
+    return sorted(f for f in found if os.path.isfile(f))
 
 
 def file_builder(files: list[str], key: str) -> str:
@@ -324,13 +373,15 @@ def file_builder(files: list[str], key: str) -> str:
     return builders.pop()
 
 
-def read_files(builder: str, files: list[str]):
+def read_files(builder: str, files: list[str], text_unit: str = "file"):
     """datasets.load_dataset(builder, data_files=files) as one split, without datasets' own error
-    log lines (the caller reports a failure as one line)."""
+    log lines (the caller reports a failure as one line). Text files give one example per
+    `text_unit` (TEXT_UNITS): a file or paragraph keeps its newlines, a line does not."""
     from datasets import load_dataset
 
+    options = {"sample_by": TEXT_UNITS[text_unit]} if builder == "text" else {}
     with _quiet("datasets"):  # data_files are patterns to datasets: escaped, they name exactly these files
-        return load_dataset(builder, data_files=[glob.escape(f) for f in files], split="train")
+        return load_dataset(builder, data_files=[glob.escape(f) for f in files], split="train", **options)
 
 
 @contextmanager
@@ -369,6 +420,8 @@ def read_problem(err: BaseException, builder: str) -> str:
 class HubSource(SplitSource):
     """`datasets.load_dataset(load_path, split=...)`. Without network, only the local datasets
     cache is tried (datasets' offline mode), so a missing dataset fails in seconds."""
+
+    keys = ("load_path", "split", "eval_split")
 
     @classmethod
     def check(cls, data: DictConfig) -> None:
@@ -411,6 +464,7 @@ class PreprocessedSource(DataSource):
     token ids are checked against the tokenizer before training (launcher/data/preprocessing.py)."""
 
     tokenized = True
+    keys = ("train_ds", "eval_ds")
 
     @classmethod
     def check(cls, data: DictConfig) -> None:
@@ -452,6 +506,7 @@ class MixtureSource(DataSource):
     keys in SHARED, which come from the top-level `data` for all components."""
 
     mixes = True
+    keys = ("mixture",)
     SHARED = ("train_bs", "eval_bs", "ignore_index", "num_workers", "document_mask", "cache_dir", "num_proc", "save_path")
 
     @classmethod
@@ -513,10 +568,7 @@ class PydocPairsSource(DataSource):
     topics."""
 
     PROMPT_WORDS, RESPONSE_WORDS = 16, 24
-
-    @classmethod
-    def check(cls, data: DictConfig) -> None:
-        PydocSource.check(data)
+    keys = ()
 
     def splits(self) -> dict:
         from datasets import Dataset

@@ -1,5 +1,5 @@
-"""Tokenizer and model construction: a local HF checkpoint, loaded unchanged, or a random init
-from a config.
+"""Tokenizer and model construction: a HF checkpoint (a local directory, or a Hub id loaded
+through transformers and the HF cache), loaded unchanged, or a random init from a config.
 
 A checkpoint is loaded as transformers loads it: its vocabulary, tying, attention implementation
 and weights are kept, so its loss in hydralm is its loss in transformers. A checkpoint directory
@@ -29,6 +29,8 @@ log = logging.getLogger("hydralm")
 ATTENTION_IMPLEMENTATIONS = ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager")
 SAFE_WEIGHTS = "*.safetensors"
 PICKLED_WEIGHTS = "pytorch_model*.bin"  # what transformers reads when a directory has no safetensors
+# What a model on the Hub needs here: config, tokenizer, safetensors weights (and their index).
+HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py")
 
 
 def load_tokenizer(model_cfg: DictConfig) -> PreTrainedTokenizerBase:
@@ -126,14 +128,16 @@ def check_model(model_cfg: DictConfig, max_seq_len: int) -> dict:
     if model_cfg.path is None and model_cfg.config is None:
         raise ConfigError(f"model={model_cfg.name} needs model.path (a local directory with HF weights and tokenizer) "
                           "or model.config (a random init)")
-    tokenizer = model_cfg.tokenizer or model_cfg.path
     if model_cfg.path is not None:
-        read_hf_config(model_cfg.path, "model.path")
-    if tokenizer is None or not Path(tokenizer).is_dir():
-        raise ConfigError(f"model.tokenizer={tokenizer} does not exist (a directory with a HF tokenizer)")
+        directory = model_dir(model_cfg.path, "model.path", model_cfg.hub_id, model_cfg.allow_pickled_weights)
+        read_hf_config(str(directory), "model.path")
+    if model_cfg.tokenizer is not None:
+        model_dir(model_cfg.tokenizer, "model.tokenizer", what="a directory with a HF tokenizer")
+    elif model_cfg.path is None:
+        raise ConfigError("model.tokenizer=None does not exist (a directory with a HF tokenizer)")
     if model_cfg.path is not None:
-        _check_remote_code(model_cfg)
-        _check_weight_files(model_cfg)
+        _check_remote_code(model_cfg, directory)
+        _check_weight_files(model_cfg, directory)
     try:
         config = hf_config(model_cfg)
     except (ValueError, KeyError, OSError) as err:
@@ -160,11 +164,59 @@ def check_model(model_cfg: DictConfig, max_seq_len: int) -> dict:
     return config.to_dict()
 
 
-def _check_remote_code(model_cfg: DictConfig) -> None:
+def model_dir(path: str, key: str, hub_id: Optional[str] = None, pickled: bool = False,
+              what: str = "a directory with HF weights and tokenizer") -> Path:
+    """The local directory of `path`: a directory as it is, or the snapshot of a Hub id in the HF
+    cache, downloaded there first (the files transformers will read: HUB_FILES, and the pickled
+    weights when `pickled`) unless HF_HUB_OFFLINE=1. `hub_id`: the preset's Hub id, named when
+    `path` is a folder that does not exist here."""
+    directory = Path(path).expanduser()
+    if directory.is_dir():
+        return directory
+    if not _is_hub_id(path):
+        hint = f"; the preset's model on the Hub: {key}={hub_id}" if hub_id else ""
+        raise ConfigError(f"{key}={path} does not exist ({what}, or a Hub id such as meta-llama/Llama-3.1-8B){hint}")
+    return _hub_snapshot(path, key, pickled)
+
+
+def _is_hub_id(path: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if path.startswith(("/", ".", "~")):
+        return False
+    try:
+        validate_repo_id(path)
+        return True
+    except HFValidationError:
+        return False
+
+
+def _hub_snapshot(repo_id: str, key: str, pickled: bool) -> Path:
+    """huggingface_hub's snapshot_download, the cache transformers reads; its failures in one line."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    patterns = [*HUB_FILES, PICKLED_WEIGHTS] if pickled else list(HUB_FILES)
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except GatedRepoError:
+        raise ConfigError(f"{key}={repo_id} is gated on the Hub: accept its terms at https://huggingface.co/{repo_id} "
+                          "and log in (hf auth login, or HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{key}={repo_id} is neither a local directory nor a model on the Hugging Face Hub "
+                          "(a private one needs hf auth login, or HF_TOKEN)") from None
+    except OSError as err:  # not cached, and offline or the Hub unreachable (LocalEntryNotFoundError, ...)
+        why = "HF_HUB_OFFLINE=1 forbids downloading it" if constants.HF_HUB_OFFLINE else f"the Hub cannot be reached ({_first_line(err)})"
+        raise ConfigError(f"{key}={repo_id} is not a local directory, and that Hub id is not in the HF cache "
+                          f"({constants.HF_HUB_CACHE}) and {why}; download it where there is network "
+                          f"(hf download {repo_id}, same HF_HOME) or give a local directory") from None
+
+
+def _check_remote_code(model_cfg: DictConfig, directory: Path) -> None:
     """An `auto_map` names Python files shipped with the checkpoint. Without trust_remote_code
     they never run: transformers' own class is used when it has the architecture, otherwise the
     checkpoint is refused."""
-    config = json.loads((Path(model_cfg.path) / "config.json").read_text())
+    config = json.loads((directory / "config.json").read_text())
     if "auto_map" not in config or model_cfg.trust_remote_code:
         return
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -178,8 +230,7 @@ def _check_remote_code(model_cfg: DictConfig) -> None:
              model_cfg.path, config["model_type"])
 
 
-def _check_weight_files(model_cfg: DictConfig) -> None:
-    path = Path(model_cfg.path)
+def _check_weight_files(model_cfg: DictConfig, path: Path) -> None:
     if any(path.glob(SAFE_WEIGHTS)):
         return  # transformers reads only the safetensors files then (use_safetensors=True)
     pickled = sorted(path.glob(PICKLED_WEIGHTS))

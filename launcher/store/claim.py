@@ -36,7 +36,7 @@ from omegaconf import DictConfig, open_dict
 from launcher.cli.console import announce
 from launcher.errors import AnotherRunsDirectory, ConfigError
 from launcher.store import atomic, run_dir
-from launcher.store.identity import TOKENIZER, TRAIN_SEQUENCES, differing_keys, layout_keys, run_identity
+from launcher.store.identity import TOKENIZER, TRAIN_SEQUENCES, differing_keys, layout_keys, length_keys, run_identity
 
 LOCK_FILE = "run.lock"
 RUN_RECORD = "run.json"
@@ -106,7 +106,8 @@ def _check_same_run(cfg: DictConfig, output_dir: Path, record: dict, current: di
     what = run_dir.describe_run(output_dir)
     explicit_resume = cfg.resume not in ("auto", "never")
     saved = record["identity"]
-    differing = differing_keys(saved, current, ignore=layout_keys(cfg) if explicit_resume else ())
+    may_differ = {*length_keys(cfg), *(layout_keys(cfg) if explicit_resume else ())}  # a longer run continues
+    differing = differing_keys(saved, current, ignore=may_differ)
     if differing:
         key = differing[0]
         more = f" and {len(differing) - 1} more key{'s' if len(differing) > 2 else ''}" if len(differing) > 1 else ""
@@ -127,7 +128,7 @@ def _check_resume_checkpoint(cfg: DictConfig, current: dict) -> None:
         saved = {k: v for k, v in fingerprint.items() if k not in (TOKENIZER, TRAIN_SEQUENCES)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return  # a damaged trainer_state.json is reported where the checkpoint loads
-    run_dir.check_compatible(saved, current, Path(cfg.resume), ignore=layout_keys(cfg))
+    run_dir.check_compatible(saved, current, Path(cfg.resume), ignore={*layout_keys(cfg), *length_keys(cfg)})
 
 
 def _shown(identity: dict, key: str) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, OmegaConf
 
 from launcher import schema
-from launcher.schema import BATCH_LAYOUT, RUN, Config
+from launcher.schema import BATCH_LAYOUT, LENGTH, RUN, Config
 
 
 def identity(cfg: DictConfig, purpose: str) -> dict[str, Any]:
@@ -44,6 +44,12 @@ TOKENIZER, TRAIN_SEQUENCES = "tokenizer", "data.train_sequences"
 def layout_keys(cfg: DictConfig) -> set[str]:
     """The run keys an explicit `resume=<checkpoint>` may change (how the global batch is split)."""
     return set(identity(cfg, BATCH_LAYOUT))
+
+
+def length_keys(cfg: DictConfig) -> dict[str, Any]:
+    """{key: value} of the run keys that only say how long it goes on (train.epochs,
+    train.max_steps): a run continues under new values of them."""
+    return flatten(identity(cfg, LENGTH))
 
 
 def differing_keys(saved: dict, current: dict, ignore: Iterable[str] = ()) -> list[str]:

@@ -51,7 +51,7 @@ from launcher.distributed import World, barrier, on_rank0_then_all
 from launcher.errors import ConfigError, RunStopped
 from launcher.model.modeling import save_hf_metadata
 from launcher.store import atomic, integrity, run_dir
-from launcher.store.identity import layout_keys
+from launcher.store.identity import layout_keys, length_keys
 from launcher.training.metrics import Window
 from launcher.training.rng import rng_state, set_rng_state
 
@@ -91,8 +91,9 @@ class Checkpointer:
         self.interval = cfg.train.save_steps or max(1, int(cfg.train.save_frequency * steps_per_epoch))
         self.keep_last_n = cfg.train.keep_last_n
         self.fingerprint = fingerprint
-        # An explicit resume=<checkpoint> may change the batch layout (a resharded resume).
-        self.may_differ = layout_keys(cfg) if cfg.resume not in ("auto", "never") else set()
+        # An explicit resume=<checkpoint> may change the batch layout (a resharded resume); any
+        # resume the run's length (it continues: docs/runs.md).
+        self.may_differ = {*length_keys(cfg), *(layout_keys(cfg) if cfg.resume not in ("auto", "never") else ())}
         self.resume_from = self._resume_source(cfg.resume)
 
     def _resume_source(self, resume: str) -> Optional[Path]:

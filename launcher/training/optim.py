@@ -15,7 +15,7 @@ import warnings
 import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
-from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
+from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau, _update_param_group_val
 
 from launcher.errors import ConfigError, check_arguments, choice_error, finite
 
@@ -79,7 +79,15 @@ class StepSchedule:
         return self.scheduler.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        """The saved step, under this schedule: a run continued with a new length (train.max_steps)
+        takes its lr from the new schedule from the saved step on, including the next step's (the
+        optimizer state holds the old schedule's). The same schedule gives the same values."""
         self.scheduler.load_state_dict(state)
+        scheduler = self.scheduler
+        lrs = [base * schedule(scheduler.last_epoch) for base, schedule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+            _update_param_group_val(group, "lr", lr)  # as LambdaLR sets it (a tensor lr stays a tensor)
+        scheduler._last_lr = lrs
 
 
 class WarmupThenEvalDriven:

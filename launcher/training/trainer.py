@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 from datasets import Dataset
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.distributed.tensor import DTensor
 
 from launcher.cli.console import announce
@@ -38,7 +38,7 @@ from launcher.model.losses import trained_tokens
 from launcher.model.modeling import build_model, load_tokenizer
 from launcher.model.sharding import local_parameter_bytes, prepare_model, set_gradient_sync
 from launcher.store import atomic, run_dir
-from launcher.store.identity import TOKENIZER, TRAIN_SEQUENCES, run_identity
+from launcher.store.identity import TOKENIZER, TRAIN_SEQUENCES, length_keys, run_identity
 from launcher.store.outputs import claimed_output_dir
 from launcher.training.checkpoint import Checkpointer, Progress
 from launcher.training.export import save_base_model, save_final_model
@@ -124,6 +124,7 @@ class Trainer:
             self.model = build_training_model(cfg, self.tokenizer, world, self.output_dir)
             self._setup_optimization()
             resumed = self._setup_checkpointing()
+            self._check_length()
             self.last_eval = {"eval_loss": self.progress.last_eval_loss}
             self.task.setup(self.model, self)
             self._setup_logging()
@@ -143,15 +144,32 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def _finished_run(self) -> Optional[dict]:
-        """The summary of this run when output_dir holds it finished (resume=auto): rerunning the
-        command changes nothing. Otherwise summary.json goes: from now on the run is unfinished."""
+        """The summary of this run when output_dir holds it finished (resume=auto) at the same
+        length: rerunning the command changes nothing. With train.max_steps/train.epochs changed it
+        continues (docs/runs.md). Otherwise summary.json goes: from now on the run is unfinished."""
         summary = run_dir.finished_summary(self.output_dir)
+        length = length_keys(self.cfg)
         if summary is not None and self.cfg.resume == "auto":
-            announce(f"hydralm: {self.output_dir} holds this run, finished at step {summary['steps']} "
-                     f"({run_dir.SUMMARY}): nothing to train (overwrite=true trains it again)")
-            return summary
+            if summary.get("length", length) == length:
+                announce(f"hydralm: {self.output_dir} holds this run, finished at step {summary['steps']} "
+                         f"({run_dir.SUMMARY}): nothing to train (overwrite=true trains it again)")
+                return summary
+            changed = {key: (summary["length"].get(key), value) for key, value in length.items()
+                       if summary["length"].get(key) != value}
+            check_length_change(self.cfg, self.output_dir)
+            changes = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
+            announce(f"hydralm: {self.output_dir} holds this run, finished at step {summary['steps']}; "
+                     f"{changes}: it continues from its latest checkpoint")
         (self.output_dir / run_dir.SUMMARY).unlink(missing_ok=True)
         return None
+
+    def _check_length(self) -> None:  # an unfinished run (a finished one: check_length_change)
+        """A run's length may grow, never shrink below the step it has reached."""
+        if self.progress.step > self.total_steps:
+            raise ConfigError(
+                f"train.max_steps={self.cfg.train.max_steps} train.epochs={self.cfg.train.epochs} give "
+                f"{self.total_steps} steps, fewer than the {self.progress.step} this run has trained "
+                f"(output_dir={self.output_dir}): a run's length may only grow; use another output_dir")
 
     def _setup_data(self) -> None:
         cfg, world = self.cfg, self.world
@@ -305,6 +323,7 @@ class Trainer:
             "final_eval_loss": progress.last_eval_loss,
             "final_eval": self.last_eval,
             "steps": progress.step,
+            "length": length_keys(self.cfg),  # raised, the run continues (_finished_run)
             "resumed_at_step": self.resumed_at_step,
             "tokens_seen": progress.tokens_seen,
             "trained_tokens": progress.trained_tokens,
@@ -408,6 +427,24 @@ def evaluate(model, loader, task: TrainingTask, world: World, max_batches: Optio
 
 
 # ---------------------------------------------------------------------- builders and checks
+
+
+def check_length_change(cfg: DictConfig, output_dir: Optional[Path] = None) -> None:
+    """Before any work (and before Hydra writes .hydra/ into output_dir): a finished run in
+    output_dir is continued only to a greater length (docs/runs.md)."""
+    output_dir = output_dir or (Path(cfg.output_dir) if cfg.get("output_dir") else None)
+    summary = run_dir.finished_summary(output_dir) if output_dir is not None and output_dir.is_dir() else None
+    if summary is None or cfg.resume != "auto" or not isinstance(summary.get("length"), dict):
+        return
+    train, old_epochs = cfg.train, summary["length"].get("train.epochs") or 0
+    if train.epochs < old_epochs:
+        key, old = "train.epochs", old_epochs
+    elif train.max_steps is not None and train.max_steps < summary["steps"]:
+        key, old = "train.max_steps", f"{summary['length'].get('train.max_steps')} ({summary['steps']} steps trained)"
+    else:
+        return
+    raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} is below this finished run's {key}={old} "
+                      f"(output_dir={output_dir}): a run's length may only grow; use another output_dir")
 
 
 def check_train(train: DictConfig) -> None:
