@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
 from launcher.errors import ConfigError, check_arguments, choice_error, finite
+from launcher.model.precision import optimizer_override
 
 PLATEAU_WITH_WARMUP = "plateau_with_warmup"
 # VectorLM's spellings.
@@ -25,8 +26,17 @@ SCHEDULER_ALIASES = {"plataeu-with-warmup": PLATEAU_WITH_WARMUP, "plateau-with-w
 EVAL_DRIVEN = ("reduce_lr_on_plateau", "greedy")  # transformers' schedulers stepped with a metric
 
 
-def build_optimizer(params, optimizer_cfg: DictConfig) -> torch.optim.Optimizer:
-    return instantiate(optimizer_cfg, params=params, _convert_="all")
+def build_optimizer(params, optimizer_cfg: DictConfig, precision: str = "fp32") -> torch.optim.Optimizer:
+    """`optimizer` as configured; train.precision=bf16_sr: torchao's AdamW with the same arguments and
+    bf16 stochastic rounding (launcher/model/precision.py)."""
+    override = optimizer_override(optimizer_cfg, precision)
+    if override is None:
+        return instantiate(optimizer_cfg, params=params, _convert_="all")
+    options = {k: v for k, v in OmegaConf.to_container(optimizer_cfg, resolve=True).items() if k != "_target_"}
+    if "betas" in options:
+        options["betas"] = tuple(options["betas"])
+    optimizer_class = override.pop("class")
+    return optimizer_class(params, **options, **override)
 
 
 class StepSchedule:
@@ -50,13 +60,13 @@ class StepSchedule:
         pass
 
     def get_last_lr(self) -> list[float]:
-        return self.scheduler.get_last_lr()
+        return [float(lr) for lr in self.scheduler.get_last_lr()]  # torchao's AdamW keeps lr as a tensor
 
     def state_dict(self) -> dict:
-        return self.scheduler.state_dict()
+        return _json_ready(self.scheduler.state_dict())
 
     def load_state_dict(self, state: dict) -> None:
-        self.scheduler.load_state_dict(state)
+        self.scheduler.load_state_dict(_lrs_as_optimizer_keeps_them(state, self.scheduler.optimizer))
 
 
 class WarmupThenEvalDriven:
@@ -79,15 +89,39 @@ class WarmupThenEvalDriven:
             self.after_warmup.step(loss)
 
     def get_last_lr(self) -> list[float]:
-        return [group["lr"] for group in self.optimizer.param_groups]
+        return [float(group["lr"]) for group in self.optimizer.param_groups]
 
     def state_dict(self) -> dict:
-        return {"steps": self.steps, "warmup": self.warmup.state_dict(), "after_warmup": self.after_warmup.state_dict()}
+        return _json_ready({"steps": self.steps, "warmup": self.warmup.state_dict(),
+                            "after_warmup": self.after_warmup.state_dict()})
 
     def load_state_dict(self, state: dict) -> None:
         self.steps = state["steps"]
-        self.warmup.load_state_dict(state["warmup"])
-        self.after_warmup.load_state_dict(state["after_warmup"])
+        self.warmup.load_state_dict(_lrs_as_optimizer_keeps_them(state["warmup"], self.optimizer))
+        self.after_warmup.load_state_dict(_lrs_as_optimizer_keeps_them(state["after_warmup"], self.optimizer))
+
+
+LR_LISTS = ("base_lrs", "_last_lr", "min_lrs")
+
+
+def _json_ready(state):
+    """A schedule's state for trainer_state.json: learning rates kept as 0-d tensors (torchao's
+    AdamW, train.precision=bf16_sr) become floats (exact: a float32 value is a Python float)."""
+    if isinstance(state, dict):
+        return {key: _json_ready(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return [_json_ready(value) for value in state]
+    return state.item() if isinstance(state, torch.Tensor) else state
+
+
+def _lrs_as_optimizer_keeps_them(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """The inverse of _json_ready: an optimizer whose lr is a tensor gets its schedule's learning
+    rates back as tensors of that dtype, so a resumed run computes them exactly as before."""
+    lr = optimizer.param_groups[0]["lr"]
+    if not isinstance(lr, torch.Tensor):
+        return state
+    return {key: [torch.tensor(v, dtype=lr.dtype) for v in value] if key in LR_LISTS and isinstance(value, list)
+            else value for key, value in state.items()}
 
 
 def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
