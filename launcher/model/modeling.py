@@ -84,6 +84,7 @@ def build_model(
             model.resize_token_embeddings(rows)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.dtype = dtype  # what config.json records, so from_pretrained(dtype="auto") reloads it alike
     return cast_parameters(model, dtype)
 
 

@@ -74,7 +74,7 @@ def check_precision(train: DictConfig, optimizer_cfg: DictConfig) -> None:
     if train.precision != "bf16_sr":
         return
     if importlib.util.find_spec("torchao") is None:
-        raise ConfigError("train.precision=bf16_sr needs the torchao package (pip install 'torchao>=0.18'); "
+        raise ConfigError("train.precision=bf16_sr needs the torchao package (pip install 'hydralm[torchao]'); "
                           "train.precision=bf16 needs nothing more")
     if optimizer_cfg.get("_target_") not in ADAMW_TARGETS:
         raise ConfigError(f"train.precision=bf16_sr replaces torch.optim.AdamW by torchao's AdamW with bf16 "
