@@ -171,6 +171,9 @@ def prepare_model(model: torch.nn.Module, cfg: DictConfig, world: World, weights
     """Activation checkpointing, compile, FSDP2 (where it has work to do) and device placement,
     in the order they compose. Meta parameters (build_model's `low_cpu_mem_usage` on ranks > 0,
     or `empty` with `weights_follow`: the caller loads the weights next) are allocated here."""
+    from launcher.device_defaults import apply_device_defaults
+
+    apply_device_defaults(cfg)  # a no-op after run_task's; a caller that composed its own config gets the rule too
     # low_cpu_mem_usage: rank 0 keeps references to its full weights to scatter them after sharding.
     scatter = cfg.sharding.low_cpu_mem_usage and world.size > 1 and not weights_follow
     full_state = model.state_dict() if scatter and world.is_main else None
