@@ -138,8 +138,8 @@ def check_launch(cfg: DictConfig) -> None:
         raise ConfigError("sharding.cpu_offload=true with several processes needs gloo for the host-resident "
                           "gradients next to nccl: use sharding.backend=auto (cpu:gloo,cuda:nccl)")
     if cfg.train.precision in ("mixed", "bf16", "bf16_sr") and not cuda:
-        log.warning("train.precision=%s on CPU: bf16 saves memory here but computes slower than fp32",
-                    cfg.train.precision)
+        saves = "saves memory but " if cfg.train.precision != "mixed" else ""
+        log.warning("train.precision=%s on CPU: bf16 %scomputes slower than fp32 here", cfg.train.precision, saves)
 
 
 def shard_model(model: torch.nn.Module, strategy: ShardingStrategy, cfg: DictConfig) -> torch.nn.Module:
