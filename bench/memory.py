@@ -20,6 +20,9 @@ The last line is the verdict. Uses ~12 GB of memory at its peak; ~15 min on 2 bu
     python bench/memory.py            # the 0.5B model
     python bench/memory.py --smoke    # a tiny model through the same steps, without the contrasts
                                       # (figures mean nothing)
+    python bench/memory.py --precision fp32,mixed,bf16,bf16_sr
+                                      # instead: bytes per parameter of each train.precision, one
+                                      # process, one optimizer step: (peak - baseline) / parameters
 """
 
 import argparse
@@ -119,8 +122,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="a tiny model through the same steps")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--precision", help="comma-separated train.precision modes: bytes/param of each, nothing else")
+    parser.add_argument("--layers", type=int, help="decoder layers of the model (default: 32, the 0.5B model)")
     args = parser.parse_args()
     spec = SMOKE if args.smoke else REAL
+    if args.layers:
+        spec = {**spec, "num_hidden_layers": args.layers}
     cache = Path(os.environ.get("HYDRALM_CACHE", Path.home() / ".cache" / "hydralm")) / "bench"
     checkpoint = model_dir(spec, cache)
     from safetensors import safe_open
@@ -129,6 +136,9 @@ def main() -> None:
         sizes = [math.prod(f.get_slice(k).get_shape()) for k in f.keys()]
     parameters, largest_gib = sum(sizes), 4 * max(sizes) / GIB
     figures = {"parameters": parameters}
+
+    if args.precision:
+        return precision_bytes(args.precision.split(","), checkpoint, parameters, args.json)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -191,6 +201,25 @@ def main() -> None:
     smoke = " (smoke: figures mean nothing)" if args.smoke else ""
     print(f"verdict: {'PASS' if not failed else 'FAIL'}{smoke}: " + "; ".join(
         f"{name} {'ok' if ok else 'FAILED'}" for name, ok in checks.items()))
+
+
+def precision_bytes(modes: list[str], checkpoint: Path, parameters: int, json_path) -> None:
+    """Peak resident memory of one process training one step in each mode, beyond the runtime
+    baseline, per parameter: weights + gradients + AdamW state (+ the small batch's activations)."""
+    figures = {"parameters": parameters}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        base = baseline_gib(work)
+        figures["baseline_gib"] = base
+        for mode in modes:
+            peak, = run_ranks([*RUN, "sharding=auto", "train.max_steps=1", "train.logging_steps=1",
+                               f"train.precision={mode}", f"model.path={checkpoint}", f"output_dir={work / mode}"],
+                              work, world_size=1)
+            per_param = (peak - base) * GIB / parameters
+            figures[f"bytes_per_param_{mode}"] = per_param
+            print(f"train.precision={mode}: peak {peak:.2f} GiB, {peak - base:.2f} GiB beyond the baseline = "
+                  f"{per_param:.1f} bytes/parameter ({parameters / 1e6:.0f}M parameters, 1 step)", flush=True)
+    publish(figures, json_path)
 
 
 def _console(work: Path) -> str:

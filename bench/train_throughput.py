@@ -55,7 +55,7 @@ def hydralm_overrides(spec: dict) -> list[str]:
         f"train.max_seq_len={spec['seq_len']}", "train.epochs=1", f"train.max_steps={steps}",
         # One log window of warm-up, one measured; eval at the log points is kept minimal.
         f"train.logging_steps={spec['measured_steps']}", "train.max_eval_batches=1",
-        "train.max_grad_norm=1.0", "train.use_mp=false", "sharding=no_shard",
+        "train.max_grad_norm=1.0", "train.precision=fp32", "sharding=no_shard",
         "optimizer=adamw", "+optimizer.fused=true", "scheduler=cosine",
     ]
 

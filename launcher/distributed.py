@@ -27,6 +27,10 @@ from launcher.errors import ConfigError, RunStopped
 
 T = TypeVar("T")
 
+# sharding.cpu_offload on CUDA: collectives of host-resident tensors (the gradient norm, the export's
+# gathers) go through gloo, those of device tensors through nccl.
+CPU_AND_CUDA = "cpu:gloo,cuda:nccl"
+
 
 @dataclass(frozen=True)
 class World:
@@ -65,6 +69,8 @@ def distributed(backend: str = "auto", collective_timeout_s: float = DEFAULT_COL
         device = torch.device("cpu")
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
+    elif backend == CPU_AND_CUDA and device.type != "cuda":
+        backend = "gloo"
     owner = not dist.is_initialized()
     if owner:
         if launched:
@@ -177,6 +183,15 @@ def on_rank0_then_all(work: Callable[[], T], world: World) -> T:
 
 
 # ---------------------------------------------------------------- ranks of a SLURM job (submitit)
+
+
+def launch_world_size() -> int:
+    """The number of processes of this launch (torchrun's or a SLURM job's), before the group forms."""
+    if "WORLD_SIZE" not in os.environ and in_submitit_job():
+        import submitit
+
+        return submitit.JobEnvironment().num_tasks
+    return _env_int("WORLD_SIZE", 1)
 
 
 def in_submitit_job() -> bool:

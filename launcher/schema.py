@@ -135,14 +135,15 @@ class SchedulerConfig:
 
 @dataclass
 class ShardingConfig:
-    # NO_SHARD | FULL_SHARD | SHARD_GRAD_OP | HYBRID_SHARD (case-insensitive).
-    strategy: str = "NO_SHARD"
+    # NO_SHARD | FULL_SHARD | SHARD_GRAD_OP | HYBRID_SHARD (case-insensitive), or auto: FULL_SHARD
+    # with more than one process, else NO_SHARD (launcher/device_defaults.py).
+    strategy: str = "auto"
     # Ranks per shard group for HYBRID_SHARD; default: ranks per node (LOCAL_WORLD_SIZE).
     shard_group_size: Optional[int] = None
     cpu_offload: bool = False
     # Only rank 0 reads the weights; the others build on the meta device and receive them.
     low_cpu_mem_usage: bool = False
-    # auto: nccl on CUDA, gloo on CPU.
+    # auto: nccl on CUDA (cpu:gloo,cuda:nccl with cpu_offload), gloo on CPU.
     backend: str = "auto"
     # Seconds a rank waits for a silent one (stopped, frozen, its host hung) before every rank stops
     # with one line naming it (launcher/distributed.py). Longer than any step one rank does alone.
@@ -162,11 +163,14 @@ class TrainConfig:
     # false: optimizer.weight_decay spares biases and norm weights, as transformers' Trainer and
     # TRL do (launcher/training/optim.py parameter_groups); true: every trainable parameter decays.
     decay_norms_and_biases: bool = False
-    use_mp: bool = False
+    # auto (mixed on CUDA with bf16, else fp32) | fp32 | mixed (fp32 master weights, bf16 compute) |
+    # bf16 (weights, grads, AdamW state in bf16) | bf16_sr (bf16 + stochastic rounding): docs/precision.md
+    precision: str = "auto"
     use_activation_checkpointing: bool = affects(default=False)
     # Checkpoint every k-th decoder layer (1: all; 2: half of them, trading memory for speed).
     activation_checkpointing_every: int = affects(default=1)
-    compile: bool = affects(default=False)
+    # auto (on for CUDA, off for CPU) | true | false: torch.compile each decoder layer.
+    compile: Any = affects(default="auto")
     # cross_entropy: all logits at once, upcast to fp32. chunked_cross_entropy: the output head and
     # the loss over loss_chunk_size tokens at a time, recomputed in backward (launcher/model/losses.py).
     # Both compute the same loss, so neither is part of the run's identity.

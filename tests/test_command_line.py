@@ -30,6 +30,8 @@ def _one_error_line(result) -> str:
                                 "(+optimizer.lrr=... adds it)"),
         (["logger.wandb.project=x"], "logger.wandb is not a key of logger (select it first: logger=wandb)"),
         (["train.epochs=abc"], "train.epochs=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+        (["train.use_mp=true"], "train.use_mp is not a key of train; use train.precision=mixed (train.use_mp=true) "
+                                "or train.precision=fp32 (docs/precision.md)"),
     ],
 )
 def test_a_misspelt_key_option_or_type_is_one_line_with_the_closest_names(args, message, tmp_path):

@@ -40,7 +40,7 @@ def test_vectorlm_experiment_reproduces_the_sample():
     assert cfg.model.path == "/model-weights/Llama-2-7b-chat-hf"
     assert cfg.sharding.strategy == "FULL_SHARD"
     assert cfg.train.max_seq_len == 4096 and cfg.train.gradient_accumulation_steps == 4
-    assert cfg.train.use_mp and cfg.train.use_activation_checkpointing
+    assert cfg.train.precision == "mixed" and cfg.train.use_activation_checkpointing
     assert cfg.model.attention == "flash_attention_2"
     assert OmegaConf.to_container(cfg.optimizer) == {
         "_target_": "torch.optim.AdamW", "lr": 2e-5, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-5,
@@ -70,7 +70,7 @@ def test_the_70b_experiment_shards_the_training_state_over_every_gpu():
     cfg = compose_config(["+experiment=llama3_1_70b"])
     assert cfg.model.path == "/model-weights/Meta-Llama-3.1-70B"
     assert cfg.sharding.strategy == "FULL_SHARD" and cfg.sharding.low_cpu_mem_usage
-    assert cfg.train.use_mp and cfg.train.use_activation_checkpointing
+    assert cfg.train.precision == "mixed" and cfg.train.use_activation_checkpointing
     assert compose_config(["+experiment=llama3_1_70b", "model=llama3_1_70b_instruct"]).model.path.endswith("-Instruct")
 
 

@@ -17,7 +17,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig
 
 from launcher import schema  # noqa: F401  (registers the schema and the asset resolver)
-from launcher.cli.console import masked_console, one_line_errors, record_in_job_log, refuse
+from launcher.cli.console import announce, masked_console, one_line_errors, record_in_job_log, refuse
 from launcher.cli.objective import objective_value
 from launcher.cli.validate import check_config
 from launcher.errors import ConfigError, RunStopped
@@ -31,6 +31,12 @@ def run_task(cfg: DictConfig):
     """Validate `cfg` and call its task function. Tests call this with a composed config."""
     return_large_freed_blocks()
     check_config(cfg)
+    if cfg.task.uses_model:
+        from launcher.device_defaults import apply_device_defaults
+
+        line = apply_device_defaults(cfg)  # every `auto` resolved once, before the run's identity is taken
+        if line and os.environ.get("RANK", "0") == "0":
+            announce(line)
     return get_method(cfg.task.fn)(cfg)
 
 

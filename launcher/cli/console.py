@@ -154,6 +154,10 @@ def _command_line_overrides() -> list[str]:
     return list(args.overrides)
 
 
+# Keys that became others: the message names the new spelling.
+RENAMED = {"train.use_mp": "; use train.precision=mixed (train.use_mp=true) or train.precision=fp32 (docs/precision.md)"}
+
+
 def _describe_missing_key(key: str, overrides: list[str], appendable: bool) -> Optional[str]:
     """`train.epoch is not a key of train; did you mean train.epochs?`, from the config composed
     without the override that named it (None if that config cannot be composed either)."""
@@ -177,7 +181,8 @@ def _describe_missing_key(key: str, overrides: list[str], appendable: bool) -> O
         return None
     keys = sorted(node) if isinstance(node, dict) else []
     prefix = "".join(f"{p}." for p in parent)
-    suggestion = closest(segment, keys, prefix) or (f"; its keys: {', '.join(keys)}" if keys else "")
+    suggestion = (RENAMED.get(f"{prefix}{segment}") or closest(segment, keys, prefix)
+                  or (f"; its keys: {', '.join(keys)}" if keys else ""))
     message = f"{prefix}{segment} is not a key of {'.'.join(parent) or 'the config'}{suggestion}"
     if len(parent) == 1 and segment in group_options:
         message += f" (select it first: {parent[0]}={segment})"

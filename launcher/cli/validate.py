@@ -51,6 +51,7 @@ def _check_training_run(cfg: DictConfig, on_this_machine: bool) -> None:
     from launcher.data.preprocessing import check_data
     from launcher.model.lora import check_lora_targets, check_peft, lora_enabled
     from launcher.model.losses import check_loss
+    from launcher.model.precision import check_precision
     from launcher.model.modeling import check_attention_device, check_model, read_hf_config
     from launcher.model.sharding import check_launch, check_sharding
     from launcher.model.task_model import model_config
@@ -73,6 +74,7 @@ def _check_training_run(cfg: DictConfig, on_this_machine: bool) -> None:
     hf_config = check_model(model_config(cfg), cfg.train.max_seq_len)
     check_loss(cfg.train, hf_config)
     check_optimizer(cfg.optimizer)
+    check_precision(cfg.train, cfg.optimizer)
     check_peft(cfg.peft, task)
     if cfg.export.merge_lora and not lora_enabled(cfg.peft):
         raise ConfigError("export.merge_lora=true needs peft=lora (there are no adapters to merge)")

@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from launcher.distributed import World
 from launcher.errors import ConfigError, at_least, choice_error
+from launcher.model.precision import cast_parameters
 
 log = logging.getLogger("hydralm")
 
@@ -53,9 +54,10 @@ def attention_implementation(requested: str, device: torch.device, config) -> Op
 
 def build_model(
     model_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, world: World, low_cpu_mem_usage: bool = False,
-    empty: bool = False,
+    empty: bool = False, dtype: torch.dtype = torch.float32,
 ) -> PreTrainedModel:
-    """fp32 master weights on the host; sharding/mixed precision decide what lands on the device.
+    """Weights in `dtype` (train.precision's: fp32 master weights, or bf16) on the host;
+    sharding and mixed precision decide what lands on the device.
 
     With `low_cpu_mem_usage`, only rank 0 reads (or initialises) the weights; the other ranks
     build the parameters on the meta device and receive the weights after sharding. `empty`:
@@ -64,6 +66,8 @@ def build_model(
     """
     config = hf_config(model_cfg, tokenizer)
     rows = vocab_rows(model_cfg, tokenizer, config.vocab_size)
+    # A random init draws in fp32 whatever the mode (the same initial weights, rounded); a
+    # checkpoint loads straight into `dtype` (no fp32 copy of a bf16 model on the host).
     options = dict(dtype=torch.float32, attn_implementation=attention_implementation(model_cfg.attention, world.device, config),
                    trust_remote_code=model_cfg.trust_remote_code)
     on_meta = empty or (low_cpu_mem_usage and not world.is_main)
@@ -75,14 +79,15 @@ def build_model(
     else:
         model = AutoModelForCausalLM.from_pretrained(
             model_cfg.path, config=config, use_safetensors=None if model_cfg.allow_pickled_weights else True,
-            weights_only=True, **options)
+            weights_only=True, **{**options, "dtype": dtype})
         if rows != config.vocab_size:  # the tokenizer has tokens the checkpoint lacks: new rows at the mean
             log.warning("model.tokenizer has %d tokens, model.path's vocabulary %d: the embeddings grow to %d rows",
                         len(tokenizer), config.vocab_size, rows)
             model.resize_token_embeddings(rows)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
+    model.config.dtype = dtype  # what config.json records, so from_pretrained(dtype="auto") reloads it alike
+    return cast_parameters(model, dtype)
 
 
 def hf_config(model_cfg: DictConfig, tokenizer: Optional[PreTrainedTokenizerBase] = None):

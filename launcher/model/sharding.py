@@ -12,16 +12,19 @@ import torch
 from omegaconf import DictConfig, open_dict
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 
-from launcher.distributed import World
+from launcher.distributed import CPU_AND_CUDA, World
 from launcher.errors import ConfigError, at_least, choice_error
 from launcher.model.modeling import decoder_layers
+from launcher.model.precision import mixed_precision_policy
 from launcher.registry import Registry
 
 log = logging.getLogger("hydralm")
 
 MESH_DIMS = ("replicate", "shard")
+
+AUTO_STRATEGY = "AUTO"  # check_sharding upper-cases the name
 
 STRATEGIES: Registry["ShardingStrategy"] = Registry("sharding.strategy", normalise=str.upper)
 
@@ -60,7 +63,7 @@ class NoShard(ShardingStrategy):
     def needs_fsdp(self, cfg: DictConfig) -> bool:
         """A single fp32 process has nothing to shard, reduce or cast: FSDP2 there only adds
         per-layer copy-in/copy-out and DTensor dispatch in the optimizer (~15% of a CPU step)."""
-        return self.world.size > 1 or cfg.train.use_mp or cfg.sharding.cpu_offload
+        return self.world.size > 1 or cfg.train.precision == "mixed" or cfg.sharding.cpu_offload
 
 
 @STRATEGIES.register("FULL_SHARD")
@@ -111,23 +114,33 @@ def check_sharding(cfg: DictConfig) -> None:
         sharding.strategy = str(sharding.strategy).upper() if "." not in str(sharding.strategy) else sharding.strategy
     at_least(sharding.shard_group_size, 1, "sharding.shard_group_size")
     at_least(sharding.collective_timeout_s, 1, "sharding.collective_timeout_s")
-    if sharding.backend not in ("auto", "gloo", "nccl"):
-        raise choice_error("sharding.backend", sharding.backend, ("auto", "gloo", "nccl"))
-    STRATEGIES.get(sharding.strategy)  # an unknown name is a ConfigError listing the registered ones
+    backends = ("auto", "gloo", "nccl", CPU_AND_CUDA)
+    if sharding.backend not in backends:
+        raise choice_error("sharding.backend", sharding.backend, backends)
+    if sharding.strategy != AUTO_STRATEGY:  # auto: resolved where the job runs (launcher/device_defaults.py)
+        STRATEGIES.get(sharding.strategy)  # an unknown name is a ConfigError listing the registered ones
 
 
 def check_launch(cfg: DictConfig) -> None:
     """On the machine that runs the job: the strategy fits this launch (world size from
     torchrun/SLURM) and CUDA is there for what needs it."""
+    from launcher.distributed import launch_world_size
+
     sharding = cfg.sharding
-    STRATEGIES.get(sharding.strategy).check(sharding, int(os.environ.get("WORLD_SIZE", 1)))
+    world_size = launch_world_size()
+    if sharding.strategy != AUTO_STRATEGY:
+        STRATEGIES.get(sharding.strategy).check(sharding, world_size)
     cuda = torch.cuda.is_available()
     if sharding.backend == "nccl" and not cuda:
         raise ConfigError("sharding.backend=nccl needs CUDA devices; use sharding.backend=gloo (or auto) on CPU")
     if sharding.cpu_offload and not cuda:
         raise ConfigError("sharding.cpu_offload=true offloads GPU memory to the host; it needs CUDA devices")
-    if cfg.train.use_mp and not cuda:
-        log.warning("train.use_mp=true on CPU: bf16 without hardware support is much slower than fp32 here")
+    if sharding.cpu_offload and sharding.backend == "nccl" and world_size > 1:
+        raise ConfigError("sharding.cpu_offload=true with several processes needs gloo for the host-resident "
+                          "gradients next to nccl: use sharding.backend=auto (cpu:gloo,cuda:nccl)")
+    if cfg.train.precision in ("mixed", "bf16", "bf16_sr") and not cuda:
+        saves = "saves memory but " if cfg.train.precision != "mixed" else ""
+        log.warning("train.precision=%s on CPU: bf16 %scomputes slower than fp32 here", cfg.train.precision, saves)
 
 
 def shard_model(model: torch.nn.Module, strategy: ShardingStrategy, cfg: DictConfig) -> torch.nn.Module:
@@ -141,9 +154,7 @@ def shard_model(model: torch.nn.Module, strategy: ShardingStrategy, cfg: DictCon
     options = dict(
         mesh=strategy.layer_mesh(mesh),
         reshard_after_forward=strategy.reshard_after_forward,
-        mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if cfg.train.use_mp
-        else MixedPrecisionPolicy(),
+        mp_policy=mixed_precision_policy(cfg.train.precision),
         offload_policy=CPUOffloadPolicy() if cfg.sharding.cpu_offload else OffloadPolicy(),
     )
     for layer in decoder_layers(model):
@@ -161,6 +172,9 @@ def prepare_model(model: torch.nn.Module, cfg: DictConfig, world: World, weights
     """Activation checkpointing, compile, FSDP2 (where it has work to do) and device placement,
     in the order they compose. Meta parameters (build_model's `low_cpu_mem_usage` on ranks > 0,
     or `empty` with `weights_follow`: the caller loads the weights next) are allocated here."""
+    from launcher.device_defaults import apply_device_defaults
+
+    apply_device_defaults(cfg)  # a no-op after run_task's; a caller that composed its own config gets the rule too
     # low_cpu_mem_usage: rank 0 keeps references to its full weights to scatter them after sharding.
     scatter = cfg.sharding.low_cpu_mem_usage and world.size > 1 and not weights_follow
     full_state = model.state_dict() if scatter and world.is_main else None

@@ -33,6 +33,8 @@ def model_config(cfg: DictConfig) -> DictConfig:
 def load_task_model(cfg: DictConfig, world):
     """(model config, tokenizer, sharded model) of `checkpoint`, or of `model` (collective)."""
     from launcher.model.modeling import build_model, load_tokenizer
+    from launcher.device_defaults import apply_device_defaults
+    from launcher.model.precision import weight_dtype
     from launcher.model.sharding import prepare_model
     from launcher.training.checkpoint import load_model_weights
 
@@ -40,7 +42,9 @@ def load_task_model(cfg: DictConfig, world):
     tokenizer = load_tokenizer(model_cfg)
     from_checkpoint = cfg.checkpoint is not None and is_training_checkpoint(Path(cfg.checkpoint))
     # From a training checkpoint no rank initialises weights: each allocates its shards and reads them.
-    model = build_model(model_cfg, tokenizer, world, cfg.sharding.low_cpu_mem_usage, empty=from_checkpoint)
+    apply_device_defaults(cfg)  # a no-op after run_task's
+    model = build_model(model_cfg, tokenizer, world, cfg.sharding.low_cpu_mem_usage, empty=from_checkpoint,
+                        dtype=weight_dtype(cfg.train.precision))
     model = prepare_model(model, cfg, world, weights_follow=from_checkpoint)
     if from_checkpoint:
         load_model_weights(model, Path(cfg.checkpoint))

@@ -50,7 +50,8 @@ class Window:
         self.values = torch.zeros(len(self.names), dtype=torch.float64, device=device)
 
     def add(self, **values: torch.Tensor) -> None:
-        self.values += torch.stack([values[name].detach().to(torch.float64) for name in self.names])
+        # one device for all: a value computed elsewhere (the host, under cpu_offload) is copied here
+        self.values += torch.stack([values[name].detach().to(self.values.device, torch.float64) for name in self.names])
 
     def global_sums(self) -> dict[str, float]:
         """Sums over all ranks, read on the host."""

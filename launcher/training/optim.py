@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau, _update_param_group_val
 
 from launcher.errors import ConfigError, check_arguments, choice_error, finite
+from launcher.model.precision import optimizer_override
 
 PLATEAU_WITH_WARMUP = "plateau_with_warmup"
 # VectorLM's spellings.
@@ -30,9 +31,17 @@ EVAL_DRIVEN = ("reduce_lr_on_plateau", "greedy")  # transformers' schedulers ste
 NO_DECAY_NAME_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
 
 
-def build_optimizer(params, optimizer_cfg: DictConfig) -> torch.optim.Optimizer:
-    """`params`: parameters or parameter groups (`parameter_groups`)."""
-    return instantiate(optimizer_cfg, params=params, _convert_="all")
+def build_optimizer(params, optimizer_cfg: DictConfig, precision: str = "fp32") -> torch.optim.Optimizer:
+    """`optimizer` as configured; train.precision=bf16_sr: torchao's AdamW with the same arguments and
+    bf16 stochastic rounding (launcher/model/precision.py)."""
+    override = optimizer_override(optimizer_cfg, precision)
+    if override is None:
+        return instantiate(optimizer_cfg, params=params, _convert_="all")
+    options = {k: v for k, v in OmegaConf.to_container(optimizer_cfg, resolve=True).items() if k != "_target_"}
+    if "betas" in options:
+        options["betas"] = tuple(options["betas"])
+    optimizer_class = override.pop("class")
+    return optimizer_class(params, **options, **override)
 
 
 def parameter_groups(model: torch.nn.Module, optimizer_cfg: DictConfig, decay_norms_and_biases: bool) -> list:
@@ -73,16 +82,16 @@ class StepSchedule:
         pass
 
     def get_last_lr(self) -> list[float]:
-        return self.scheduler.get_last_lr()
+        return [float(lr) for lr in self.scheduler.get_last_lr()]  # torchao's AdamW keeps lr as a tensor
 
     def state_dict(self) -> dict:
-        return self.scheduler.state_dict()
+        return _json_ready(self.scheduler.state_dict())
 
     def load_state_dict(self, state: dict) -> None:
         """The saved step, under this schedule: a run continued with a new length (train.max_steps)
         takes its lr from the new schedule from the saved step on, including the next step's (the
         optimizer state holds the old schedule's). The same schedule gives the same values."""
-        self.scheduler.load_state_dict(state)
+        self.scheduler.load_state_dict(_lrs_as_optimizer_keeps_them(state, self.scheduler.optimizer))
         scheduler = self.scheduler
         lrs = [base * schedule(scheduler.last_epoch) for base, schedule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
         for group, lr in zip(scheduler.optimizer.param_groups, lrs):
@@ -110,15 +119,39 @@ class WarmupThenEvalDriven:
             self.after_warmup.step(loss)
 
     def get_last_lr(self) -> list[float]:
-        return [group["lr"] for group in self.optimizer.param_groups]
+        return [float(group["lr"]) for group in self.optimizer.param_groups]
 
     def state_dict(self) -> dict:
-        return {"steps": self.steps, "warmup": self.warmup.state_dict(), "after_warmup": self.after_warmup.state_dict()}
+        return _json_ready({"steps": self.steps, "warmup": self.warmup.state_dict(),
+                            "after_warmup": self.after_warmup.state_dict()})
 
     def load_state_dict(self, state: dict) -> None:
         self.steps = state["steps"]
-        self.warmup.load_state_dict(state["warmup"])
-        self.after_warmup.load_state_dict(state["after_warmup"])
+        self.warmup.load_state_dict(_lrs_as_optimizer_keeps_them(state["warmup"], self.optimizer))
+        self.after_warmup.load_state_dict(_lrs_as_optimizer_keeps_them(state["after_warmup"], self.optimizer))
+
+
+LR_LISTS = ("base_lrs", "_last_lr", "min_lrs")
+
+
+def _json_ready(state):
+    """A schedule's state for trainer_state.json: learning rates kept as 0-d tensors (torchao's
+    AdamW, train.precision=bf16_sr) become floats (exact: a float32 value is a Python float)."""
+    if isinstance(state, dict):
+        return {key: _json_ready(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return [_json_ready(value) for value in state]
+    return state.item() if isinstance(state, torch.Tensor) else state
+
+
+def _lrs_as_optimizer_keeps_them(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """The inverse of _json_ready: an optimizer whose lr is a tensor gets its schedule's learning
+    rates back as tensors of that dtype, so a resumed run computes them exactly as before."""
+    lr = optimizer.param_groups[0]["lr"]
+    if not isinstance(lr, torch.Tensor):
+        return state
+    return {key: [torch.tensor(v, dtype=lr.dtype) for v in value] if key in LR_LISTS and isinstance(value, list)
+            else value for key, value in state.items()}
 
 
 def warmup_steps(warmup_ratio: float, total_steps: int) -> int:

@@ -35,7 +35,9 @@ from launcher.distributed import World, distributed, on_rank0_then_all, seed_eve
 from launcher.errors import ConfigError, RunStopped, at_least
 from launcher.model.lora import apply_lora, base_needs_saving, lora_enabled, parameter_counts, trainable_parameters
 from launcher.model.losses import trained_tokens
+from launcher.device_defaults import apply_device_defaults
 from launcher.model.modeling import build_model, load_tokenizer
+from launcher.model.precision import cast_parameters, weight_dtype
 from launcher.model.sharding import local_parameter_bytes, prepare_model, set_gradient_sync
 from launcher.store import atomic, run_dir
 from launcher.store.identity import TOKENIZER, TRAIN_SEQUENCES, length_keys, run_identity
@@ -192,7 +194,7 @@ class Trainer:
     def _setup_optimization(self) -> None:
         self.trainable, self.total = parameter_counts(self.model)
         groups = parameter_groups(self.model, self.cfg.optimizer, self.cfg.train.decay_norms_and_biases)
-        self.optimizer = build_optimizer(groups, self.cfg.optimizer)
+        self.optimizer = build_optimizer(groups, self.cfg.optimizer, self.cfg.train.precision)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.scheduler, self.total_steps)
         if self.world.is_main:
             log.info("model: %s", _describe_parameters(self.trainable, self.total))
@@ -358,7 +360,8 @@ class FirstNonFinite:
         self.steps = torch.full((2,), self.NEVER, dtype=torch.int64, device=world.device)  # loss, grad norm
 
     def observe(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        finite = torch.stack([loss.detach().float(), grad_norm.detach().float()]).isfinite()
+        values = [on_device(value.detach().float(), self.steps.device) for value in (loss, grad_norm)]
+        finite = torch.stack(values).isfinite()
         self.steps = torch.minimum(self.steps, torch.where(finite, self.NEVER, step))
 
     def first(self) -> Optional[tuple[str, int]]:
@@ -404,7 +407,9 @@ def optimizer_step(model, optimizer, micro_batches: list[dict], task: TrainingTa
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(model), max_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(step_loss, local_weight, input_tokens, trained, step_metrics, _local(grad_norm))
+    # sharding.cpu_offload: the gradients, so their norm, live on the host; every step value the
+    # loop keeps is on the compute device from here on.
+    return StepResult(step_loss, local_weight, input_tokens, trained, step_metrics, on_device(grad_norm, world.device))
 
 
 @torch.no_grad()
@@ -458,6 +463,8 @@ def check_train(train: DictConfig) -> None:
     at_least(train.max_seq_len, 8, "train.max_seq_len")
     at_least(train.max_eval_batches, 1, "train.max_eval_batches")
     at_least(train.activation_checkpointing_every, 1, "train.activation_checkpointing_every")
+    if train.compile not in ("auto", True, False):
+        raise ConfigError(f"train.compile={train.compile} must be auto (on for CUDA, off for CPU), true or false")
     if train.max_grad_norm is not None and not (math.isfinite(train.max_grad_norm) and train.max_grad_norm > 0):
         raise ConfigError(f"train.max_grad_norm={train.max_grad_norm} must be a finite number > 0 "
                           f"(or null to disable clipping)")
@@ -474,14 +481,16 @@ def build_training_model(cfg: DictConfig, tokenizer, world: World, output_dir: O
     The adapters apply to `model.path`; when that cannot rebuild the base (a random init), the
     base is first saved to `<output_dir>/base-model` and the adapters point there.
     """
-    model = build_model(cfg.model, tokenizer, world, cfg.sharding.low_cpu_mem_usage)
+    apply_device_defaults(cfg)  # a no-op after run_task's; callers that compose a config get the same rule
+    model = build_model(cfg.model, tokenizer, world, cfg.sharding.low_cpu_mem_usage,
+                        dtype=weight_dtype(cfg.train.precision))
     if lora_enabled(cfg.peft):
         base = cfg.model.path
         if output_dir is not None and base_needs_saving(cfg.model, model):
             base = str((output_dir / "base-model").resolve())
             if world.is_main:
                 save_base_model(model, tokenizer, Path(base))
-        model = apply_lora(model, cfg.peft, base)
+        model = cast_parameters(apply_lora(model, cfg.peft, base), weight_dtype(cfg.train.precision))
     return prepare_model(model, cfg, world)
 
 
@@ -501,9 +510,11 @@ def _per_rank(value: float, world: World) -> list[float]:
     return values
 
 
-def _local(value: torch.Tensor) -> torch.Tensor:
-    """The plain tensor of a replicated DTensor (FSDP2's gradient norm); no copy, no sync."""
-    return value.to_local() if isinstance(value, DTensor) else value
+def on_device(value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`value` as a plain tensor on `device`: a replicated DTensor's local tensor (FSDP2's gradient
+    norm), copied there when it lives elsewhere (the host, under sharding.cpu_offload)."""
+    value = value.to_local() if isinstance(value, DTensor) else value
+    return value.to(device, non_blocking=True)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
