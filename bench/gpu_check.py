@@ -426,53 +426,23 @@ TARGETS = [
 # --- helpers that run inside an item's process ------------------------------------------------------
 
 def _throughput_overrides(spec: dict) -> list[str]:
-    return _for_this_schema([
+    return [
         *(f"model.config.{key}={value}" for key, value in _shape(spec).items()),
         f"train.max_seq_len={spec['seq_len']}", f"sharding.backend={spec['backend']}", "train.max_grad_norm=1.0",
         "optimizer=adamw", *spec["overrides"],
-    ])
+    ]
 
 
 def _shape(spec: dict) -> dict:
     return SHAPES["smoke" if spec["smoke"] else spec["shape"]]
 
 
-class KeyAbsent(Exception):
-    """This checkout's schema lacks a key the item sets: the item is skipped, saying which."""
-
-
-def _for_this_schema(overrides: list[str]) -> list[str]:
-    """The overrides as this checkout spells them. Until train.precision exists (branch gpu-train),
-    `mixed` is train.use_mp=true, `fp32` train.use_mp=false, `auto` the default, and the pure bf16
-    modes cannot run. Remove once train.precision is merged."""
-    import dataclasses
-
-    from launcher.schema import TrainConfig
-
-    if "precision" in {f.name for f in dataclasses.fields(TrainConfig)}:
-        return overrides
-    spelled = []
-    for override in overrides:
-        key, _, value = override.partition("=")
-        if key == "train.precision":
-            if value not in ("fp32", "mixed", "auto"):
-                raise KeyAbsent(f"this checkout has no train.precision (needed for {override})")
-            spelled += [] if value == "auto" else [f"train.use_mp={value == 'mixed'}"]
-        elif override not in ("train.compile=auto", "sharding=auto"):
-            spelled.append(override)
-    return spelled
-
-
 def _optimizer(model, cfg):
-    """The trainer's optimizer. Until train.precision exists (branch gpu-train), build_optimizer
-    takes no precision; remove the fallback with _for_this_schema."""
-    from omegaconf import OmegaConf
+    """The trainer's optimizer: its parameter groups, its precision variant."""
+    from launcher.training.optim import build_optimizer, parameter_groups
 
-    from launcher.model.lora import trainable_parameters
-    from launcher.training.optim import build_optimizer
-
-    precision = OmegaConf.select(cfg, "train.precision", default=None)
-    return build_optimizer(trainable_parameters(model), cfg.optimizer, *([precision] if precision else []))
+    groups = parameter_groups(model, cfg.optimizer, cfg.train.decay_norms_and_biases)
+    return build_optimizer(groups, cfg.optimizer, cfg.train.precision)
 
 
 def _resolved(cfg) -> dict:
@@ -480,7 +450,7 @@ def _resolved(cfg) -> dict:
     resolves them in place), for the default-flags item above all."""
     from omegaconf import OmegaConf
 
-    keys = ("train.precision", "train.use_mp", "train.compile", "sharding.strategy", "model.attention")
+    keys = ("train.precision", "train.compile", "sharding.strategy", "model.attention")
     values = {key: OmegaConf.select(cfg, key, default=None) for key in keys}
     return {key: value for key, value in values.items() if value is not None}
 
@@ -538,8 +508,7 @@ def _memory_shortfall(cfg, world, spec: dict) -> Optional[str]:
 
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(AutoConfig.for_model(**OmegaConf.to_container(cfg.model.config)))
-    precision = OmegaConf.select(cfg, "train.precision", default=None) or ("mixed" if cfg.train.use_mp else "fp32")
-    state_gib = STATE_BYTES[precision] * sum(p.numel() for p in meta.parameters()) / 2**30
+    state_gib = STATE_BYTES[cfg.train.precision] * sum(p.numel() for p in meta.parameters()) / 2**30
     if cfg.sharding.cpu_offload:
         have, where = _host_memory_gib(), "host memory"
     else:
@@ -553,7 +522,7 @@ def _memory_shortfall(cfg, world, spec: dict) -> Optional[str]:
 
 def _run_overrides(spec: dict, overrides: list[str], out: Path) -> list[str]:
     steps = SMOKE_RUN_STEPS if spec["smoke"] else RUN_STEPS
-    return _for_this_schema([*steps, f"sharding.backend={spec['backend']}", *overrides, f"output_dir={out}"])
+    return [*steps, f"sharding.backend={spec['backend']}", *overrides, f"output_dir={out}"]
 
 
 def _train_run(spec: dict, name: str, overrides: list[str], torchrun: bool = True) -> Path:
@@ -674,8 +643,6 @@ def _child(name: str, spec: dict, result_path: str, log_path: str) -> None:
         _compile_without_inductor()
     try:
         result = ITEMS_BY_NAME[name].run(spec)
-    except KeyAbsent as absent:
-        result = {"skipped": str(absent)}
     except BaseException:
         traceback.print_exc()
         sys.exit(1)

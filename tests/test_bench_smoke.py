@@ -53,17 +53,6 @@ def test_cpu_benchmarks_print_their_ratio_lines_and_one_summary(tmp_path):
     assert re.search(r"heavy imports in --cfg job\s+none", summary), summary
 
 
-def _needs_absent_key(item) -> bool:
-    """An item that sets train.precision=bf16* before this checkout's schema has the key."""
-    import dataclasses
-
-    from bench.gpu_check import OVERRIDES
-    from launcher.schema import TrainConfig
-
-    has_precision = "precision" in {f.name for f in dataclasses.fields(TrainConfig)}
-    return not has_precision and any(o.startswith("train.precision=bf16") for o in OVERRIDES.get(item.name, []))
-
-
 def test_gpu_check_smoke_runs_every_item_cpu_can_and_writes_one_json(tmp_path):
     from bench.gpu_check import ITEMS, SCHEMA
 
@@ -75,7 +64,7 @@ def test_gpu_check_smoke_runs_every_item_cpu_can_and_writes_one_json(tmp_path):
     assert list(report["items"]) == [item.name for item in ITEMS]
     for item in ITEMS:  # skipped: only what needs CUDA or a key this schema lacks, and it says so
         entry = report["items"][item.name]
-        expected = "skipped" if item.needs_cuda or _needs_absent_key(item) else "passed"
+        expected = "skipped" if item.needs_cuda else "passed"
         assert entry["status"] == expected, (item.name, entry)
         if item.group == "throughput" and expected == "passed":
             assert entry["figures"]["tokens_per_s"] > 0 and entry["figures"]["mfu"] is None  # no peak on CPU

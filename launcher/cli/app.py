@@ -25,6 +25,11 @@ from launcher.training.host_memory import return_large_freed_blocks
 from launcher.training.loggers import scrub_hydra_outputs
 
 log = logging.getLogger("hydralm")
+# torchao, once installed (train.precision=bf16_sr), is imported by peft in every run; it logs that
+# kernels built for another torch release fail to load, and torch warns about its enum
+# registrations: nothing a user can act on, so only their errors are shown.
+for noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def run_task(cfg: DictConfig):
