@@ -63,6 +63,25 @@ def test_auto_values_are_written_into_the_config_once_with_one_line(caplog):
         assert any("training eagerly" in r.getMessage() for r in caplog.records)
 
 
+def test_adamw_runs_fused_on_cuda_unless_the_user_chose_or_another_optimizer_runs():
+    """The rule of launcher/device_defaults.py `fuses_adamw`, with the resolved precision."""
+    from launcher.device_defaults import fuses_adamw
+
+    def fused(overrides, machine, precision="mixed"):
+        return fuses_adamw(compose_config(overrides), machine, precision)
+
+    assert fused([], CUDA_BF16) is True
+    assert fused([], CPU, "fp32") is False  # CPU figures unchanged
+    assert fused(["+optimizer.fused=false"], CUDA_BF16) is False  # the user's choice stands
+    assert fused(["optimizer=sgd"], CUDA_BF16) is False
+    assert fused(["sharding.cpu_offload=true"], CUDA_BF16) is False  # the update runs on the host
+    assert fused([], CUDA_BF16, "bf16_sr") is False  # torchao's AdamW
+    cfg = compose_config([])
+    cfg.train.compile = False  # keep the compile probe out of this test
+    line = apply_device_defaults(cfg, CUDA_BF16)
+    assert cfg.optimizer.fused is True and line.endswith(", optimizer=fused AdamW (auto)")
+
+
 # ---------------------------------------------------------------------- cpu_offload: two devices
 
 
