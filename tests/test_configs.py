@@ -78,3 +78,13 @@ def test_a_local_checkpoint_preset_needs_its_path(tmp_path):
     from conftest import assert_rejected_before_any_work
 
     assert_rejected_before_any_work(["model=local"], "model=local needs model.path (a local directory with HF weights and tokenizer)", tmp_path)
+
+
+def test_the_trains_flag_is_set_by_exactly_the_tasks_that_train():
+    """One answer to "does this task train?": conf/task/*.yaml's `trains`, which the checks for
+    training-only settings (flex attention on CPU, frozen LoRA adapters) read."""
+    tasks = sorted(p.stem for p in (CONF_DIR / "task").glob("*.yaml"))
+    trains = {task: compose_config([f"task={task}"]).task.trains for task in tasks}
+    # validate checks the config as the training run it describes
+    assert trains == {"dpo": True, "evaluate": False, "export": False, "preprocess": False,
+                      "report": False, "train": True, "validate": True}

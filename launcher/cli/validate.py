@@ -57,7 +57,6 @@ def _check_training_run(cfg: DictConfig, on_this_machine: bool) -> None:
     from launcher.training.optim import check_optimizer, check_scheduler
     from launcher.training.trainer import check_train
 
-    task = "train" if cfg.task.name == VALIDATE else cfg.task.name  # validate checks a training run
     check_train(cfg.train)
     check_scheduler(cfg.scheduler)
     check_sharding(cfg)
@@ -70,7 +69,7 @@ def _check_training_run(cfg: DictConfig, on_this_machine: bool) -> None:
     hf_config = check_model(model_config(cfg), cfg.train.max_seq_len)
     check_loss(cfg.train, hf_config)
     check_optimizer(cfg.optimizer)
-    check_peft(cfg.peft, task)
+    check_peft(cfg.peft, cfg.task)
     if cfg.export.merge_lora and not lora_enabled(cfg.peft):
         raise ConfigError("export.merge_lora=true needs peft=lora (there are no adapters to merge)")
     if on_this_machine:

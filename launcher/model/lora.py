@@ -80,8 +80,8 @@ def apply_lora(model: torch.nn.Module, peft_cfg: DictConfig, base_name_or_path: 
     return peft_model
 
 
-def check_peft(peft_cfg: DictConfig, task: str) -> None:
-    """The `peft` values (check_lora_targets tries them on the model)."""
+def check_peft(peft_cfg: DictConfig, task: DictConfig) -> None:
+    """The `peft` values (check_lora_targets tries them on the model); `task` says whether it trains."""
     if peft_cfg.name not in PEFT_METHODS:
         raise choice_error("peft.name", peft_cfg.name, PEFT_METHODS)
     if not lora_enabled(peft_cfg):
@@ -94,8 +94,8 @@ def check_peft(peft_cfg: DictConfig, task: str) -> None:
         raise ConfigError(f"peft.lora_alpha={peft_cfg.lora_alpha} must be > 0")
     if not 0 <= peft_cfg.lora_dropout < 1:
         raise ConfigError(f"peft.lora_dropout={peft_cfg.lora_dropout} must be in [0, 1)")
-    if peft_cfg.inference_mode and task == "train":
-        raise ConfigError("peft.inference_mode=true freezes the adapters: task=train would train nothing")
+    if peft_cfg.inference_mode and task.trains:
+        raise ConfigError(f"peft.inference_mode=true freezes the adapters: task={task.name} would train nothing")
 
 
 def check_lora_targets(peft_cfg: DictConfig, model_cfg: DictConfig) -> None:
