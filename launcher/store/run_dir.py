@@ -124,9 +124,8 @@ def drop_metrics_after(output_dir: Path, step: int) -> None:
     metrics = Path(output_dir) / METRICS
     if metrics.is_file():
         kept = [row for row in metrics.read_text().splitlines() if _logged_step(row) <= step]
-        partial = metrics.with_name(f".{METRICS}.tmp")
-        partial.write_text("".join(row + "\n" for row in kept))
-        partial.replace(metrics)  # a kill now leaves the old rows or the kept ones, never half a file
+        # a kill now leaves the old rows or the kept ones, never half a file
+        atomic.write_text(metrics, "".join(row + "\n" for row in kept))
 
 
 def _logged_step(row: str) -> float:

@@ -9,17 +9,17 @@ like a secret (`api_key`, `hf_token`, `password`, `client_secret`, ...) are repl
 `mask_secrets` does the same to any text (launcher/cli/console.py applies it to everything printed).
 """
 
-import os
 import re
 import sys
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.errors import ConfigError, check_arguments
+from launcher.registry import imported_class
+from launcher.store.atomic import write_text
 
 REDACTED = "***"
 _SECRET_NAME = re.compile(r"(^|[_\-])(api_?key|key|token|password|passwd|secret)$", re.IGNORECASE)
@@ -107,17 +107,15 @@ def scrub_hydra_outputs() -> None:
         dumped = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
         clean = scrub(dumped)
         if clean != dumped:
-            partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-            OmegaConf.save(OmegaConf.create(clean), partial)
-            os.replace(partial, path)
+            write_text(path, OmegaConf.to_yaml(OmegaConf.create(clean)))
 
 
 def open_loggers(cfg: DictConfig, output_dir: Path) -> list:
     """The loggers `cfg.logger` selects (call on rank 0 only)."""
     loggers = []
-    for node in cfg.logger.values():
+    for name, node in cfg.logger.items():
         options = OmegaConf.to_container(node, resolve=True)
-        loggers.append(get_class(options.pop("_target_"))(cfg, output_dir, **options))
+        loggers.append(imported_class(f"logger.{name}._target_", options.pop("_target_"))(cfg, output_dir, **options))
     return loggers
 
 
@@ -127,11 +125,7 @@ def check_loggers(logger: DictConfig) -> None:
         target = node.get("_target_") if OmegaConf.is_dict(node) else None
         if target is None:
             raise ConfigError(f"logger.{name}._target_ must name a logger class, e.g. launcher.training.loggers.WandbLogger")
-        try:
-            logger_class = get_class(target)
-        except Exception as err:  # noqa: BLE001 (any import failure is the user's path)
-            raise ConfigError(f"logger.{name}._target_={target} cannot be imported: {err}") from None
-        logger_class.check(name, {k: v for k, v in node.items() if k != "_target_"})
+        imported_class(f"logger.{name}._target_", target).check(name, {k: v for k, v in node.items() if k != "_target_"})
 
 
 class Logger:

@@ -13,11 +13,12 @@ import math
 import warnings
 
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
 from launcher.errors import ConfigError, check_arguments, choice_error, finite
+from launcher.registry import imported_class
 
 PLATEAU_WITH_WARMUP = "plateau_with_warmup"
 # VectorLM's spellings.
@@ -170,10 +171,7 @@ def check_optimizer(optimizer_cfg: DictConfig) -> None:
     target = optimizer_cfg.get("_target_")
     if target is None:
         raise ConfigError("optimizer._target_ must name an optimizer class, e.g. torch.optim.AdamW")
-    try:
-        optimizer_class = get_class(target)
-    except Exception as err:  # noqa: BLE001 (any import failure is the user's path)
-        raise ConfigError(f"optimizer._target_={target} cannot be imported: {err}") from None
+    optimizer_class = imported_class("optimizer._target_", target)
     options = {k: v for k, v in OmegaConf.to_container(optimizer_cfg, resolve=True).items() if k != "_target_"}
     check_arguments("optimizer", options, optimizer_class, target, ("self", "params"), noun="parameter")
     for key, value in options.items():
