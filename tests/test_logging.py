@@ -6,7 +6,8 @@ import sys
 
 from conftest import ROOT, compose_config
 
-from launcher.training.loggers import REDACTED, scrub, wandb_init_kwargs
+from launcher.secrets import REDACTED, scrub
+from launcher.training.loggers import wandb_init_kwargs
 
 
 def test_scrub_redacts_secret_keys_only():
@@ -39,7 +40,7 @@ def test_wandb_run_id_is_kept_in_the_output_dir_so_a_requeued_job_resumes_the_ru
 
 
 def test_masking_hides_secret_values_in_free_text_only():
-    from launcher.training.loggers import learn_secrets, mask_secrets
+    from launcher.secrets import learn_secrets, mask_secrets
 
     learn_secrets(["+hub.hf_token=tok-123456", "optimizer.lr=3e-4"])
     text = ("#0 : +logger.wandb.settings.api_key=k-1 optimizer.lr=3e-4 | {'password': 'p w', 'monkey': 'ok'} | "

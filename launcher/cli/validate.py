@@ -136,7 +136,7 @@ def _check_job(config: DictConfig, on_this_machine: bool) -> None:
     """check_config on what the task function of `config` (with its `hydra` node) will get."""
     from hydra.core.hydra_config import HydraConfig
 
-    from launcher.training.loggers import learn_secrets
+    from launcher.secrets import learn_secrets
 
     learn_secrets(config.hydra.overrides.task)
     saved = HydraConfig.instance().cfg

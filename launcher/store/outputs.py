@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.errors import ConfigError
+from launcher.secrets import scrub
+from launcher.store.atomic import write_text
 from launcher.store.claim import claim
 
 if TYPE_CHECKING:
@@ -65,8 +67,6 @@ def record_hydra_job(cfg: DictConfig) -> None:
     """Write Hydra's record of this job into the job's directory, without secrets."""
     from hydra.core.hydra_config import HydraConfig
 
-    from launcher.training.loggers import scrub
-
     if not HydraConfig.initialized():
         return
     hydra_cfg = HydraConfig.instance().cfg
@@ -74,6 +74,30 @@ def record_hydra_job(cfg: DictConfig) -> None:
     record.mkdir(parents=True, exist_ok=True)
     for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg), ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
         OmegaConf.save(OmegaConf.create(scrub(OmegaConf.to_container(node, resolve=False))), record / name)
+
+
+def scrub_hydra_outputs() -> None:
+    """Rewrite the files Hydra dumped for this job (.hydra/config.yaml, hydra.yaml, overrides.yaml,
+    and the sweep's multirun.yaml) without secrets. Call from inside a Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    files = []
+    if hydra_cfg.output_subdir is not None:
+        subdir = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
+        files += [subdir / name for name in ("config.yaml", "hydra.yaml", "overrides.yaml")]
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        files.append(Path(hydra_cfg.sweep.dir) / "multirun.yaml")
+    for path in files:
+        if not path.is_file():
+            continue
+        dumped = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        clean = scrub(dumped)
+        if clean != dumped:
+            write_text(path, OmegaConf.to_yaml(OmegaConf.create(clean)))
 
 
 def _local_choice(cfg: DictConfig) -> Path:
