@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from launcher.errors import ConfigError, check_arguments
 from launcher.registry import imported_class
-from launcher.secrets import scrubbed_config
+from launcher.secrets import scrub, scrubbed_config
 
 WANDB_RUN_ID_FILE = "wandb_run_id"
 # wandb.init arguments hydralm sets itself; `config` is always the composed config.
