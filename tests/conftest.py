@@ -78,3 +78,13 @@ def run_in_fresh_python(argv, cwd):
     )
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
+
+
+def pack(docs, spec):
+    """Every row the packer makes of `docs` in one table (its streaming use, in one go)."""
+    import pyarrow as pa
+
+    from launcher.data.packing import Packer
+
+    packer = Packer(spec)
+    return pa.concat_tables([packer.add(docs), packer.finish()])

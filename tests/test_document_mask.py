@@ -8,10 +8,10 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import assert_rejected_before_any_work, compose_config
+from conftest import assert_rejected_before_any_work, compose_config, pack
 
 from launcher.data.loaders import PadCollator
-from launcher.data.packing import Documents, PackingSpec, pack
+from launcher.data.packing import Documents, PackingSpec
 from launcher.distributed import World
 from launcher.model.losses import token_loss_sum
 from launcher.model.modeling import build_model, load_tokenizer

@@ -11,12 +11,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, compose_config
+from conftest import ROOT, compose_config, pack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from launcher.data import formats
-from launcher.data.packing import PackingSpec, pack
+from launcher.data.packing import PackingSpec
 from launcher.data.preprocessing import Tokenize, documents_of
 from launcher.model.modeling import load_tokenizer
 
@@ -280,7 +280,7 @@ def test_a_tokenizer_without_a_chat_template_is_an_error_before_any_data_is_read
     import shutil
 
     from launcher.data.preprocessing import prepared_splits
-    from launcher.distributed import World
+    from launcher.distributed import ONE_PROCESS
     from launcher.errors import ConfigError
     from launcher.schema import ASSETS_DIR
 
@@ -289,7 +289,7 @@ def test_a_tokenizer_without_a_chat_template_is_an_error_before_any_data_is_read
     (plain / "chat_template.jinja").unlink()
     cfg = compose_config(["data=pydoc_chat", f"model.tokenizer={plain}", f"data.cache_dir={tmp_path / 'cache'}"])
     with pytest.raises(ConfigError, match="the tokenizer has no chat template; set data.chat_template"):
-        prepared_splits(cfg, load_tokenizer(cfg.model), World(0, 0, 1, 1, None))
+        prepared_splits(cfg, load_tokenizer(cfg.model), ONE_PROCESS)
     assert not (tmp_path / "cache").exists()
 
 
