@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_same_weights, compose_config, final_weights, run_launcher
+from conftest import ROOT, assert_same_weights, compose_config, final_weights, run_launcher_killed_in_save
 from datasets import Dataset
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -29,7 +29,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_sc
 from launcher.cli.app import run_task
 
 TOKENIZER = ROOT / "launcher" / "assets" / "tiny_bpe"
-KILL_HOOK = "HYDRALM_TEST_KILL_IN_SAVE"  # launcher.training.checkpoint's test hook: SIGKILL inside that step's save
 
 # The run every check shares (and the plain loop mirrors): 16 train rows, 4 per step, 3 steps.
 SEED, STEPS, BATCH, MAX_GRAD_NORM = 11, 3, 4, 1.0
@@ -287,7 +286,7 @@ def test_a_run_killed_with_sigkill_resumes_to_bit_equal_weights(family, uninterr
     reference, args, _ = uninterrupted
     out = tmp_path / "killed"
     args = [a if not a.startswith("output_dir=") else f"output_dir={out}" for a in args]
-    killed = run_launcher(args, cwd=tmp_path, env={KILL_HOOK: "2"})  # inside the save of step 2
+    killed = run_launcher_killed_in_save(2, args, cwd=tmp_path)  # inside the save of step 2
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert (out / "checkpoints" / "checkpoint-00000001" / "COMPLETE").is_file()
     assert not (out / "final-model").exists()

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, assert_same_weights, compose_config, final_weights, run_launcher
+from conftest import ROOT, assert_same_weights, compose_config, final_weights, run_launcher, run_launcher_killed_in_save
 from transformers import AutoModelForCausalLM
 
 from launcher.cli.app import run_task
 from launcher.data.sampler import ResumableDistributedSampler
 from launcher.errors import ConfigError
 from launcher.store.run_dir import latest_checkpoint
-from launcher.training.checkpoint import KILL_HOOK
 
 SMALL = ["train.max_seq_len=64", "data.train_bs=2", "data.eval_bs=4", "train.max_eval_batches=1",
          "train.max_steps=6", "train.logging_steps=2", "train.checkpointing_enabled=true", "train.save_steps=2"]
@@ -69,7 +68,7 @@ def test_a_kill_inside_a_save_then_a_kill_9_mid_run_then_the_same_command_ends_w
     args = [*SMALL, f"output_dir={out}"]
 
     # 1. Killed (SIGKILL) inside the save of step 4: the shards are there, the marker is not.
-    killed = run_launcher(args, cwd=tmp_path, env={KILL_HOOK: "4"})
+    killed = run_launcher_killed_in_save(4, args, cwd=tmp_path)
     assert killed.returncode == -signal.SIGKILL
     partial = out / "checkpoints" / ".checkpoint-00000004.partial"
     assert (partial / ".metadata").is_file() and not (partial / "COMPLETE").exists()
