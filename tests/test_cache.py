@@ -79,6 +79,7 @@ def _start(args, log: Path, cwd: Path):
         return subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
+@pytest.mark.slow
 def test_two_preprocessing_runs_of_the_same_settings_at_once_build_once_and_both_succeed(tmp_path):
     """The test holds the entry's lock while both start, so they are sure to meet there."""
     out = tmp_path / "data"
@@ -97,6 +98,7 @@ def test_two_preprocessing_runs_of_the_same_settings_at_once_build_once_and_both
     assert damaged_files(out) == [] and len(load_from_disk(str(out / "train"))) > 0
 
 
+@pytest.mark.slow
 def test_two_training_runs_on_a_cold_cache_both_get_the_same_rows(tmp_path):
     script = (
         "import json, logging, sys\n"

@@ -62,6 +62,7 @@ def test_sampler_position_is_a_prefix_of_the_permutation_for_any_world_size():
     assert not set(rest) & set(taken)
 
 
+@pytest.mark.slow
 def test_a_kill_inside_a_save_then_a_kill_9_mid_run_then_the_same_command_ends_with_the_same_weights(
         tmp_path, reference):
     out = tmp_path / "run"
@@ -100,17 +101,20 @@ def resumed_step(stdout: str) -> int:
     return int(line.split("(step ")[1].split(",")[0])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_process_full_shard_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
-    def torchrun(out, env=None):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "launcher",
+    def torchrun(out, killed_in_save_of=None):
+        program = ["-m", "launcher"] if killed_in_save_of is None else [str(ROOT / "tests" / "kill_in_save.py"),
+                                                                        str(killed_in_save_of)]
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", *program,
                    "sharding=full_shard", *SMALL, f"output_dir={out}"]
         return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})})
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
 
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
     assert torchrun(uninterrupted).returncode == 0
-    assert torchrun(interrupted, env={KILL_HOOK: "4"}).returncode != 0
+    assert torchrun(interrupted, killed_in_save_of=4).returncode != 0
     assert latest_checkpoint(interrupted) == checkpoint(interrupted, 2)
     shutil.copytree(checkpoint(interrupted, 2), tmp_path / "two-rank-checkpoint")
     result = torchrun(interrupted)

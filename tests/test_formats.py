@@ -237,6 +237,7 @@ def test_long_texts_are_tokenized_in_pieces_with_the_same_ids(tokenizer, monkeyp
                                                              return_offsets_mapping=True)["offset_mapping"]]
 
 
+@pytest.mark.slow
 def test_a_long_line_is_tokenized_in_bounded_memory(tmp_path):
     """HF tokenizers hold ~120 bytes per character of one call (a 24 MB line took 3.9 GB): a
     3 MB line must now cost a fraction of the ~350 MB it took in one call."""

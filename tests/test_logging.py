@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, compose_config
 
 from launcher.secrets import REDACTED, scrub
@@ -50,6 +51,7 @@ def test_masking_hides_secret_values_in_free_text_only():
         "client_secret: *** | model.tokenizer=/tok | Every key: see docs | the token *** leaked")
 
 
+@pytest.mark.slow
 def test_tags_reach_wandb_and_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from wandb_records import offline_run

@@ -246,6 +246,7 @@ def test_bad_data_settings_are_named_before_any_work(overrides, message, tmp_pat
     assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_bench_smoke_prints_the_three_ratios():
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "preprocess.py"), "--smoke"],
                             capture_output=True, text=True, timeout=300)

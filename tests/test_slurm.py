@@ -60,6 +60,7 @@ def single_job(slurm, tmp_path_factory):
     return sweep
 
 
+@pytest.mark.slow
 def test_a_single_job_trains_and_exports(single_job):
     summary = json.loads((single_job / "0" / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["final_eval_loss"] < summary["initial_eval_loss"]
@@ -68,6 +69,7 @@ def test_a_single_job_trains_and_exports(single_job):
     LocalSlurm.wait_for(lambda: LocalSlurm.job_field(job_id, "JobState") == "COMPLETED", 60, "the job to complete")
 
 
+@pytest.mark.slow
 def test_a_sweep_submits_one_job_per_point(slurm, tmp_path):
     result = submit(["optimizer.lr=1e-3,3e-3", "train.max_steps=2"], tmp_path / "sweep", cwd=tmp_path)
     assert result.returncode == 0, result.stderr + job_logs(tmp_path / "sweep")
@@ -79,6 +81,7 @@ def test_a_sweep_submits_one_job_per_point(slurm, tmp_path):
     assert job_ids(tmp_path / "sweep") == [array_job, f"{array_job}_0", f"{array_job}_1"]
 
 
+@pytest.mark.slow
 def test_an_optuna_search_runs_its_trials_in_parallel_jobs(slurm, tmp_path):
     sweep = tmp_path / "sweep"
     result = submit(["hparams_search=lr_warmup", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
@@ -96,6 +99,7 @@ def test_an_optuna_search_runs_its_trials_in_parallel_jobs(slurm, tmp_path):
     assert start0 < end1 and start1 < end0, (start0, end0, start1, end1)
 
 
+@pytest.mark.slow
 def test_a_two_node_job_is_one_process_group(slurm, tmp_path):
     sweep = tmp_path / "sweep"
     result = submit(["cluster.nodes=2", "sharding=full_shard", "train.max_steps=2", "train.checkpointing_enabled=true",
@@ -109,6 +113,7 @@ def test_a_two_node_job_is_one_process_group(slurm, tmp_path):
     assert LocalSlurm.job_field(job_id, "NodeList") == "n[1-2]"
 
 
+@pytest.mark.slow
 def test_the_time_limit_signal_checkpoints_requeues_and_resumes_to_the_same_weights(slurm, single_job, tmp_path):
     sweep = tmp_path / "sweep"
     command = [sys.executable, "-m", "launcher", "cluster=local", *SMALL, f"hydra.sweep.dir={sweep}"]
@@ -135,6 +140,7 @@ def test_the_time_limit_signal_checkpoints_requeues_and_resumes_to_the_same_weig
     assert all(actual[name].equal(expected[name]) for name in expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides, message",
     [
