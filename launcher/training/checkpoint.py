@@ -146,8 +146,8 @@ class Checkpointer:
             digests, failure = {}, err
         error = None if failure is None else self._not_saved(failure, final)  # a full disk: RunStopped
         report = None if error is None else (str(error), isinstance(error, RunStopped))
-        parts = _all_gather((digests, report), self.world)  # every rank learns whether any failed
-        reports = [report for _, report in parts if report]
+        gathered = _all_gather((digests, report), self.world)  # every rank learns whether any failed
+        reports = [report for _, report in gathered if report]
         if reports:
             if self.world.is_main:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -167,7 +167,7 @@ class Checkpointer:
                     "fingerprint": self.fingerprint,
                     "task": parts.task.state_dict(),
                 }, fsync=True)
-                shards = {name: digest for part, _ in parts for name, digest in part.items()}  # hashed as written
+                shards = {name: digest for part, _ in gathered for name, digest in part.items()}  # hashed as written
                 atomic.commit(staging, final, {"checksums": integrity.manifest(staging, shards)}, fsync=True)
             except Exception as err:
                 shutil.rmtree(staging, ignore_errors=True)
