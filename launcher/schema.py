@@ -116,7 +116,8 @@ class DataConfig:
 class SchedulerConfig:
     # Any transformers.SchedulerType value, or plateau_with_warmup.
     name: str = "cosine"
-    warmup_ratio: float = 0.0
+    # Warmup steps = ceil(warmup_ratio x total optimizer steps), for every schedule.
+    warmup_ratio: float = 0.05
     # Extra keyword arguments: scheduler_specific_kwargs for transformers' schedulers,
     # ReduceLROnPlateau's arguments (factor, patience, ...) for plateau_with_warmup.
     kwargs: Dict[str, Any] = field(default_factory=dict)
@@ -137,7 +138,7 @@ class ShardingConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1
+    epochs: int = 2
     # Cap on optimizer steps (None: run all epochs).
     max_steps: Optional[int] = None
     seed: int = 11
@@ -156,7 +157,7 @@ class TrainConfig:
     loss: str = affects(default="cross_entropy")
     loss_chunk_size: int = affects(default=1024)
     # Evaluate and log every `logging_steps` optimizer steps (VectorLM semantics).
-    logging_steps: int = affects(default=20)
+    logging_steps: int = affects(default=25)
     # Cap on eval batches per evaluation (None: the whole eval set).
     max_eval_batches: Optional[int] = affects(default=None)
     # Dense bf16 FLOP/s of one device for the `mfu` metric; None: looked up from the device name.

@@ -88,3 +88,32 @@ def test_the_trains_flag_is_set_by_exactly_the_tasks_that_train():
     # validate checks the config as the training run it describes
     assert trains == {"dpo": True, "evaluate": False, "export": False, "preprocess": False,
                       "report": False, "train": True, "validate": True}
+
+
+def _restated(values: dict, defaults, prefix=""):
+    """Keys of `values` whose value is the schema's default (recursively)."""
+    from omegaconf import MISSING
+
+    found = []
+    for key, value in values.items():
+        if key not in defaults or OmegaConf.is_missing(defaults, key):
+            continue
+        default = defaults[key]
+        if isinstance(value, dict) and OmegaConf.is_dict(default):
+            found += _restated(value, default, f"{prefix}{key}.")
+        elif value != MISSING and OmegaConf.to_container(OmegaConf.create({"v": default}))["v"] == value:
+            found.append(prefix + key)
+    return found
+
+
+@pytest.mark.parametrize("path", sorted([*(CONF_DIR / "data").glob("*.yaml"), *(CONF_DIR / "scheduler").glob("*.yaml"),
+                                         CONF_DIR / "config.yaml"]), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_no_config_file_restates_a_schema_default(path):
+    """One home per default: launcher/schema.py. A preset holds only what makes it that preset
+    (`name` and `source` name it even where they are the default ones)."""
+    from launcher.schema import Config, DataConfig, SchedulerConfig
+
+    values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    values.pop("source", None), values.pop("name", None)
+    schema = {"data": DataConfig, "scheduler": SchedulerConfig}.get(path.parent.name, Config)
+    assert _restated(values, OmegaConf.structured(schema)) == []
