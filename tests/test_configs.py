@@ -117,3 +117,18 @@ def test_no_config_file_restates_a_schema_default(path):
     values.pop("source", None), values.pop("name", None)
     schema = {"data": DataConfig, "scheduler": SchedulerConfig}.get(path.parent.name, Config)
     assert _restated(values, OmegaConf.structured(schema)) == []
+
+
+def test_the_config_is_normalised_once_and_the_checks_only_read_it(tmp_path):
+    from launcher.cli.validate import check_config, normalise_config
+
+    cfg = compose_config(["sharding.strategy=full_shard", "scheduler.name=plataeu-with-warmup",
+                          "data.seperator=Answer:", f"output_dir={tmp_path / 'out'}"])
+    normalise_config(cfg)
+    # VectorLM's spellings become the canonical names; format-dependent defaults are filled in
+    assert (cfg.sharding.strategy, cfg.scheduler.name, cfg.data.separator) == ("FULL_SHARD", "plateau_with_warmup",
+                                                                                "Answer:")
+    assert (cfg.data.data_field, cfg.data.add_bos_eos_tokens) == ("text", True)
+    normalised = OmegaConf.to_container(cfg)
+    check_config(cfg)  # normalises again (idempotent), then checks under a read-only flag
+    assert OmegaConf.to_container(cfg) == normalised

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from hydra.utils import get_method
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, flag_override, open_dict, read_write
 
 from launcher.errors import ConfigError
 
@@ -33,12 +33,28 @@ def check_config(cfg: DictConfig, on_this_machine: bool = True) -> None:
     from launcher.store.outputs import check_output_dir
     from launcher.store.run_dir import check_resume
 
-    check_output_dir(cfg.output_dir)
     if cfg.task.uses_model:
-        check_resume(cfg.resume)
-        _check_training_run(cfg, on_this_machine)
-    if cfg.task.check is not None:
-        get_method(cfg.task.check)(cfg)
+        normalise_config(cfg)
+    with flag_override(cfg, "readonly", True):  # the checks read; only normalise_config writes
+        check_output_dir(cfg.output_dir)
+        if cfg.task.uses_model:
+            check_resume(cfg.resume)
+            _check_training_run(cfg, on_this_machine)
+        if cfg.task.check is not None:
+            get_method(cfg.task.check)(cfg)
+
+
+def normalise_config(cfg: DictConfig) -> None:
+    """The one place the composed config is rewritten: aliases (VectorLM's spellings) become the
+    canonical names and format-dependent defaults are filled in. Idempotent."""
+    from launcher.data.preprocessing import normalise_data
+    from launcher.model.sharding import normalise_sharding
+    from launcher.training.optim import normalise_scheduler
+
+    with open_dict(cfg):
+        normalise_sharding(cfg.sharding)
+        normalise_scheduler(cfg.scheduler)
+        normalise_data(cfg.data)
 
 
 def _check_training_run(cfg: DictConfig, on_this_machine: bool) -> None:

@@ -9,7 +9,7 @@ import logging
 import os
 
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -107,12 +107,16 @@ def strategy_of(cfg: DictConfig, world: World) -> ShardingStrategy:
 def check_sharding(cfg: DictConfig) -> None:
     """Before any work: the strategy exists (VectorLM's upper-case names are the canonical ones)."""
     sharding = cfg.sharding
-    with open_dict(sharding):
-        sharding.strategy = str(sharding.strategy).upper() if "." not in str(sharding.strategy) else sharding.strategy
     at_least(sharding.shard_group_size, 1, "sharding.shard_group_size")
     if sharding.backend not in ("auto", "gloo", "nccl"):
         raise choice_error("sharding.backend", sharding.backend, ("auto", "gloo", "nccl"))
     STRATEGIES.get(sharding.strategy)  # an unknown name is a ConfigError listing the registered ones
+
+
+def normalise_sharding(sharding: DictConfig) -> None:
+    """VectorLM's upper-case names are the canonical ones (a dotted path is left as written)."""
+    if "." not in str(sharding.strategy):
+        sharding.strategy = str(sharding.strategy).upper()
 
 
 def check_launch(cfg: DictConfig) -> None:

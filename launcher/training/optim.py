@@ -14,7 +14,7 @@ import warnings
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
 from launcher.errors import ConfigError, check_arguments, choice_error, finite
@@ -144,12 +144,15 @@ def scheduler_target(name: str) -> tuple:
     return function, function.__name__, passed
 
 
+def normalise_scheduler(scheduler_cfg: DictConfig) -> None:
+    """VectorLM's spelling of the plateau schedule becomes its hydralm name."""
+    scheduler_cfg.name = SCHEDULER_ALIASES.get(scheduler_cfg.name, scheduler_cfg.name)
+
+
 def check_scheduler(scheduler_cfg: DictConfig) -> None:
     """Accept VectorLM's spelling, check the name and ratio, bind `scheduler.kwargs` to the
     schedule's signature with types, then build the schedule on a throwaway parameter so bad
     values fail before any model loads."""
-    with open_dict(scheduler_cfg):
-        scheduler_cfg.name = SCHEDULER_ALIASES.get(scheduler_cfg.name, scheduler_cfg.name)
     if not 0 <= scheduler_cfg.warmup_ratio <= 1:
         raise ConfigError(f"scheduler.warmup_ratio={scheduler_cfg.warmup_ratio} must be in [0, 1]")
     names = scheduler_names()
