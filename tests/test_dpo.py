@@ -369,6 +369,7 @@ def test_text_data_for_dpo_names_the_missing_column(tmp_path):
         run_task(compose_config(["task=dpo", f"output_dir={tmp_path / 'out'}"]))
 
 
+@pytest.mark.slow  # a full-length training run (minutes on 2 cores)
 def test_the_embedded_default_learns_to_prefer_real_text(tmp_path):
     """task=dpo data=pydoc_pairs, shortened: eval pairs come from topics training never saw."""
     summary = run_task(compose_config(["task=dpo", "data=pydoc_pairs", "train.max_steps=40",

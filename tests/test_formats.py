@@ -309,6 +309,7 @@ def test_conversations_a_template_refuses_are_dropped_with_the_reason(tokenizer)
     assert tokenizer.decode(encoded.ids[0][encoded.trained[0]]) == " b</s>"
 
 
+@pytest.mark.slow  # a full-length training run (minutes on 2 cores)
 def test_pydoc_chat_learns(tmp_path):
     from launcher.cli.app import run_task
 
