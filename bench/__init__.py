@@ -1,1 +1,1 @@
-"""hydralm benchmarks: scripts that print their figures and end with ratio lines (see README)."""
+"""hydralm benchmarks: scripts that print their figures and end with ratio lines (see bench/README.md)."""

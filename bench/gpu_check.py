@@ -278,16 +278,17 @@ def resume_after_kill(spec: dict) -> dict:
     is SIGKILLed inside the save of step 10 (the checkpoint's shards written, its marker not); the
     same config again resumes from step 5 and must end as the uninterrupted run did."""
     from launcher.store.run_dir import checkpoint_dir, latest_checkpoint
-    from launcher.training.checkpoint import KILL_HOOK
 
     every = spec["run_steps"] // 4
     overrides = [*MP, "train.checkpointing_enabled=true", f"train.save_steps={every}"]
     out = Path(spec["work"]) / "resumed"
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-m", "launcher", *_run_overrides(spec, overrides, out)]
+    # tests/kill_in_save.py: `python -m launcher` that SIGKILLs itself inside that step's save
+    command = [sys.executable, str(ROOT / "tests" / "kill_in_save.py"), str(2 * every),
+               *_run_overrides(spec, overrides, out)]
     with _torchrun_environment():
         killed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=spec["timeout_s"],
-                                env=subprocess_env(**{KILL_HOOK: str(2 * every)}))
+                                env=subprocess_env())
     if killed.returncode != -signal.SIGKILL:
         raise RuntimeError(f"the run was to be killed at step {2 * every}, it ended with {killed.returncode}:\n"
                            + killed.stderr[-2000:])

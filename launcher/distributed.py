@@ -45,6 +45,10 @@ class World:
         return self.rank == 0
 
 
+# A job without process groups (task=preprocess, single-process tools and tests).
+ONE_PROCESS = World(rank=0, local_rank=0, size=1, local_size=1, device=torch.device("cpu"))
+
+
 def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 

@@ -36,9 +36,15 @@ class Registry(Generic[T]):
             return found
         if "." not in str(name):
             raise choice_error(self.key, name, [*self.names(), "<module.Class>"])
-        from hydra.utils import get_class
+        return imported_class(self.key, str(name))
 
-        try:
-            return get_class(str(name))
-        except Exception as err:  # noqa: BLE001 (any import failure is the user's path)
-            raise ConfigError(f"{self.key}={name} cannot be imported: {err}") from None
+
+def imported_class(key: str, dotted_path: str) -> type:
+    """The class a config key names by its dotted path (hydra's get_class); one ConfigError
+    naming the key when it cannot be imported. The one importer of user-named classes."""
+    from hydra.utils import get_class
+
+    try:
+        return get_class(dotted_path)
+    except Exception as err:  # noqa: BLE001 (any import failure is the user's path)
+        raise ConfigError(f"{key}={dotted_path} cannot be imported: {err}") from None

@@ -127,7 +127,8 @@ class DataConfig:
 class SchedulerConfig:
     # Any transformers.SchedulerType value, or plateau_with_warmup.
     name: str = "cosine"
-    warmup_ratio: float = 0.0
+    # Warmup steps = ceil(warmup_ratio x total optimizer steps), for every schedule.
+    warmup_ratio: float = 0.05
     # Extra keyword arguments: scheduler_specific_kwargs for transformers' schedulers,
     # ReduceLROnPlateau's arguments (factor, patience, ...) for plateau_with_warmup.
     kwargs: Dict[str, Any] = field(default_factory=dict)
@@ -152,7 +153,7 @@ class ShardingConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = affects(RUN, LENGTH, default=1)
+    epochs: int = affects(RUN, LENGTH, default=2)
     # Cap on optimizer steps (None: run all epochs).
     max_steps: Optional[int] = affects(RUN, LENGTH, default=None)
     seed: int = 11
@@ -177,7 +178,7 @@ class TrainConfig:
     loss: str = affects(default="cross_entropy")
     loss_chunk_size: int = affects(default=1024)
     # Evaluate and log every `logging_steps` optimizer steps (VectorLM semantics).
-    logging_steps: int = affects(default=20)
+    logging_steps: int = affects(default=25)
     # Cap on eval batches per evaluation (None: the whole eval set).
     max_eval_batches: Optional[int] = affects(default=None)
     # Dense bf16 FLOP/s of one device for the `mfu` metric; None: looked up from the device name.

@@ -241,5 +241,3 @@ def check_dpo(cfg: DictConfig) -> None:
         if data[key]:
             raise ConfigError(f"data.{key} does not apply to task=dpo (a pair's prompt is its dpo.prompt_field "
                               "column; pairs are never packed)")
-    if lora_enabled(cfg.peft) and cfg.peft.inference_mode:
-        raise ConfigError("peft.inference_mode=true freezes the adapters: task=dpo would train nothing")

@@ -31,7 +31,7 @@ def evaluate(cfg: DictConfig) -> dict:
     from launcher.model.task_model import load_task_model
     from launcher.store.atomic import WRITTEN_BY, write_json
     from launcher.store.outputs import resolve_output_dir
-    from launcher.training.loggers import scrub
+    from launcher.secrets import scrub
     from launcher.training.trainer import evaluate as evaluate_loss
     from tasks.train import LanguageModeling
 

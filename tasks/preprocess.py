@@ -15,16 +15,13 @@ from launcher.data.mixture import describe_mixture
 from launcher.data.preprocessing import (check_tokenizer, ensure_built, mix_components, one_builder, prepared_splits,
                                          preprocess_settings)
 from launcher.data.sources import source_of
-from launcher.distributed import World
+from launcher.distributed import ONE_PROCESS
 from launcher.errors import ConfigError
 from launcher.model.modeling import load_tokenizer
 from launcher.model.task_model import model_config
 from launcher.store.atomic import atomic_directory, check_replaceable, owned
 from launcher.store.integrity import CHECKSUMS, file_checksums
 from launcher.store.outputs import check_not_a_run, resolve_output_dir
-
-SINGLE_PROCESS = World(rank=0, local_rank=0, size=1, local_size=1, device=None)
-
 
 def check_save_path(cfg: DictConfig) -> None:
     """Before any work: `data.save_path` is new, empty, or an earlier output of task=preprocess
@@ -44,7 +41,7 @@ def preprocess(cfg: DictConfig) -> dict:
     if source.tokenized:
         raise ConfigError(f"task=preprocess needs a raw corpus; data.source={cfg.data.source} is already preprocessed")
     tokenizer = load_tokenizer(model_config(cfg))
-    save_path = Path(cfg.data.save_path or resolve_output_dir(cfg, SINGLE_PROCESS) / "data")
+    save_path = Path(cfg.data.save_path or resolve_output_dir(cfg, ONE_PROCESS) / "data")
     check_save_path(OmegaConf.merge(cfg, {"data": {"save_path": str(save_path)}}))
     if source.mixes:
         return _save_mixture(cfg, tokenizer, save_path)
@@ -61,7 +58,7 @@ def preprocess(cfg: DictConfig) -> dict:
 
 def _save_mixture(cfg: DictConfig, tokenizer, save_path: Path) -> dict:
     """The mixed rows, written out as plain datasets (the components are cached on their own)."""
-    splits, report = mix_components(cfg, tokenizer, SINGLE_PROCESS, prepared_splits)
+    splits, report = mix_components(cfg, tokenizer, ONE_PROCESS, prepared_splits)
     with one_builder(save_path):
         with atomic_directory(save_path) as staging:
             for name, dataset in splits.items():

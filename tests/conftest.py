@@ -52,6 +52,12 @@ def run_launcher(args, cwd, timeout=600, env=None):
     )
 
 
+def run_launcher_killed_in_save(step, args, cwd, timeout=600):
+    """`python -m launcher ARGS` SIGKILLed inside the save of step `step` (tests/kill_in_save.py)."""
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "kill_in_save.py"), str(step), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
 def assert_rejected_before_any_work(overrides, message, tmp_path):
     """run_task raises one ConfigError containing `message`, and nothing is written."""
     from launcher.cli.app import run_task
@@ -78,3 +84,13 @@ def run_in_fresh_python(argv, cwd):
     )
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
+
+
+def pack(docs, spec):
+    """Every row the packer makes of `docs` in one table (its streaming use, in one go)."""
+    import pyarrow as pa
+
+    from launcher.data.packing import Packer
+
+    packer = Packer(spec)
+    return pa.concat_tables([packer.add(docs), packer.finish()])

@@ -78,6 +78,7 @@ def leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if atomic.LEFTOVER.match(p.name))
 
 
+@pytest.mark.slow
 def test_a_swap_killed_at_any_instant_recovers_to_the_old_or_the_new_result(tmp_path):
     target = tmp_path / "final-model"
 
@@ -113,6 +114,7 @@ def test_a_swap_killed_while_the_previous_result_is_deleted_does_not_wedge_the_n
     assert version_of(target) == "new" and leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_a_removal_killed_at_any_instant_leaves_the_result_whole_or_gone(tmp_path):
     target = tmp_path / "checkpoint-00000002"
 
@@ -128,6 +130,7 @@ def test_a_removal_killed_at_any_instant_leaves_the_result_whole_or_gone(tmp_pat
     killed_at_every_instant(lambda: atomic.remove(target), prepare, check)
 
 
+@pytest.mark.slow
 def test_a_prune_killed_at_any_instant_is_cleaned_up_at_the_next_start(tmp_path):
     out = tmp_path / "run"
 
@@ -164,6 +167,7 @@ def test_a_checkpoint_without_its_marker_is_moved_aside_with_a_message_not_delet
     assert [p.name for p in run_dir.complete_checkpoints(tmp_path)] == ["checkpoint-00000004"]
 
 
+@pytest.mark.slow
 def test_an_overwrite_killed_at_any_instant_is_finished_by_the_next_overwrite(tmp_path):
     out = tmp_path / "run"
     old = compose_config(["optimizer.lr=1e-3", f"output_dir={out}"])

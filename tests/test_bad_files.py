@@ -161,6 +161,7 @@ def test_nothing_left_after_dropping_is_an_error_with_the_reasons(tmp_path):
         _preprocess(tmp_path, [f"data.load_path={tmp_path / 'chat.jsonl'}", "data.format=chat"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,content", [("truncated.jsonl", b'{"text": "a"}\n{"text": "b'), ("bad.parquet", b"PAR1xx"),
                                           ("latin1.jsonl", b'{"text": "caf\xe9"}\n')])
 def test_cli_prints_one_line_and_exits_2(tmp_path, name, content):

@@ -39,6 +39,7 @@ def test_seed_spelling_aliases_are_accepted():
     assert cfg.scheduler.name == "plateau_with_warmup" and cfg.sharding.strategy == "FULL_SHARD"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args,expected",
     [

@@ -15,11 +15,9 @@ from datasets import load_from_disk
 from filelock import FileLock
 
 from launcher.data.preprocessing import lock_path, prepared_splits
-from launcher.distributed import World
+from launcher.distributed import ONE_PROCESS
 from launcher.model.modeling import load_tokenizer
 from launcher.store.integrity import damaged_files
-
-SINGLE = World(rank=0, local_rank=0, size=1, local_size=1, device=None)
 
 
 def _entry(cache: Path) -> Path:
@@ -38,7 +36,7 @@ def _rows(splits):
 
 def _prepare(cache: Path):
     cfg = compose_config(["train.max_seq_len=32", f"data.cache_dir={cache}"])
-    return prepared_splits(cfg, load_tokenizer(cfg.model), SINGLE)
+    return prepared_splits(cfg, load_tokenizer(cfg.model), ONE_PROCESS)
 
 
 def test_a_flipped_bit_in_a_cached_arrow_file_is_detected_and_the_entry_rebuilt(tmp_path, caplog):
@@ -81,6 +79,7 @@ def _start(args, log: Path, cwd: Path):
         return subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
+@pytest.mark.slow
 def test_two_preprocessing_runs_of_the_same_settings_at_once_build_once_and_both_succeed(tmp_path):
     """The test holds the entry's lock while both start, so they are sure to meet there."""
     out = tmp_path / "data"
@@ -99,6 +98,7 @@ def test_two_preprocessing_runs_of_the_same_settings_at_once_build_once_and_both
     assert damaged_files(out) == [] and len(load_from_disk(str(out / "train"))) > 0
 
 
+@pytest.mark.slow
 def test_two_training_runs_on_a_cold_cache_both_get_the_same_rows(tmp_path):
     script = (
         "import json, logging, sys\n"
@@ -106,10 +106,10 @@ def test_two_training_runs_on_a_cold_cache_both_get_the_same_rows(tmp_path):
         f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
         "from conftest import compose_config\n"
         "from launcher.data.preprocessing import prepared_splits\n"
-        "from launcher.distributed import World\n"
+        "from launcher.distributed import ONE_PROCESS\n"
         "from launcher.model.modeling import load_tokenizer\n"
         f"cfg = compose_config(['train.max_seq_len=32', 'data.cache_dir={tmp_path / 'cache'}'])\n"
-        "splits = prepared_splits(cfg, load_tokenizer(cfg.model), World(0, 0, 1, 1, None))\n"
+        "splits = prepared_splits(cfg, load_tokenizer(cfg.model), ONE_PROCESS)\n"
         "print('ROWS', json.dumps({name: len(split) for name, split in splits.items()}))\n"
         "print('FIRST', json.dumps(splits['train'][0]['input_ids']))\n"
     )

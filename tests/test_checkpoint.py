@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, assert_same_weights, compose_config, final_weights, run_launcher
+from conftest import ROOT, assert_same_weights, compose_config, final_weights, run_launcher, run_launcher_killed_in_save
 from transformers import AutoModelForCausalLM
 
 from launcher.cli.app import run_task
 from launcher.data.sampler import ResumableDistributedSampler
 from launcher.errors import ConfigError
 from launcher.store.run_dir import latest_checkpoint
-from launcher.training.checkpoint import KILL_HOOK
 
 SMALL = ["train.max_seq_len=64", "data.train_bs=2", "data.eval_bs=4", "train.max_eval_batches=1",
          "train.max_steps=6", "train.logging_steps=2", "train.checkpointing_enabled=true", "train.save_steps=2"]
@@ -88,13 +87,14 @@ def test_data_shuffle_false_trains_in_the_data_order_and_resumes_exactly(tmp_pat
     assert not torch.equal(final_weights(ordered)["lm_head.weight"], final_weights(reference)["lm_head.weight"])
 
 
+@pytest.mark.slow
 def test_a_kill_inside_a_save_then_a_kill_9_mid_run_then_the_same_command_ends_with_the_same_weights(
         tmp_path, reference):
     out = tmp_path / "run"
     args = [*SMALL, f"output_dir={out}"]
 
     # 1. Killed (SIGKILL) inside the save of step 4: the shards are there, the marker is not.
-    killed = run_launcher(args, cwd=tmp_path, env={KILL_HOOK: "4"})
+    killed = run_launcher_killed_in_save(4, args, cwd=tmp_path)
     assert killed.returncode == -signal.SIGKILL
     partial = out / "checkpoints" / ".checkpoint-00000004.partial"
     assert (partial / ".metadata").is_file() and not (partial / "COMPLETE").exists()
@@ -126,17 +126,20 @@ def resumed_step(stdout: str) -> int:
     return int(line.split("(step ")[1].split(",")[0])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_process_full_shard_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
-    def torchrun(out, env=None):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "launcher",
+    def torchrun(out, killed_in_save_of=None):
+        program = ["-m", "launcher"] if killed_in_save_of is None else [str(ROOT / "tests" / "kill_in_save.py"),
+                                                                        str(killed_in_save_of)]
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", *program,
                    "sharding=full_shard", *SMALL, f"output_dir={out}"]
         return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})})
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
 
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
     assert torchrun(uninterrupted).returncode == 0
-    assert torchrun(interrupted, env={KILL_HOOK: "4"}).returncode != 0
+    assert torchrun(interrupted, killed_in_save_of=4).returncode != 0
     assert latest_checkpoint(interrupted) == checkpoint(interrupted, 2)
     shutil.copytree(checkpoint(interrupted, 2), tmp_path / "two-rank-checkpoint")
     result = torchrun(interrupted)

@@ -101,6 +101,7 @@ def test_a_pickle_payload_in_the_dcp_metadata_is_refused_and_never_runs(referenc
     assert not (tmp_path / "out").exists()  # refused before any work
 
 
+@pytest.mark.slow
 def test_the_refusal_is_one_line_and_exit_2(reference, tmp_path):
     marker = tmp_path / "payload-ran"
     crafted = crafted_metadata(reference, tmp_path, marker)

@@ -7,6 +7,8 @@ import os
 import pytest
 from conftest import CONF_DIR, QUICK, run_in_fresh_python, run_launcher
 
+pytestmark = pytest.mark.slow  # every test here starts a subprocess
+
 SECRET = "hydralm-test-secret-5f2c9a"
 WANDB_KEY = f"+logger.wandb.settings.api_key={SECRET}"
 # A job that passes every check and fails inside its task function (no model, no torch).

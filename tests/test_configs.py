@@ -78,3 +78,57 @@ def test_a_local_checkpoint_preset_needs_its_path(tmp_path):
     from conftest import assert_rejected_before_any_work
 
     assert_rejected_before_any_work(["model=local"], "model=local needs model.path (a local directory with HF weights and tokenizer)", tmp_path)
+
+
+def test_the_trains_flag_is_set_by_exactly_the_tasks_that_train():
+    """One answer to "does this task train?": conf/task/*.yaml's `trains`, which the checks for
+    training-only settings (flex attention on CPU, frozen LoRA adapters) read."""
+    tasks = sorted(p.stem for p in (CONF_DIR / "task").glob("*.yaml"))
+    trains = {task: compose_config([f"task={task}"]).task.trains for task in tasks}
+    # validate checks the config as the training run it describes
+    assert trains == {"dpo": True, "evaluate": False, "export": False, "preprocess": False,
+                      "report": False, "train": True, "validate": True}
+
+
+def _restated(values: dict, defaults, prefix=""):
+    """Keys of `values` whose value is the schema's default (recursively)."""
+    from omegaconf import MISSING
+
+    found = []
+    for key, value in values.items():
+        if key not in defaults or OmegaConf.is_missing(defaults, key):
+            continue
+        default = defaults[key]
+        if isinstance(value, dict) and OmegaConf.is_dict(default):
+            found += _restated(value, default, f"{prefix}{key}.")
+        elif value != MISSING and OmegaConf.to_container(OmegaConf.create({"v": default}))["v"] == value:
+            found.append(prefix + key)
+    return found
+
+
+@pytest.mark.parametrize("path", sorted([*(CONF_DIR / "data").glob("*.yaml"), *(CONF_DIR / "scheduler").glob("*.yaml"),
+                                         CONF_DIR / "config.yaml"]), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_no_config_file_restates_a_schema_default(path):
+    """One home per default: launcher/schema.py. A preset holds only what makes it that preset
+    (`name` and `source` name it even where they are the default ones)."""
+    from launcher.schema import Config, DataConfig, SchedulerConfig
+
+    values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    values.pop("source", None), values.pop("name", None)
+    schema = {"data": DataConfig, "scheduler": SchedulerConfig}.get(path.parent.name, Config)
+    assert _restated(values, OmegaConf.structured(schema)) == []
+
+
+def test_the_config_is_normalised_once_and_the_checks_only_read_it(tmp_path):
+    from launcher.cli.validate import check_config, normalise_config
+
+    cfg = compose_config(["sharding.strategy=full_shard", "scheduler.name=plataeu-with-warmup",
+                          "data.seperator=Answer:", f"output_dir={tmp_path / 'out'}"])
+    normalise_config(cfg)
+    # VectorLM's spellings become the canonical names; format-dependent defaults are filled in
+    assert (cfg.sharding.strategy, cfg.scheduler.name, cfg.data.separator) == ("FULL_SHARD", "plateau_with_warmup",
+                                                                                "Answer:")
+    assert (cfg.data.data_field, cfg.data.add_bos_eos_tokens) == ("text", True)
+    normalised = OmegaConf.to_container(cfg)
+    check_config(cfg)  # normalises again (idempotent), then checks under a read-only flag
+    assert OmegaConf.to_container(cfg) == normalised

@@ -79,6 +79,7 @@ def reference(tmp_path_factory):
     return out, summary
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "sharding,extra",
     [("no_shard", []), ("full_shard", []), ("shard_grad_op", ["sharding.low_cpu_mem_usage=true"]),
@@ -100,6 +101,7 @@ def test_two_processes_match_one(sharding, extra, reference, tmp_path):
         assert 0.5 * full <= summary["parameter_bytes_per_rank"] <= 0.51 * full
 
 
+@pytest.mark.slow
 def test_hybrid_shard_on_two_nodes_of_two(reference, tmp_path):
     out = tmp_path / "run"
     args = [*STEPS, "sharding=hybrid_shard", f"data.train_bs={GLOBAL_BATCH // 4}", f"output_dir={out}"]
@@ -128,6 +130,7 @@ def test_accumulation_and_checkpointing_change_nothing_but_cost(overrides, refer
     _assert_same_run(tmp_path, reference[0])
 
 
+@pytest.mark.slow
 def test_bad_combination_fails_on_every_rank_without_hanging(tmp_path):
     """Checks run before the process group forms, so no rank waits for another."""
     args = ["sharding=hybrid_shard", "sharding.shard_group_size=2", f"output_dir={tmp_path / 'out'}"]
@@ -143,6 +146,7 @@ def test_bad_combination_fails_on_every_rank_without_hanging(tmp_path):
     assert code != 0 and message in err
 
 
+@pytest.mark.slow
 def test_an_error_found_by_rank_0_while_preprocessing_reaches_every_rank(tmp_path):
     """Only rank 0 preprocesses; a bad file it finds is every rank's one-line error, not a hang."""
     data = tmp_path / "qa.jsonl"

@@ -8,10 +8,10 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import assert_rejected_before_any_work, compose_config
+from conftest import assert_rejected_before_any_work, compose_config, pack
 
 from launcher.data.loaders import PadCollator
-from launcher.data.packing import Documents, PackingSpec, pack
+from launcher.data.packing import Documents, PackingSpec
 from launcher.distributed import World
 from launcher.model.losses import token_loss_sum
 from launcher.model.modeling import build_model, load_tokenizer
@@ -72,6 +72,7 @@ def test_train_task_runs_with_document_mask(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_flex_attention_training_on_cpu_is_refused_before_any_work(tmp_path):
-    assert_rejected_before_any_work(["model.attention=flex_attention"],
+@pytest.mark.parametrize("task", [["task=train"], ["task=dpo", "data=pydoc_pairs"]])  # every task that trains
+def test_flex_attention_training_on_cpu_is_refused_before_any_work(task, tmp_path):
+    assert_rejected_before_any_work([*task, "model.attention=flex_attention"],
                                     "model.attention=flex_attention cannot train on CPU", tmp_path)

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_rejected_before_any_work, assert_same_weights, compose_config, final_weights, run_launcher
+from conftest import (assert_rejected_before_any_work, assert_same_weights, compose_config, final_weights, run_launcher,
+                      run_launcher_killed_in_save)
 from peft import PeftModel
 from test_distributed import _torchrun
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from launcher.cli.app import run_task
 from launcher.schema import ASSETS_DIR
-from launcher.training.checkpoint import KILL_HOOK
 
 LN2 = math.log(2)
 TRAIN_PAIRS, EVAL_PAIRS, GLOBAL_BATCH, STEPS = 18, 7, 4, 8  # 2 epochs of 4 steps; 2 ranks pad eval
@@ -194,6 +194,7 @@ def test_step_0_loss_is_ln2_and_the_run_equals_a_plain_pytorch_dpo_loop(setup, s
     assert summary["steps"] == STEPS and actual[-1]["train_loss"] < 0.75 * LN2  # it trains
 
 
+@pytest.mark.slow
 def test_two_process_full_shard_equals_one_process(setup, single, tmp_path):
     out = tmp_path / "run"
     args = [*setup[1], "sharding=full_shard", f"data.train_bs={GLOBAL_BATCH // 2}", f"output_dir={out}"]
@@ -211,13 +212,14 @@ def test_two_process_full_shard_equals_one_process(setup, single, tmp_path):
         assert mine["eval_reward_accuracy"] == theirs["eval_reward_accuracy"]
 
 
+@pytest.mark.slow
 def test_kill_9_in_a_save_then_the_same_command_is_bit_equal(setup, single, tmp_path):
     """The reference log-probs come from the checkpoint: recomputed from the step-2 weights, the
     resumed run would diverge."""
     out = tmp_path / "run"
     args = [*setup[1], f"data.train_bs={GLOBAL_BATCH}", "train.checkpointing_enabled=true", "train.save_steps=2",
             f"output_dir={out}"]
-    killed = run_launcher(args, cwd=tmp_path, env={KILL_HOOK: "6"})
+    killed = run_launcher_killed_in_save(6, args, cwd=tmp_path)
     assert killed.returncode == -signal.SIGKILL
     state = json.loads((out / "checkpoints" / "checkpoint-00000004" / "trainer_state.json").read_text())
     saved = np.frombuffer(base64.b64decode(state["task"]["reference_log_probs"]), dtype="<f4").reshape(-1, 2)
@@ -263,6 +265,7 @@ def test_lora_reference_is_the_base_with_adapters_switched_off(setup, lora_singl
     assert final["eval_rewards_chosen"] != 0.0
 
 
+@pytest.mark.slow
 def test_two_process_lora_shard_grad_op_equals_one_process(setup, lora_single, tmp_path):
     out = tmp_path / "run"
     [(code, _, err)] = _torchrun(2, [*setup[1], *LORA, "sharding=shard_grad_op", f"data.train_bs={GLOBAL_BATCH // 2}",
@@ -395,6 +398,7 @@ def test_text_data_for_dpo_names_the_missing_column(tmp_path):
         run_task(compose_config(["task=dpo", f"output_dir={tmp_path / 'out'}"]))
 
 
+@pytest.mark.slow  # a full-length training run (minutes on 2 cores)
 def test_the_embedded_default_learns_to_prefer_real_text(tmp_path):
     """task=dpo data=pydoc_pairs, shortened: eval pairs come from topics training never saw."""
     summary = run_task(compose_config(["task=dpo", "data=pydoc_pairs", "train.max_steps=40",

@@ -12,6 +12,7 @@ from launcher.cli.app import run_task
 METRIC_KEYS = {"step", "epoch", "train_loss", "lr", "tokens_seen", "tokens_per_s"}
 
 
+@pytest.mark.slow
 def test_launcher_trains_learns_and_exports_a_reloadable_model(tmp_path):
     out = tmp_path / "run"
     result = run_launcher(["train.max_steps=8", "train.logging_steps=4", f"output_dir={out}"], cwd=tmp_path)
@@ -106,6 +107,7 @@ def test_exported_model_gives_the_in_memory_logits(tmp_path):
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sweep_runs_one_job_per_point_in_its_own_directory(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_launcher(
@@ -120,6 +122,7 @@ def test_sweep_runs_one_job_per_point_in_its_own_directory(tmp_path):
         assert f"lr: {lr}" in config or f"lr: {lr:g}" in config
 
 
+@pytest.mark.slow
 def test_cfg_job_prints_the_config_without_importing_torch(tmp_path):
     result = run_in_fresh_python(["--cfg", "job", "train.epochs=3"], tmp_path)
     assert result.returncode == 0, result.stderr

@@ -11,12 +11,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, compose_config
+from conftest import ROOT, compose_config, pack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from launcher.data import formats
-from launcher.data.packing import PackingSpec, pack
+from launcher.data.packing import PackingSpec
 from launcher.data.preprocessing import Tokenize, documents_of
 from launcher.model.modeling import load_tokenizer
 
@@ -265,6 +265,7 @@ def test_long_texts_are_tokenized_in_pieces_with_the_same_ids(tokenizer, monkeyp
                                                              return_offsets_mapping=True)["offset_mapping"]]
 
 
+@pytest.mark.slow
 def test_a_long_line_is_tokenized_in_bounded_memory(tmp_path):
     """HF tokenizers hold ~120 bytes per character of one call (a 24 MB line took 3.9 GB): a
     3 MB line must now cost a fraction of the ~350 MB it took in one call."""
@@ -308,7 +309,7 @@ def test_a_tokenizer_without_a_chat_template_is_an_error_before_any_data_is_read
     import shutil
 
     from launcher.data.preprocessing import prepared_splits
-    from launcher.distributed import World
+    from launcher.distributed import ONE_PROCESS
     from launcher.errors import ConfigError
     from launcher.schema import ASSETS_DIR
 
@@ -317,7 +318,7 @@ def test_a_tokenizer_without_a_chat_template_is_an_error_before_any_data_is_read
     (plain / "chat_template.jinja").unlink()
     cfg = compose_config(["data=pydoc_chat", f"model.tokenizer={plain}", f"data.cache_dir={tmp_path / 'cache'}"])
     with pytest.raises(ConfigError, match="the tokenizer has no chat template; set data.chat_template"):
-        prepared_splits(cfg, load_tokenizer(cfg.model), World(0, 0, 1, 1, None))
+        prepared_splits(cfg, load_tokenizer(cfg.model), ONE_PROCESS)
     assert not (tmp_path / "cache").exists()
 
 
@@ -336,6 +337,7 @@ def test_conversations_a_template_refuses_are_dropped_with_the_reason(tokenizer)
     assert tokenizer.decode(encoded.ids[0][encoded.trained[0]]) == " b</s>"
 
 
+@pytest.mark.slow  # a full-length training run (minutes on 2 cores)
 def test_pydoc_chat_learns(tmp_path):
     from launcher.cli.app import run_task
 

@@ -4,9 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, compose_config
 
-from launcher.training.loggers import REDACTED, scrub, wandb_init_kwargs
+from launcher.secrets import REDACTED, scrub
+from launcher.training.loggers import wandb_init_kwargs
 
 
 def test_scrub_redacts_secret_keys_only():
@@ -39,7 +41,7 @@ def test_wandb_run_id_is_kept_in_the_output_dir_so_a_requeued_job_resumes_the_ru
 
 
 def test_masking_hides_secret_values_in_free_text_only():
-    from launcher.training.loggers import learn_secrets, mask_secrets
+    from launcher.secrets import learn_secrets, mask_secrets
 
     learn_secrets(["+hub.hf_token=tok-123456", "optimizer.lr=3e-4"])
     text = ("#0 : +logger.wandb.settings.api_key=k-1 optimizer.lr=3e-4 | {'password': 'p w', 'monkey': 'ok'} | "
@@ -49,6 +51,7 @@ def test_masking_hides_secret_values_in_free_text_only():
         "client_secret: *** | model.tokenizer=/tok | Every key: see docs | the token *** leaked")
 
 
+@pytest.mark.slow
 def test_tags_reach_wandb_and_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from wandb_records import offline_run
@@ -96,7 +99,7 @@ def test_without_a_terminal_progress_is_plain_lines_on_stdout_and_in_the_job_log
 
 def test_headers_authorization_cookies_and_credentials_are_secret_names():
     """`...http_headers.Authorization` reached .hydra/ and wandb's files (issue 22, case 8)."""
-    from launcher.training.loggers import learn_secrets, mask_secrets
+    from launcher.secrets import learn_secrets, mask_secrets
 
     config = {"logger": {"wandb": {"settings": {"http_headers": {"Authorization": "Bearer abc123"}}}},
               "hub": {"Authorization": "Bearer def456", "cookie": "c=1", "aws_credentials": "AKIA9",

@@ -9,11 +9,10 @@ from conftest import assert_same_weights, compose_config, final_weights
 
 from launcher.cli.app import run_task
 from launcher.data.preprocessing import prepared_splits
-from launcher.distributed import World
+from launcher.distributed import ONE_PROCESS
 from launcher.errors import ConfigError
 from launcher.model.modeling import load_tokenizer
 
-SINGLE = World(rank=0, local_rank=0, size=1, local_size=1, device=None)
 MIX = "data.mixture=[{preset: pydoc, weight: 3}, {preset: pydoc_chat, weight: 1}]"
 
 
@@ -23,7 +22,7 @@ def _rows(dataset):
 
 def _splits(tmp_path, overrides):
     cfg = compose_config(["train.max_seq_len=64", f"data.cache_dir={tmp_path}", *overrides])
-    return prepared_splits(cfg, load_tokenizer(cfg.model), SINGLE)
+    return prepared_splits(cfg, load_tokenizer(cfg.model), ONE_PROCESS)
 
 
 def test_a_mixture_draws_each_component_in_proportion_with_its_own_format(tmp_path):

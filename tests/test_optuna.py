@@ -40,6 +40,7 @@ def continued_search(tmp_path_factory):
     return sweep_dir
 
 
+@pytest.mark.slow
 def test_the_same_command_adds_trials_to_the_study_in_new_run_directories(continued_search):
     trials = load(continued_search).trials
     assert [t.number for t in trials] == [0, 1, 2, 3]
@@ -60,6 +61,7 @@ def test_the_same_command_adds_trials_to_the_study_in_new_run_directories(contin
     assert sorted(p.name for p in continued_search.iterdir() if p.is_dir()) == ["0", "1", "2", "3"]
 
 
+@pytest.mark.slow
 def test_the_report_lists_the_trials_best_parameters_and_history(continued_search, tmp_path):
     from launcher.cli.report import BEST_MARK, write_report
 
@@ -78,6 +80,7 @@ def test_the_report_lists_the_trials_best_parameters_and_history(continued_searc
     assert (tmp_path / "optuna_history.png").is_file() and (tmp_path / "objective.png").is_file()
 
 
+@pytest.mark.slow
 def test_another_search_in_the_same_sweep_dir_is_refused(continued_search, tmp_path):
     result = search(continued_search, tmp_path, "train.seed=5")
     assert result.returncode == 2
@@ -88,6 +91,7 @@ def test_another_search_in_the_same_sweep_dir_is_refused(continued_search, tmp_p
     assert len(load(continued_search).trials) == 4
 
 
+@pytest.mark.slow
 def test_a_new_study_refuses_a_sweep_dir_that_holds_runs(tmp_path):
     (tmp_path / "sweep" / "0" / ".hydra").mkdir(parents=True)
     result = search(tmp_path / "sweep", tmp_path)

@@ -47,6 +47,7 @@ def assert_kept(before: dict, root: Path) -> None:
     assert {k: after.get(k) for k in before} == before
 
 
+@pytest.mark.slow
 def test_preprocess_into_a_users_directory_is_refused_before_any_work(tmp_path):
     """The critical case: `data.save_path=<an existing directory>` used to delete all of it."""
     data = user_tree(tmp_path / "project")

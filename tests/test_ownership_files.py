@@ -62,11 +62,11 @@ def test_a_marker_or_record_is_never_written_through_a_symlink_or_over_a_directo
     result = tmp_path / "result"
     result.mkdir()
     put_in_the_way(result / atomic.COMPLETE, kind, home / "corpus.jsonl")
-    put_in_the_way(tmp_path / ".eval.json.tmp", "symlink", home / "notes" / "paper.tex")
+    put_in_the_way(tmp_path / f".eval.json.{os.getpid()}.tmp", "symlink", home / "notes" / "paper.tex")
     before = snapshot(tmp_path)
     with pytest.raises(ConfigError, match="where hydralm keeps its own file"):
         atomic.write_json(result / atomic.COMPLETE, {"written_by": "hydralm"})
-    with pytest.raises(ConfigError, match=r"\.eval\.json\.tmp is a symlink"):
+    with pytest.raises(ConfigError, match=rf"\.eval\.json\.{os.getpid()}\.tmp is a symlink"):
         atomic.write_json(tmp_path / "eval.json", {"eval_loss": 1.0})
     assert_kept(before, tmp_path)
 

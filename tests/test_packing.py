@@ -3,11 +3,12 @@ token streams and option combinations (hypothesis)."""
 
 import numpy as np
 import pyarrow as pa
+from conftest import pack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from launcher.data.loaders import PadCollator
-from launcher.data.packing import Documents, Packer, PackingSpec, pack
+from launcher.data.packing import Documents, Packer, PackingSpec
 
 BOS, EOS, IGNORE = 0, 1, -100
 DOCS = [[10, 11, 12], [13, 14, 15, 16, 17, 18], [19, 20, 21, 22]]

@@ -18,7 +18,7 @@ from launcher.cli.app import run_task
 from launcher.data import preprocessing as data_module
 from launcher.data.preprocessing import Tokenize, prepared_splits
 from launcher.data.sources import pydoc_documents, source_of
-from launcher.distributed import World
+from launcher.distributed import ONE_PROCESS
 from launcher.errors import ConfigError
 from launcher.model.modeling import load_tokenizer
 
@@ -29,7 +29,6 @@ TEXTS = [
     "Question: what is a dict? Answer: a mapping from keys to values.",
     "Question: what is a set? Answer: an unordered collection of unique items.",
 ]
-SINGLE = World(rank=0, local_rank=0, size=1, local_size=1, device=None)
 
 
 @pytest.fixture(scope="module")
@@ -177,12 +176,12 @@ def test_preprocess_hits_its_cache_and_any_setting_invalidates_it(tmp_path):
 def test_train_cache_is_keyed_by_settings(monkeypatch, tmp_path):
     cfg = compose_config(["train.max_seq_len=32", f"data.cache_dir={tmp_path}"])
     tokenizer = load_tokenizer(cfg.model)
-    prepared_splits(cfg, tokenizer, SINGLE)
+    prepared_splits(cfg, tokenizer, ONE_PROCESS)
     monkeypatch.setattr(data_module, "build_and_save", lambda *a: pytest.fail("rebuilt an up-to-date cache"))
-    prepared_splits(cfg, tokenizer, SINGLE)
+    prepared_splits(cfg, tokenizer, ONE_PROCESS)
     monkeypatch.undo()
     cfg.data.pre_pend = "# "
-    prepared_splits(cfg, tokenizer, SINGLE)
+    prepared_splits(cfg, tokenizer, ONE_PROCESS)
     assert len([entry for entry in (tmp_path / "pydoc").iterdir() if not entry.name.startswith(".")]) == 2
 
 
@@ -247,6 +246,7 @@ def test_bad_data_settings_are_named_before_any_work(overrides, message, tmp_pat
     assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_bench_smoke_prints_the_three_ratios():
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "preprocess.py"), "--smoke"],
                             capture_output=True, text=True, timeout=300)

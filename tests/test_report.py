@@ -42,6 +42,7 @@ def _assert_plot(path, min_coloured=200):
     assert coloured.sum() > min_coloured  # the runs' coloured lines (or points) were drawn
 
 
+@pytest.mark.slow
 def test_sweep_runs_share_a_wandb_group_named_after_the_sweep(sweep):
     runs = [offline_run(sweep / point) for point in ("0", "1")]
     assert {r["run"].run_group for r in runs} == {str(sweep)}
@@ -50,6 +51,7 @@ def test_sweep_runs_share_a_wandb_group_named_after_the_sweep(sweep):
     assert runs[0]["run"].run_id != runs[1]["run"].run_id
 
 
+@pytest.mark.slow
 def test_report_task_plots_and_tables_a_sweep(sweep, tmp_path):
     # task=report needs no model: a model whose weights are absent does not block it.
     cfg = compose_config(["task=report", f"report.dir={sweep}", "model=mistral_7b"])
@@ -75,6 +77,7 @@ def test_report_task_plots_and_tables_a_sweep(sweep, tmp_path):
         assert logged and {step: result["lr_per_step"][name][step - 1] for step in logged} == logged
 
 
+@pytest.mark.slow
 def test_report_cli_on_a_single_run(sweep, tmp_path):
     result = subprocess.run([sys.executable, "-m", "launcher.cli.report", str(sweep / "1"), "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
@@ -115,6 +118,7 @@ def _curve(final_loss, lr, steps=4):
     return rows
 
 
+@pytest.mark.slow
 def test_a_24_run_sweep_has_distinct_colours_one_best_run_and_a_plot_per_swept_key(tmp_path):
     sweep = tmp_path / "sweep"
     lrs, warmups = ["3e-4", "1e-3", "2e-3", "4e-3", "8e-3", "1.6e-2"], ["0.0", "0.1", "0.2", "0.4"]
@@ -150,6 +154,7 @@ def test_colours_stay_distinct_up_to_60_runs():
         assert len(set(run_colours(count))) == count
 
 
+@pytest.mark.slow
 def test_an_optuna_study_that_maximises_a_task_metric(tmp_path):
     """A DPO-style search: objective=eval_reward_accuracy, direction maximize, one failed trial."""
     sweep = tmp_path / "sweep"

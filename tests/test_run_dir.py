@@ -21,8 +21,7 @@ from safetensors.torch import load_file
 from launcher.cli.app import run_task
 from launcher.errors import ConfigError
 from launcher.store.claim import LOCK_FILE, RunLock
-from launcher.store.run_dir import latest_checkpoint
-from launcher.training.checkpoint import KILL_HOOK
+from launcher.store.run_dir import checkpoint_dir, latest_checkpoint
 
 TINY = ["train.max_seq_len=64", "data.eval_bs=4", "train.max_eval_batches=1"]
 SMALL = [*TINY, "data.train_bs=2", "train.max_steps=4", "train.logging_steps=2"]
@@ -49,18 +48,18 @@ class Killed(BaseException):
 
 
 def run_killed_in_save(overrides, step: int, monkeypatch) -> None:
-    import launcher.training.checkpoint
+    """Killed (Killed raised) inside the save of `step`: shards and trainer state written, the
+    checkpoint not yet complete (as tests/kill_in_save.py does with SIGKILL)."""
+    from launcher.store import atomic
 
-    class KillIsRaised:
-        def __getattr__(self, name):
-            return getattr(os, name)
+    commit = atomic.commit
 
-        @staticmethod
-        def kill(pid, signum):
+    def commit_unless_killed(staging, target, *args, **kwargs):
+        if Path(target).name == checkpoint_dir(Path(), step).name:
             raise Killed
+        return commit(staging, target, *args, **kwargs)
 
-    monkeypatch.setenv(KILL_HOOK, str(step))
-    monkeypatch.setattr(launcher.training.checkpoint, "os", KillIsRaised())
+    monkeypatch.setattr(atomic, "commit", commit_unless_killed)
     with pytest.raises(Killed):
         run_task(compose_config(overrides))
     monkeypatch.undo()
@@ -82,6 +81,7 @@ def assert_one_line_refusal(result, *fragments) -> str:
 # ---------------------------------------------------------------------- found cases of issue 12
 
 
+@pytest.mark.slow
 def test_a_sweep_into_one_output_dir_trains_the_first_point_and_refuses_the_second(tmp_path):
     out = tmp_path / "X"
     result = run_launcher(["-m", "optimizer.lr=1e-3,3e-3", f"output_dir={out}", *SMALL, *CHECKPOINTS,
@@ -97,6 +97,7 @@ def test_a_sweep_into_one_output_dir_trains_the_first_point_and_refuses_the_seco
     assert state["fingerprint"]["optimizer.lr"] == 1e-3
 
 
+@pytest.mark.slow
 def test_a_rerun_with_another_config_is_refused_before_it_touches_the_old_run(tmp_path):
     out = tmp_path / "run"
     run_task(compose_config([*SMALL, *CHECKPOINTS, f"output_dir={out}"]))
@@ -280,6 +281,7 @@ def test_throughput_counts_input_tokens_of_a_prompt_masked_dataset(tmp_path):
 # ---------------------------------------------------------------------- the lock
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_directory_in_use_stops_with_one_line(tmp_path):
     out = tmp_path / "run"
     args = [*TINY, "data.train_bs=2", "train.epochs=100", f"output_dir={out}"]
@@ -300,6 +302,7 @@ def test_a_second_run_into_a_directory_in_use_stops_with_one_line(tmp_path):
         first.wait()
 
 
+@pytest.mark.slow
 def test_a_stale_lock_is_taken_over_on_its_host_and_refused_from_another(tmp_path, monkeypatch):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)

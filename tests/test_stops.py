@@ -56,6 +56,7 @@ def saved_step(line: str) -> int:
     return int(line.split(" after step ")[1].split(":")[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_checkpoints_at_the_next_step_and_stops_with_one_line(tmp_path, signum):
     out = tmp_path / "run"
@@ -80,6 +81,7 @@ def test_a_signal_checkpoints_at_the_next_step_and_stops_with_one_line(tmp_path,
         assert json.loads((out / "summary.json").read_text())["steps"] == 40
 
 
+@pytest.mark.slow
 def test_without_checkpointing_a_signal_stops_with_one_line_and_saves_nothing(tmp_path):
     out = tmp_path / "run"
     process = start([sys.executable, "-m", "launcher", *SMALL, "train.max_steps=40", f"output_dir={out}"], tmp_path)
@@ -92,6 +94,7 @@ def test_without_checkpointing_a_signal_stops_with_one_line_and_saves_nothing(tm
     assert checkpoints(out) == [] and not (out / "final-model").exists()
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_exits_at_once(tmp_path):
     """The first Ctrl-C is recorded for the next step boundary; a second one does not wait for it."""
     script = ("import sys, time, torch\n"
@@ -111,6 +114,7 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path):
     assert stderr.strip() == "hydralm: interrupted again: exiting now, without a checkpoint"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_ctrl_c_under_torchrun_checkpoints_both_ranks_at_the_same_step(tmp_path):
     out = tmp_path / "run"
@@ -169,6 +173,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_before_anything_is_saved_from_
     assert max(row["step"] for row in rows) == 2  # no row with a NaN in it
 
 
+@pytest.mark.slow
 def test_a_diverging_run_exits_1_with_one_line_and_no_final_model(tmp_path):
     out = tmp_path / "run"
     result = run_launcher([*SMALL, "train.max_steps=6", "optimizer.lr=1e30", f"output_dir={out}"], cwd=tmp_path)
@@ -221,6 +226,7 @@ def small_disk(tmp_path):
 
 
 # The tiny model's checkpoint takes ~41 MB (weights and AdamW state), its final model ~14 MB.
+@pytest.mark.slow
 @pytest.mark.parametrize("megabytes, overrides, target, kept", [
     (30, ["train.checkpointing_enabled=true"], "checkpoints/checkpoint-00000002", "no checkpoint"),
     (60, ["train.checkpointing_enabled=true"], "checkpoints/checkpoint-00000004", "checkpoints/checkpoint-00000002"),

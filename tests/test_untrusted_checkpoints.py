@@ -60,6 +60,7 @@ def with_custom_code(directory, marker, model_type):
     (directory / "config.json").write_text(json.dumps(config))
 
 
+@pytest.mark.slow
 def test_custom_code_is_refused_without_trust_remote_code_and_never_prompts(evaluate, tmp_path):
     checkpoint, marker = tmp_path / "custom", tmp_path / "code-ran"
     llama_checkpoint(checkpoint)

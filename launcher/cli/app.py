@@ -21,8 +21,8 @@ from launcher.cli.console import announce, masked_console, one_line_errors, reco
 from launcher.cli.objective import objective_value
 from launcher.cli.validate import check_config
 from launcher.errors import ConfigError, RunStopped
+from launcher.store.outputs import scrub_hydra_outputs
 from launcher.training.host_memory import return_large_freed_blocks
-from launcher.training.loggers import scrub_hydra_outputs
 
 log = logging.getLogger("hydralm")
 # torchao, once installed (train.precision=bf16_sr), is imported by peft in every run; it logs that

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import NoReturn, Optional
 
 from launcher.errors import AnotherRunsDirectory, closest
-from launcher.training.loggers import learn_secrets, mask_secrets
+from launcher.secrets import learn_secrets, mask_secrets
 
 log = logging.getLogger("hydralm")
 

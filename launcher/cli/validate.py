@@ -17,7 +17,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from hydra.utils import get_method
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, flag_override, open_dict, read_write
 
 from launcher.errors import ConfigError
 
@@ -33,14 +33,30 @@ def check_config(cfg: DictConfig, on_this_machine: bool = True) -> None:
     from launcher.store.outputs import check_not_a_run, check_output_dir
     from launcher.store.run_dir import check_resume
 
-    check_output_dir(cfg.output_dir)
-    if cfg.task.uses_model and not cfg.task.trains and cfg.task.name != VALIDATE:  # export, evaluate
-        check_not_a_run(cfg.output_dir)
     if cfg.task.uses_model:
-        check_resume(cfg.resume)
-        _check_training_run(cfg, on_this_machine)
-    if cfg.task.check is not None:
-        get_method(cfg.task.check)(cfg)
+        normalise_config(cfg)
+    with flag_override(cfg, "readonly", True):  # the checks read; only normalise_config writes
+        check_output_dir(cfg.output_dir)
+        if cfg.task.uses_model and not cfg.task.trains and cfg.task.name != VALIDATE:  # export, evaluate
+            check_not_a_run(cfg.output_dir)
+        if cfg.task.uses_model:
+            check_resume(cfg.resume)
+            _check_training_run(cfg, on_this_machine)
+        if cfg.task.check is not None:
+            get_method(cfg.task.check)(cfg)
+
+
+def normalise_config(cfg: DictConfig) -> None:
+    """The one place the composed config is rewritten: aliases (VectorLM's spellings) become the
+    canonical names and format-dependent defaults are filled in. Idempotent."""
+    from launcher.data.preprocessing import normalise_data
+    from launcher.model.sharding import normalise_sharding
+    from launcher.training.optim import normalise_scheduler
+
+    with open_dict(cfg):
+        normalise_sharding(cfg.sharding)
+        normalise_scheduler(cfg.scheduler)
+        normalise_data(cfg.data)
 
 
 def _check_training_run(cfg: DictConfig, on_this_machine: bool) -> None:
@@ -60,7 +76,6 @@ def _check_training_run(cfg: DictConfig, on_this_machine: bool) -> None:
     from launcher.training.optim import check_optimizer, check_scheduler
     from launcher.training.trainer import check_length_change, check_train
 
-    task = "train" if cfg.task.name == VALIDATE else cfg.task.name  # validate checks a training run
     check_train(cfg.train)
     check_length_change(cfg)
     check_scheduler(cfg.scheduler)
@@ -75,7 +90,7 @@ def _check_training_run(cfg: DictConfig, on_this_machine: bool) -> None:
     check_loss(cfg.train, hf_config)
     check_optimizer(cfg.optimizer)
     check_precision(cfg.train, cfg.optimizer)
-    check_peft(cfg.peft, task)
+    check_peft(cfg.peft, cfg.task)
     if cfg.export.merge_lora and not lora_enabled(cfg.peft):
         raise ConfigError("export.merge_lora=true needs peft=lora (there are no adapters to merge)")
     if on_this_machine:
@@ -143,7 +158,7 @@ def _check_job(config: DictConfig, on_this_machine: bool) -> None:
     """check_config on what the task function of `config` (with its `hydra` node) will get."""
     from hydra.core.hydra_config import HydraConfig
 
-    from launcher.training.loggers import learn_secrets
+    from launcher.secrets import learn_secrets
 
     learn_secrets(config.hydra.overrides.task)
     saved = HydraConfig.instance().cfg
@@ -156,7 +171,7 @@ def _check_job(config: DictConfig, on_this_machine: bool) -> None:
 
 def _check_job_dir(config: DictConfig, key: str) -> None:
     """Hydra's directory for the job(s) can be made (an explicit output_dir is checked with the rest)."""
-    from launcher.store.outputs import check_not_a_run, check_output_dir
+    from launcher.store.outputs import check_output_dir
 
     if config.get("output_dir") is None:
         check_output_dir(OmegaConf.select(config, key), key)

@@ -550,7 +550,7 @@ def resolve_defaults(data) -> None:
     if data.data_field is None:
         data.data_field = {"chat": "messages", "sharegpt": "conversations"}.get(data.format, "text")
     if data.add_bos_eos_tokens is None:
-        data.add_bos_eos_tokens = data.format not in CONVERSATIONAL
+        data.add_bos_eos_tokens = add_bos_eos(data)
 
 
 def bos_eos_ids(tokenizer, data) -> Optional[tuple[int, int]]:

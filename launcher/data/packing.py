@@ -232,8 +232,3 @@ class Packer:
         self.rows_emitted += len(starts)
         return rows_table(stream, starts, ends, self.spec)
 
-
-def pack(docs: Documents, spec: PackingSpec) -> pa.Table:
-    """All rows of `docs` in one table (tests and small corpora)."""
-    packer = Packer(spec)
-    return pa.concat_tables([packer.add(docs), packer.finish()])

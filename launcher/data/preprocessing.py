@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from datasets import Dataset, Features, List, Value, load_from_disk
 from datasets.arrow_writer import ArrowWriter
 from filelock import FileLock, Timeout
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from launcher.data import formats
@@ -254,16 +254,20 @@ def check_source(data: DictConfig, max_seq_len: int) -> None:
         check_preprocessing(data, max_seq_len)
 
 
+def normalise_data(data: DictConfig) -> None:
+    """VectorLM's `seperator` spelling becomes `separator`; the keys whose default depends on the
+    format are filled in. Before the checks, which only read."""
+    if data.seperator is not None:
+        if data.separator is not None and data.separator != data.seperator:
+            raise ConfigError(f"data.separator={data.separator!r} and its alias data.seperator={data.seperator!r} differ")
+        data.separator = data.seperator
+    formats.resolve_defaults(data)
+
+
 def check_preprocessing(data: DictConfig, max_seq_len: int) -> None:
-    """The preprocessing keys and their combinations (VectorLM's `seperator` spelling accepted)."""
-    with open_dict(data):
-        if data.seperator is not None:  # VectorLM's spelling
-            if data.separator is not None and data.separator != data.seperator:
-                raise ConfigError(f"data.separator={data.separator!r} and its alias data.seperator={data.seperator!r} differ")
-            data.separator = data.seperator
+    """The preprocessing keys and their combinations (on a config `normalise_data` has seen)."""
     if data.format not in formats.FORMATS:
         raise choice_error("data.format", data.format, formats.FORMATS)
-    formats.resolve_defaults(data)
     if data.separator == "":
         raise ConfigError("data.separator must not be empty")
     if data.separator is not None and data.format != "text":

@@ -23,9 +23,6 @@ class ResumableDistributedSampler(Sampler[int]):
             raise ValueError(f"sample offset {start} outside an epoch of {self.dataset_size} samples")
         self.epoch, self.start = epoch, start
 
-    def set_epoch(self, epoch: int) -> None:
-        self.set_position(epoch, 0)
-
     def __len__(self) -> int:
         # Like DistributedSampler(drop_last=True): the remainder that does not fill every rank is dropped.
         return (self.dataset_size - self.start) // self.num_replicas

@@ -543,6 +543,10 @@ class MixtureSource(DataSource):
                 raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
             if OmegaConf.is_missing(component, "name"):
                 component.name = preset or component.source
+            if component.source != "mixture":
+                from launcher.data.preprocessing import normalise_data
+
+                normalise_data(component)
             if component.source == "mixture":
                 raise ConfigError(f"{key}: a mixture component cannot itself be a mixture")
             components.append((float(weight), component))

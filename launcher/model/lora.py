@@ -4,7 +4,7 @@ The adapters are injected before FSDP2 wraps the model, so each decoder layer st
 that holds its frozen base weights and its trainable adapters side by side: FSDP2 shards every
 parameter and reduce-scatters gradients only for those that require them. Only the adapters get
 gradients and optimizer state, and only they are exported (and checkpointed, through
-`trainable_state_dict` / `load_trainable_state_dict`).
+`trainable_state_dict`).
 """
 
 from pathlib import Path
@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from launcher.errors import ConfigError, choice_error
 
@@ -80,8 +80,8 @@ def apply_lora(model: torch.nn.Module, peft_cfg: DictConfig, base_name_or_path: 
     return peft_model
 
 
-def check_peft(peft_cfg: DictConfig, task: str) -> None:
-    """The `peft` values (check_lora_targets tries them on the model)."""
+def check_peft(peft_cfg: DictConfig, task: DictConfig) -> None:
+    """The `peft` values (check_lora_targets tries them on the model); `task` says whether it trains."""
     if peft_cfg.name not in PEFT_METHODS:
         raise choice_error("peft.name", peft_cfg.name, PEFT_METHODS)
     if not lora_enabled(peft_cfg):
@@ -94,8 +94,8 @@ def check_peft(peft_cfg: DictConfig, task: str) -> None:
         raise ConfigError(f"peft.lora_alpha={peft_cfg.lora_alpha} must be > 0")
     if not 0 <= peft_cfg.lora_dropout < 1:
         raise ConfigError(f"peft.lora_dropout={peft_cfg.lora_dropout} must be in [0, 1)")
-    if peft_cfg.inference_mode and task == "train":
-        raise ConfigError("peft.inference_mode=true freezes the adapters: task=train would train nothing")
+    if peft_cfg.inference_mode and task.trains:
+        raise ConfigError(f"peft.inference_mode=true freezes the adapters: task={task.name} would train nothing")
 
 
 def check_lora_targets(peft_cfg: DictConfig, model_cfg: DictConfig) -> None:
@@ -147,16 +147,6 @@ def trainable_state_dict(model: torch.nn.Module, full: bool = True) -> dict:
     state = get_model_state_dict(model, options=options)
     # On one CPU rank the "gathered" tensors are the parameters themselves; adapters are small.
     return {name: tensor.clone() for name, tensor in state.items()} if full else state
-
-
-def load_trainable_state_dict(model: torch.nn.Module, state: dict, full: bool = True) -> None:
-    """Inverse of `trainable_state_dict` (same `full`; with full=True every rank passes the full
-    tensors). Collective. Restores the adapters; the frozen base is not touched."""
-    options = StateDictOptions(full_state_dict=full, strict=False)
-    unexpected = set(state) - set(trainable_state_dict(model, full=False))
-    if unexpected:
-        raise ValueError(f"not trainable parameters of this model: {sorted(unexpected)[:3]}")
-    set_model_state_dict(model, state, options=options)
 
 
 def base_needs_saving(model_cfg: DictConfig, model: torch.nn.Module) -> bool:

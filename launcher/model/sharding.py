@@ -9,7 +9,7 @@ import logging
 import os
 
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
@@ -110,8 +110,6 @@ def strategy_of(cfg: DictConfig, world: World) -> ShardingStrategy:
 def check_sharding(cfg: DictConfig) -> None:
     """Before any work: the strategy exists (VectorLM's upper-case names are the canonical ones)."""
     sharding = cfg.sharding
-    with open_dict(sharding):
-        sharding.strategy = str(sharding.strategy).upper() if "." not in str(sharding.strategy) else sharding.strategy
     at_least(sharding.shard_group_size, 1, "sharding.shard_group_size")
     at_least(sharding.collective_timeout_s, 1, "sharding.collective_timeout_s")
     backends = ("auto", "gloo", "nccl", CPU_AND_CUDA)
@@ -119,6 +117,12 @@ def check_sharding(cfg: DictConfig) -> None:
         raise choice_error("sharding.backend", sharding.backend, backends)
     if sharding.strategy != AUTO_STRATEGY:  # auto: resolved where the job runs (launcher/device_defaults.py)
         STRATEGIES.get(sharding.strategy)  # an unknown name is a ConfigError listing the registered ones
+
+
+def normalise_sharding(sharding: DictConfig) -> None:
+    """VectorLM's upper-case names are the canonical ones (a dotted path is left as written)."""
+    if "." not in str(sharding.strategy):
+        sharding.strategy = str(sharding.strategy).upper()
 
 
 def check_launch(cfg: DictConfig) -> None:

@@ -4,7 +4,7 @@ training checkpoint), else `model`."""
 import json
 from pathlib import Path
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, open_dict, read_write
 
 from launcher.store.run_dir import hf_dir, is_training_checkpoint
 
@@ -15,8 +15,8 @@ def model_config(cfg: DictConfig) -> DictConfig:
     the weights) and the tokenizer."""
     if cfg.checkpoint is None:
         return cfg.model
-    model = cfg.model.copy()
-    with open_dict(model):
+    model = cfg.model.copy()  # our own copy: writable even while the checks hold cfg read-only
+    with read_write(model), open_dict(model):
         if is_training_checkpoint(Path(cfg.checkpoint)):
             directory = hf_dir(Path(cfg.checkpoint))
             hf_config = json.loads((directory / "config.json").read_text())

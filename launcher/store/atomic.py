@@ -292,26 +292,24 @@ def read_own_json(path: Path):
             return None
 
 
-def write_json(path: Path, value, fsync: bool = False) -> None:
-    """Write JSON through a temporary file and a rename: a reader never sees a cut-off file.
-    Neither name is written through a symlink or over a directory (`open_own_file`)."""
+def write_text(path: Path, text: str, fsync: bool = False) -> None:
+    """Write a file through a temporary file and a rename: a reader (or a kill) sees the old
+    content or the new, never a cut-off file. The temporary name holds the process id, so
+    processes rewriting one file (the jobs of a sweep) never share one. Neither name is written
+    through a symlink or over a directory (`open_own_file`)."""
     path = Path(path)
     check_own_file(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with os.fdopen(open_own_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as f:
-        json.dump(value, f, indent=1)
+        f.write(text)
         if fsync:
             f.flush()
             os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write text through a temporary file and a rename: a reader never sees a cut-off file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_json(path: Path, value, fsync: bool = False) -> None:
+    write_text(path, json.dumps(value, indent=1), fsync)
 
 
 def fsync_directory(path: Path) -> None:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.errors import ConfigError
+from launcher.secrets import scrub
+from launcher.store.atomic import write_text
 from launcher.store.claim import claim
 
 if TYPE_CHECKING:
@@ -88,8 +90,6 @@ def record_hydra_job(cfg: DictConfig, path: Path) -> None:
     another one (<sweep dir>/<point>)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from launcher.training.loggers import scrub
-
     if not HydraConfig.initialized():
         return
     keep_job_log_in(path)
@@ -114,6 +114,30 @@ def keep_job_log_in(path: Path) -> None:
     handler.setFormatter(hydra_logs[0].formatter)
     handler.setLevel(hydra_logs[0].level)
     root.addHandler(handler)
+
+
+def scrub_hydra_outputs() -> None:
+    """Rewrite the files Hydra dumped for this job (.hydra/config.yaml, hydra.yaml, overrides.yaml,
+    and the sweep's multirun.yaml) without secrets. Call from inside a Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    files = []
+    if hydra_cfg.output_subdir is not None:
+        subdir = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
+        files += [subdir / name for name in ("config.yaml", "hydra.yaml", "overrides.yaml")]
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        files.append(Path(hydra_cfg.sweep.dir) / "multirun.yaml")
+    for path in files:
+        if not path.is_file():
+            continue
+        dumped = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        clean = scrub(dumped)
+        if clean != dumped:
+            write_text(path, OmegaConf.to_yaml(OmegaConf.create(clean)))
 
 
 def _local_choice(cfg: DictConfig) -> Path:

@@ -143,10 +143,8 @@ def drop_metrics_after(output_dir: Path, step: int) -> None:
     atomic.check_own_file(metrics)  # a symlink or a FIFO there is refused, never read or replaced
     if metrics.is_file():
         kept = [row for row in metrics.read_text().splitlines() if _logged_step(row) <= step]
-        partial = metrics.with_name(f".{METRICS}.tmp")
-        with os.fdopen(atomic.open_own_file(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as f:
-            f.write("".join(row + "\n" for row in kept))
-        partial.replace(metrics)  # a kill now leaves the old rows or the kept ones, never half a file
+        # a kill now leaves the old rows or the kept ones, never half a file
+        atomic.write_text(metrics, "".join(row + "\n" for row in kept))
 
 
 def _logged_step(row: str) -> float:

@@ -17,24 +17,19 @@ newest intact one (`resume=auto`).
 Nothing in a checkpoint runs code: DCP's `.metadata` pickle is read by an unpickler that builds
 only DCP's own metadata classes, and non-tensor values (optimizer hyperparameters) only as plain
 data (`torch.load(weights_only=True)`); everything else is JSON.
-
-Test hook (the only one): HYDRALM_TEST_KILL_IN_SAVE=<step> makes rank 0 SIGKILL itself inside the
-save of that step, after the shards are written and before the checkpoint is complete.
 """
 
 import json
 import logging
 import math
-import os
 import pickle
 import shutil
-import signal
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -56,7 +51,6 @@ from launcher.training.metrics import Window
 from launcher.training.rng import rng_state, set_rng_state
 
 FORMAT_VERSION = 3  # 3: checksums in the COMPLETE marker
-KILL_HOOK = "HYDRALM_TEST_KILL_IN_SAVE"
 
 log = logging.getLogger("hydralm")
 
@@ -72,6 +66,19 @@ class Progress:
     last_eval_loss: Optional[float] = None
 
 
+
+
+@dataclass
+class RunParts:
+    """Every stateful part of a training run: what a checkpoint saves and restores."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # launcher/training/optim.py's schedulers: state_dict / load_state_dict
+    progress: Progress
+    window: Window
+    tokenizer: Any  # saved (with the HF config) for task=export; never restored
+    task: Any  # the training task: state_dict / load_state_dict (DPO's reference log-probs)
 
 
 def _state_options(model: torch.nn.Module) -> StateDictOptions:
@@ -126,10 +133,10 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         return self.enabled and step % self.interval == 0
 
-    def save(self, model, optimizer, scheduler, progress: Progress, window: Window, tokenizer,
-             task_state: dict) -> Path:
+    def save(self, parts: RunParts) -> Path:
         """Collective. Returns the new checkpoint directory. A save that fails on any rank removes
         its staging directory on every path out; a full disk stops the run with one line."""
+        model, optimizer, progress, window = parts.model, parts.optimizer, parts.progress, parts.window
         started = time.perf_counter()
         final = run_dir.checkpoint_dir(self.output_dir, progress.step)
         staging = atomic.partial_path(final)
@@ -142,8 +149,8 @@ class Checkpointer:
             digests, failure = {}, err
         error = None if failure is None else self._not_saved(failure, final)  # a full disk: RunStopped
         report = None if error is None else (str(error), isinstance(error, RunStopped))
-        parts = _all_gather((digests, report), self.world)  # every rank learns whether any failed
-        reports = [report for _, report in parts if report]
+        gathered = _all_gather((digests, report), self.world)  # every rank learns whether any failed
+        reports = [report for _, report in gathered if report]
         if reports:
             if self.world.is_main:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -154,18 +161,16 @@ class Checkpointer:
 
         def publish() -> None:  # rank 0: the JSON state, the marker with every checksum, the swap
             try:
-                save_hf_metadata(model, tokenizer, run_dir.hf_dir(staging))
+                save_hf_metadata(model, parts.tokenizer, run_dir.hf_dir(staging))
                 atomic.write_json(staging / run_dir.TRAINER_STATE, {
                     "format_version": FORMAT_VERSION,
                     "world_size": self.world.size,
                     "progress": asdict(progress),
-                    "scheduler": scheduler.state_dict(),
+                    "scheduler": parts.scheduler.state_dict(),
                     "fingerprint": self.fingerprint,
-                    "task": task_state,
+                    "task": parts.task.state_dict(),
                 }, fsync=True)
-                if os.environ.get(KILL_HOOK) == str(progress.step):
-                    os.kill(os.getpid(), signal.SIGKILL)
-                shards = {name: digest for part, _ in parts for name, digest in part.items()}  # hashed as written
+                shards = {name: digest for part, _ in gathered for name, digest in part.items()}  # hashed as written
                 atomic.commit(staging, final, {"checksums": integrity.manifest(staging, shards)}, fsync=True)
             except Exception as err:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -200,12 +205,12 @@ class Checkpointer:
             if old != keep:
                 atomic.remove(old)
 
-    def restore(self, model, optimizer, scheduler, progress: Progress, window: Window) -> Optional[dict]:
-        """Load `self.resume_from` into the given objects (collective). Returns the task state
-        saved with it, or None when starting fresh."""
+    def restore(self, parts: RunParts) -> bool:
+        """Load `self.resume_from` into the parts (collective). False when starting fresh."""
         path = self.resume_from
         if path is None:
-            return None
+            return False
+        model, optimizer, progress, window = parts.model, parts.optimizer, parts.progress, parts.window
         started = time.perf_counter()
         state = json.loads((path / run_dir.TRAINER_STATE).read_text())  # checked by checkpoint_problem
         run_dir.check_compatible(state["fingerprint"], self.fingerprint, path, ignore=self.may_differ)
@@ -215,7 +220,7 @@ class Checkpointer:
         _load(loaded, path)
         set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"],
                        options=options)
-        scheduler.load_state_dict(state["scheduler"])
+        parts.scheduler.load_state_dict(state["scheduler"])
         for key, value in state["progress"].items():
             setattr(progress, key, value)
         self._restore_rank_state(path, state["world_size"], window)
@@ -228,7 +233,8 @@ class Checkpointer:
                   + (f"; removed the later checkpoints it abandons: {', '.join(p.name for p in abandoned)}"
                      if abandoned else ""), flush=True)
         barrier()
-        return state.get("task") or {}
+        parts.task.load_state_dict(state.get("task") or {})
+        return True
 
     def _restore_rank_state(self, path: Path, saved_world_size: int, window: Window) -> None:
         """Same world size: each rank its own RNG and metric sums. Otherwise rank 0 carries the

@@ -3,124 +3,32 @@
 Each `logger.<name>` node names its class with `_target_`; its other keys are the class's
 keyword arguments. A logger of your own is one class (subclass Logger) and one YAML file in
 conf/logger/. Loggers live on rank 0 only and see a row only when metrics.jsonl does, once per
-logging interval, so they add nothing to the training step. Everything hydralm writes about the config (the run
-config of the loggers, Hydra's .hydra/ dumps) passes through `scrub` first: values of keys named
-like a secret (`api_key`, `hf_token`, `password`, `client_secret`, ...) are replaced by `***`;
-`mask_secrets` does the same to any text (launcher/cli/console.py applies it to everything printed).
+logging interval, so they add nothing to the training step. The run config they receive passes
+through launcher/secrets.py's `scrub` first.
 """
 
-import os
-import re
 import sys
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.errors import ConfigError, check_arguments
+from launcher.registry import imported_class
+from launcher.secrets import scrub, scrubbed_config
 
-REDACTED = "***"
-# A key whose last word is one of these holds a secret (`hf_token`, `http_headers`, `Authorization`).
-_SECRET_WORDS = r"api_?key|key|token|password|passwd|secret|authorization|auth|headers?|cookie|credentials?"
-_SECRET_NAME = re.compile(rf"(^|[_\-])({_SECRET_WORDS})$", re.IGNORECASE)
 WANDB_RUN_ID_FILE = "wandb_run_id"
 # wandb.init arguments hydralm sets itself; `config` is always the composed config.
 WANDB_RESERVED = ("config",)
-_NOT_SECRET = ("full_key",)  # OmegaConf's error messages name the key this way
-
-
-def is_secret_name(name: str) -> bool:
-    return bool(_SECRET_NAME.search(str(name))) and str(name) not in _NOT_SECRET
-
-
-def scrub(value):
-    """A copy of `value` (dicts, lists, `key=value` override strings) with secret values redacted."""
-    if isinstance(value, dict):
-        return {k: REDACTED if is_secret_name(k) and v is not None else scrub(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [scrub(v) for v in value]
-    if isinstance(value, str):
-        return mask_secrets(value)
-    return value
-
-
-# `name=value`, `name: value`, `'name': 'value'` in free text (console lines, messages, tracebacks).
-_ASSIGNMENT_IN_TEXT = re.compile(
-    rf"(?P<key>(?<![\w.\-/])[+~]*(?:[\w\-/]+\.)*(?:[\w\-]*[_\-])?(?:{_SECRET_WORDS}))"
-    r"(?P<sep>['\"]?\s*[=:]\s*)"
-    r"(?P<value>'[^']*'|\"[^\"]*\"|(?:Bearer|Basic|Token)\s+[^\s,;'\"\]\)}]+|[^\s,;'\"\]\)}]+)", re.IGNORECASE)
-# A bare `key:` or `token=` is prose ("Every key: see docs"); `hub.key=...`, `api_key: ...` are not.
-_PROSE = ("key", "token")
-_MIN_SECRET_LENGTH = 4  # shorter values are not worth masking wherever they appear
-_secret_values: set[str] = set()
-
-
-def learn_secrets(overrides) -> None:
-    """Remember the values of secret keys given as `key=value` overrides (a sweep's `a,b` too), so
-    that `mask_secrets` hides them even where they appear without their key."""
-    for override in overrides:
-        key, sep, value = str(override).partition("=")
-        if sep and is_secret_name(key.rsplit(".", 1)[-1]):
-            for part in {value, *value.split(",")}:
-                part = part.strip().strip("'\"")
-                if len(part) >= _MIN_SECRET_LENGTH:
-                    _secret_values.add(part)
-
-
-def mask_secrets(text: str) -> str:
-    """`text` with the value of every secret-named `key=value` / `key: value` and every learnt
-    secret value replaced by ***."""
-
-    def masked(match):
-        key = match.group("key").lstrip("+~")
-        if key.lower() in _PROSE or not is_secret_name(key.rsplit(".", 1)[-1]):
-            return match.group(0)
-        return match.group("key") + match.group("sep") + REDACTED
-
-    text = _ASSIGNMENT_IN_TEXT.sub(masked, text)
-    for value in _secret_values:
-        text = text.replace(value, REDACTED)
-    return text
-
-
-def scrubbed_config(cfg: DictConfig) -> dict:
-    return scrub(OmegaConf.to_container(cfg, resolve=True))
-
-
-def scrub_hydra_outputs() -> None:
-    """Rewrite the files Hydra dumped for this job (.hydra/config.yaml, hydra.yaml, overrides.yaml,
-    and the sweep's multirun.yaml) without secrets. Call from inside a Hydra job."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        return
-    hydra_cfg = HydraConfig.get()
-    files = []
-    if hydra_cfg.output_subdir is not None:
-        subdir = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
-        files += [subdir / name for name in ("config.yaml", "hydra.yaml", "overrides.yaml")]
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        files.append(Path(hydra_cfg.sweep.dir) / "multirun.yaml")
-    for path in files:
-        if not path.is_file():
-            continue
-        dumped = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-        clean = scrub(dumped)
-        if clean != dumped:
-            partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-            OmegaConf.save(OmegaConf.create(clean), partial)
-            os.replace(partial, path)
 
 
 def open_loggers(cfg: DictConfig, output_dir: Path) -> list:
     """The loggers `cfg.logger` selects (call on rank 0 only)."""
     loggers = []
-    for node in cfg.logger.values():
+    for name, node in cfg.logger.items():
         options = OmegaConf.to_container(node, resolve=True)
-        loggers.append(get_class(options.pop("_target_"))(cfg, output_dir, **options))
+        loggers.append(imported_class(f"logger.{name}._target_", options.pop("_target_"))(cfg, output_dir, **options))
     return loggers
 
 
@@ -130,11 +38,7 @@ def check_loggers(logger: DictConfig) -> None:
         target = node.get("_target_") if OmegaConf.is_dict(node) else None
         if target is None:
             raise ConfigError(f"logger.{name}._target_ must name a logger class, e.g. launcher.training.loggers.WandbLogger")
-        try:
-            logger_class = get_class(target)
-        except Exception as err:  # noqa: BLE001 (any import failure is the user's path)
-            raise ConfigError(f"logger.{name}._target_={target} cannot be imported: {err}") from None
-        logger_class.check(name, {k: v for k, v in node.items() if k != "_target_"})
+        imported_class(f"logger.{name}._target_", target).check(name, {k: v for k, v in node.items() if k != "_target_"})
 
 
 class Logger:

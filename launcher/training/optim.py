@@ -13,12 +13,13 @@ import math
 import warnings
 
 import torch
-from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau, _update_param_group_val
 
 from launcher.errors import ConfigError, check_arguments, choice_error, finite
 from launcher.model.precision import optimizer_override
+from launcher.registry import imported_class
 
 PLATEAU_WITH_WARMUP = "plateau_with_warmup"
 # VectorLM's spellings.
@@ -52,7 +53,7 @@ def parameter_groups(model: torch.nn.Module, optimizer_cfg: DictConfig, decay_no
     from transformers.trainer_pt_utils import get_parameter_names
 
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    optimizer_class = get_class(optimizer_cfg._target_)
+    optimizer_class = imported_class("optimizer._target_", optimizer_cfg._target_)
     if decay_norms_and_biases or "weight_decay" not in inspect.signature(optimizer_class).parameters:
         return [{"params": [p for _, p in trainable]}]
     decayed = set(get_parameter_names(model, ALL_LAYERNORM_LAYERS, NO_DECAY_NAME_PATTERNS))
@@ -207,12 +208,15 @@ def scheduler_target(name: str) -> tuple:
     return function, function.__name__, passed
 
 
+def normalise_scheduler(scheduler_cfg: DictConfig) -> None:
+    """VectorLM's spelling of the plateau schedule becomes its hydralm name."""
+    scheduler_cfg.name = SCHEDULER_ALIASES.get(scheduler_cfg.name, scheduler_cfg.name)
+
+
 def check_scheduler(scheduler_cfg: DictConfig) -> None:
     """Accept VectorLM's spelling, check the name and ratio, bind `scheduler.kwargs` to the
     schedule's signature with types, then build the schedule on a throwaway parameter so bad
     values fail before any model loads."""
-    with open_dict(scheduler_cfg):
-        scheduler_cfg.name = SCHEDULER_ALIASES.get(scheduler_cfg.name, scheduler_cfg.name)
     if not 0 <= scheduler_cfg.warmup_ratio <= 1:
         raise ConfigError(f"scheduler.warmup_ratio={scheduler_cfg.warmup_ratio} must be in [0, 1]")
     names = scheduler_names()
@@ -234,10 +238,7 @@ def check_optimizer(optimizer_cfg: DictConfig) -> None:
     target = optimizer_cfg.get("_target_")
     if target is None:
         raise ConfigError("optimizer._target_ must name an optimizer class, e.g. torch.optim.AdamW")
-    try:
-        optimizer_class = get_class(target)
-    except Exception as err:  # noqa: BLE001 (any import failure is the user's path)
-        raise ConfigError(f"optimizer._target_={target} cannot be imported: {err}") from None
+    optimizer_class = imported_class("optimizer._target_", target)
     options = {k: v for k, v in OmegaConf.to_container(optimizer_cfg, resolve=True).items() if k != "_target_"}
     check_arguments("optimizer", options, optimizer_class, target, ("self", "params"), noun="parameter")
     for key, value in options.items():

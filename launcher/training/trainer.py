@@ -42,7 +42,7 @@ from launcher.model.sharding import local_parameter_bytes, prepare_model, set_gr
 from launcher.store import atomic, run_dir
 from launcher.store.identity import TOKENIZER, TRAIN_SEQUENCES, length_keys, run_identity
 from launcher.store.outputs import claimed_output_dir
-from launcher.training.checkpoint import Checkpointer, Progress
+from launcher.training.checkpoint import Checkpointer, Progress, RunParts
 from launcher.training.export import save_base_model, save_final_model
 from launcher.training.host_memory import peak_host_memory_gib
 from launcher.training.loggers import open_loggers
@@ -206,17 +206,17 @@ class Trainer:
                               *self.task.metrics), self.world.device)
         fingerprint = run_fingerprint(self.cfg, self.tokenizer, len(self.splits["train"]))
         self.checkpointer = Checkpointer(self.cfg, self.output_dir, self.world, self.steps_per_epoch, fingerprint)
-        task_state = self.checkpointer.restore(self.model, self.optimizer, self.scheduler, self.progress, self.window)
-        if task_state is not None:
-            self.task.load_state_dict(task_state)
-        self.resumed_at_step = self.progress.step if task_state is not None else None
+        self.parts = RunParts(self.model, self.optimizer, self.scheduler, self.progress, self.window, self.tokenizer,
+                              self.task)
+        resumed = self.checkpointer.restore(self.parts)
+        self.resumed_at_step = self.progress.step if resumed else None
         # Input tokens this process trains on, for throughput; the restored window holds the
         # earlier process's unlogged tokens, which its next row must not count as this one's.
         self.process_tokens = 0
-        self.inherited_tokens = self.window.global_sums()["input_tokens"] if task_state is not None else 0.0
+        self.inherited_tokens = self.window.global_sums()["input_tokens"] if resumed else 0.0
         self.step_lr = self.scheduler.get_last_lr()[0]  # the lr of the step a row reports
         self.nonfinite = FirstNonFinite(self.world)
-        return task_state is not None
+        return resumed
 
     def _setup_logging(self) -> None:
         world = self.world
@@ -261,8 +261,7 @@ class Trainer:
                 saved = None
                 if self.checkpointer.due(progress.step) or (stop and self.signals.saves(stop, self.checkpointer.enabled)):
                     self._stop_if_nonfinite()
-                    saved = self.checkpointer.save(self.model, self.optimizer, self.scheduler, progress, self.window,
-                                                   self.tokenizer, self.task.state_dict())
+                    saved = self.checkpointer.save(self.parts)
                 if stop:
                     self.signals.stop(stop, progress.step, saved)  # requeues, or raises RunStopped
             progress.epoch += 1
