@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from launcher.store.run_dir import CHECKPOINTS_DIR
 
@@ -110,12 +110,14 @@ def checkpoint_run(checkpoint: Optional[str]) -> Optional[Path]:
 
 def with_run_settings(cfg: DictConfig, run: Optional[Path]) -> DictConfig:
     """`cfg` with the run's `data` and `train` keys, except those named on the command line."""
+    from launcher.data.preprocessing import normalise_data
+
     if run is None:
         return cfg
     told = _command_line_keys()
     run_cfg = OmegaConf.load(run / HYDRA_RECORD)
     merged = cfg.copy()
-    with open_dict(merged):
+    with read_write(merged), open_dict(merged):
         for group in RUN_SETTINGS:
             if group in told or group not in run_cfg:
                 continue  # `data=files`: the user chose another data group
@@ -123,6 +125,7 @@ def with_run_settings(cfg: DictConfig, run: Optional[Path]) -> DictConfig:
             for key in told:
                 if key.startswith(group + "."):
                     OmegaConf.update(merged, key, OmegaConf.select(cfg, key), force_add=True)
+        normalise_data(merged.data)  # the merged keys, normalised as check_config normalises the command line's
     return merged
 
 

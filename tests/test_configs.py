@@ -86,7 +86,7 @@ def test_the_trains_flag_is_set_by_exactly_the_tasks_that_train():
     tasks = sorted(p.stem for p in (CONF_DIR / "task").glob("*.yaml"))
     trains = {task: compose_config([f"task={task}"]).task.trains for task in tasks}
     # validate checks the config as the training run it describes
-    assert trains == {"dpo": True, "evaluate": False, "export": False, "preprocess": False,
+    assert trains == {"dpo": True, "evaluate": False, "export": False, "generate": False, "preprocess": False,
                       "report": False, "train": True, "validate": True}
 
 

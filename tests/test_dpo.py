@@ -395,7 +395,7 @@ def test_text_data_for_dpo_names_the_missing_column(tmp_path):
     from launcher.errors import ConfigError
 
     with pytest.raises(ConfigError, match="the preference data has no column 'prompt'.*its columns: text"):
-        run_task(compose_config(["task=dpo", f"output_dir={tmp_path / 'out'}"]))
+        run_task(compose_config(["task=dpo", "data=pydoc", f"output_dir={tmp_path / 'out'}"]))
 
 
 @pytest.mark.slow  # a full-length training run (minutes on 2 cores)

@@ -14,7 +14,7 @@ from datasets import Dataset
 
 from launcher.data import formats
 from launcher.data.pairs import EncodePairs
-from launcher.data.preprocessing import Tokenize, check_preprocessing
+from launcher.data.preprocessing import Tokenize, check_preprocessing, normalise_data
 from launcher.errors import ConfigError
 from launcher.model.modeling import load_tokenizer
 
@@ -56,6 +56,7 @@ def reference(tokenizer, messages):
 
 def tokenized(tokenizer, fmt, rows):
     data = compose_config([f"data.format={fmt}"]).data
+    normalise_data(data)
     check_preprocessing(data, 512)
     columns = {key: [row[key] for row in rows] for key in rows[0]}
     table = Tokenize(tokenizer, data)(columns, list(range(len(rows))))
@@ -67,6 +68,7 @@ def test_sharegpt_trains_as_the_same_conversation_in_openai_roles(tokenizer):
     assert tokenized(tokenizer, "chat", [{"messages": AS_MESSAGES}]) == [reference(tokenizer, AS_MESSAGES)]
     unknown = [{"from": "bot", "value": "x"}, {"from": "gpt", "value": "y"}]
     data = compose_config(["data.format=sharegpt"]).data
+    normalise_data(data)
     check_preprocessing(data, 512)
     assert Tokenize(tokenizer, data)({"conversations": [unknown]}, [0]).column("dropped").to_pylist() == ["unknown role"]
 

@@ -135,7 +135,7 @@ def test_a_run_that_started_after_the_checks_is_still_refused_by_the_task(tmp_pa
     """resolve_output_dir checks again where the task writes (a run may have claimed the directory
     between the checks and the task): nothing written, Hydra's record included."""
     from launcher.store.outputs import resolve_output_dir
-    from tasks.preprocess import SINGLE_PROCESS
+    from launcher.distributed import ONE_PROCESS as SINGLE_PROCESS
 
     out = tmp_path / "run"
     a_finished_run(out)
@@ -278,7 +278,7 @@ def test_a_fifo_or_a_device_as_a_data_file_is_one_line(tmp_path, special):
 
 def test_evaluate_never_replaces_an_eval_json_it_did_not_write(tmp_path):
     from launcher.cli.app import run_task
-    from tasks.evaluate import check_evaluate
+    from launcher.cli.validate import check_config
 
     out = user_tree(tmp_path / "results")
     (out / "eval.json").write_text('{"my_metric": 0.93}\n')
@@ -289,4 +289,4 @@ def test_evaluate_never_replaces_an_eval_json_it_did_not_write(tmp_path):
                               f"what it wrote; name another output_dir (or move that file away)")
     assert_kept(before, out)
     atomic.write_json(out / "eval.json", {"written_by": "hydralm", "eval_loss": 2.0})  # an earlier evaluation
-    check_evaluate(compose_config(["task=evaluate", f"output_dir={out}"]))
+    check_config(compose_config(["task=evaluate", f"output_dir={out}"]))  # the same checks, passing now

@@ -231,6 +231,7 @@ def test_after_a_resume_the_bar_starts_at_the_resumed_step_and_throughput_counts
     out = tmp_path / "run"
     args = [*TINY, *CHECKPOINTS, "data.train_bs=2", "train.logging_steps=3", "train.max_steps=6", f"output_dir={out}"]
     run_killed_in_save(args, 4, monkeypatch)
+    monkeypatch.setattr("launcher.training.metrics.interactive_console", lambda: True)  # the tqdm bar, as on a terminal
     capfd.readouterr()
     summary = run_task(compose_config(args))
     bar = capfd.readouterr().err

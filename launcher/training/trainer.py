@@ -438,7 +438,7 @@ def check_length_change(cfg: DictConfig, output_dir: Optional[Path] = None) -> N
     output_dir is continued only to a greater length (docs/runs.md)."""
     output_dir = output_dir or (Path(cfg.output_dir) if cfg.get("output_dir") else None)
     summary = run_dir.finished_summary(output_dir) if output_dir is not None and output_dir.is_dir() else None
-    if summary is None or cfg.resume != "auto" or not isinstance(summary.get("length"), dict):
+    if summary is None or cfg.resume != "auto" or cfg.get("overwrite") or not isinstance(summary.get("length"), dict):
         return
     train, old_epochs = cfg.train, summary["length"].get("train.epochs") or 0
     if train.epochs < old_epochs:
