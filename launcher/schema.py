@@ -137,7 +137,7 @@ class SchedulerConfig:
 @dataclass
 class ShardingConfig:
     # NO_SHARD | FULL_SHARD | SHARD_GRAD_OP | HYBRID_SHARD (case-insensitive), or auto: FULL_SHARD
-    # with more than one process, else NO_SHARD (launcher/device_defaults.py).
+    # with more than one process, else NO_SHARD (launcher/model/device_defaults.py).
     strategy: str = "auto"
     # Ranks per shard group for HYBRID_SHARD; default: ranks per node (LOCAL_WORLD_SIZE).
     shard_group_size: Optional[int] = None

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import assert_same_weights, compose_config, final_weights, run_launcher
 
-from launcher.device_defaults import Choices, Machine, apply_device_defaults, resolve
+from launcher.model.device_defaults import Choices, Machine, apply_device_defaults, resolve
 
 CUDA_BF16 = Machine(device="cuda", bf16=True, world_size=1)
 CUDA_NO_BF16 = Machine(device="cuda", bf16=False, world_size=1)  # e.g. V100, T4
@@ -64,8 +64,8 @@ def test_auto_values_are_written_into_the_config_once_with_one_line(caplog):
 
 
 def test_adamw_runs_fused_on_cuda_unless_the_user_chose_or_another_optimizer_runs():
-    """The rule of launcher/device_defaults.py `fuses_adamw`, with the resolved precision."""
-    from launcher.device_defaults import fuses_adamw
+    """The rule of launcher/model/device_defaults.py `fuses_adamw`, with the resolved precision."""
+    from launcher.model.device_defaults import fuses_adamw
 
     def fused(overrides, machine, precision="mixed"):
         return fuses_adamw(compose_config(overrides), machine, precision)

@@ -37,7 +37,7 @@ def run_task(cfg: DictConfig):
     return_large_freed_blocks()
     check_config(cfg)
     if cfg.task.uses_model:
-        from launcher.device_defaults import apply_device_defaults
+        from launcher.model.device_defaults import apply_device_defaults
 
         line = apply_device_defaults(cfg)  # every `auto` resolved once, before the run's identity is taken
         if line and os.environ.get("RANK", "0") == "0":

@@ -11,7 +11,7 @@ bf16 rounds every update to the nearest bf16 value, so an update smaller than ha
 its weight (lr x update < weight x 2**-9) is lost; bf16_sr rounds up or down with probabilities
 proportional to the distance, so such updates survive on average (torchao's AdamW with
 `bf16_stochastic_round=True`: the step is computed in fp32, only the stored result is rounded).
-`auto` is resolved where the job runs (launcher/device_defaults.py). Figures: docs/precision.md.
+`auto` is resolved where the job runs (launcher/model/device_defaults.py). Figures: docs/precision.md.
 """
 
 import importlib.util

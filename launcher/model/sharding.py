@@ -115,7 +115,7 @@ def check_sharding(cfg: DictConfig) -> None:
     backends = ("auto", "gloo", "nccl", CPU_AND_CUDA)
     if sharding.backend not in backends:
         raise choice_error("sharding.backend", sharding.backend, backends)
-    if sharding.strategy != AUTO_STRATEGY:  # auto: resolved where the job runs (launcher/device_defaults.py)
+    if sharding.strategy != AUTO_STRATEGY:  # auto: resolved where the job runs (launcher/model/device_defaults.py)
         STRATEGIES.get(sharding.strategy)  # an unknown name is a ConfigError listing the registered ones
 
 
@@ -176,7 +176,7 @@ def prepare_model(model: torch.nn.Module, cfg: DictConfig, world: World, weights
     """Activation checkpointing, compile, FSDP2 (where it has work to do) and device placement,
     in the order they compose. Meta parameters (build_model's `low_cpu_mem_usage` on ranks > 0,
     or `empty` with `weights_follow`: the caller loads the weights next) are allocated here."""
-    from launcher.device_defaults import apply_device_defaults
+    from launcher.model.device_defaults import apply_device_defaults
 
     apply_device_defaults(cfg)  # a no-op after run_task's; a caller that composed its own config gets the rule too
     # low_cpu_mem_usage: rank 0 keeps references to its full weights to scatter them after sharding.

@@ -33,7 +33,7 @@ def model_config(cfg: DictConfig) -> DictConfig:
 def load_task_model(cfg: DictConfig, world):
     """(model config, tokenizer, sharded model) of `checkpoint`, or of `model` (collective)."""
     from launcher.model.modeling import build_model, load_tokenizer
-    from launcher.device_defaults import apply_device_defaults
+    from launcher.model.device_defaults import apply_device_defaults
     from launcher.model.precision import weight_dtype
     from launcher.model.sharding import prepare_model
     from launcher.training.checkpoint import load_model_weights

@@ -35,7 +35,7 @@ from launcher.distributed import World, distributed, on_rank0_then_all, seed_eve
 from launcher.errors import ConfigError, RunStopped, at_least
 from launcher.model.lora import apply_lora, base_needs_saving, lora_enabled, parameter_counts, trainable_parameters
 from launcher.model.losses import trained_tokens
-from launcher.device_defaults import apply_device_defaults
+from launcher.model.device_defaults import apply_device_defaults
 from launcher.model.modeling import build_model, load_tokenizer
 from launcher.model.precision import cast_parameters, weight_dtype
 from launcher.model.sharding import local_parameter_bytes, prepare_model, set_gradient_sync
