@@ -212,7 +212,7 @@ def test_bf16_training_follows_a_plain_fp32_loop():
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", pytest.param("bf16_sr", marks=needs_torchao)])
 def test_a_killed_bf16_run_resumes_to_the_uninterrupted_weights_in_bf16(tmp_path, precision):
-    from launcher.training.checkpoint import KILL_HOOK
+    from conftest import run_launcher_killed_in_save
 
     small = [f"train.precision={precision}", "train.max_seq_len=64", "data.train_bs=2", "data.eval_bs=4",
              "train.max_eval_batches=1", "train.max_steps=6", "train.logging_steps=2",
@@ -220,7 +220,7 @@ def test_a_killed_bf16_run_resumes_to_the_uninterrupted_weights_in_bf16(tmp_path
     reference = run_launcher([*small, f"output_dir={tmp_path / 'reference'}"], cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-2000:]
     args = [*small, f"output_dir={tmp_path / 'resumed'}"]
-    killed = run_launcher(args, cwd=tmp_path, env={KILL_HOOK: "4"})  # dies inside the save of step 4
+    killed = run_launcher_killed_in_save(4, args, cwd=tmp_path)  # dies inside the save of step 4
     assert killed.returncode != 0
     resumed = run_launcher(args, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

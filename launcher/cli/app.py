@@ -17,7 +17,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig
 
 from launcher import schema  # noqa: F401  (registers the schema and the asset resolver)
-from launcher.cli.console import announce, masked_console, one_line_errors, record_in_job_log, refuse
+from launcher.cli.console import masked_console, one_line_errors, record_in_job_log, refuse
 from launcher.cli.objective import objective_value
 from launcher.cli.validate import check_config
 from launcher.errors import ConfigError, RunStopped
@@ -41,7 +41,9 @@ def run_task(cfg: DictConfig):
 
         line = apply_device_defaults(cfg)  # every `auto` resolved once, before the run's identity is taken
         if line and os.environ.get("RANK", "0") == "0":
-            announce(line)
+            # The console only: until the run has claimed output_dir, the job log there may be
+            # another run's (launcher/store/claim.py), and a refused run writes nothing into it.
+            print(line, flush=True)
     return get_method(cfg.task.fn)(cfg)
 
 

@@ -33,14 +33,16 @@ def check_config(cfg: DictConfig, on_this_machine: bool = True) -> None:
     from launcher.store.outputs import check_not_a_run, check_output_dir
     from launcher.store.run_dir import check_resume
 
-    if cfg.task.uses_model:
-        normalise_config(cfg)
-    with flag_override(cfg, "readonly", True):  # the checks read; only normalise_config writes
+    with flag_override(cfg, "readonly", True):  # torch-free checks first: no torch for a bad path
         check_output_dir(cfg.output_dir)
         if cfg.task.uses_model and not cfg.task.trains and cfg.task.name != VALIDATE:  # export, evaluate
             check_not_a_run(cfg.output_dir)
         if cfg.task.uses_model:
             check_resume(cfg.resume)
+    if cfg.task.uses_model:
+        normalise_config(cfg)  # imports the data machinery (torch)
+    with flag_override(cfg, "readonly", True):  # the checks read; only normalise_config writes
+        if cfg.task.uses_model:
             _check_training_run(cfg, on_this_machine)
         if cfg.task.check is not None:
             get_method(cfg.task.check)(cfg)
