@@ -224,6 +224,7 @@ def uninterrupted(family, rows, tmp_path_factory):
 # ---------------------------------------------------------------- the checks
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_loading_changes_nothing_and_training_equals_a_plain_pytorch_loop(family, rows, uninterrupted):
     name, spec, checkpoint = family
     out, _, summary = uninterrupted
@@ -268,6 +269,7 @@ def test_two_processes_of_full_shard_equal_one(family, rows, uninterrupted, tmp_
         torch.testing.assert_close(actual[key], tensor, rtol=0, atol=WEIGHT_ATOL, msg=key)
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_lora_with_the_family_default_targets_and_its_merged_export(family, rows, tmp_path):
     from peft import PeftModel
 
@@ -316,6 +318,7 @@ MORE_FAMILIES = {
 }
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 @pytest.mark.parametrize("name", list(MORE_FAMILIES))
 def test_more_families_load_unchanged_and_train_like_a_plain_pytorch_loop(name, rows, tmp_path):
     checkpoint = save_checkpoint(MORE_FAMILIES[name], tmp_path / name)
@@ -371,6 +374,7 @@ def test_only_a_random_init_is_padded_and_a_checkpoint_grows_only_for_a_bigger_t
     assert torch.equal(model.get_input_embeddings().weight[:4000], original.get_input_embeddings().weight)
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_a_mixture_of_experts_trains_with_its_router_loss_as_transformers_adds_it(rows, tmp_path):
     """output_router_logits=true in the config: transformers adds router_aux_loss_coef x the
     load-balancing loss to its loss, and so does hydralm (once per trained token, so the loss of

@@ -39,6 +39,7 @@ def _prepare(cache: Path):
     return prepared_splits(cfg, load_tokenizer(cfg.model), ONE_PROCESS)
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_a_flipped_bit_in_a_cached_arrow_file_is_detected_and_the_entry_rebuilt(tmp_path, caplog):
     original = _rows(_prepare(tmp_path))
     entry = _entry(tmp_path)

@@ -64,6 +64,7 @@ def test_sampler_position_is_a_prefix_of_the_permutation_for_any_world_size(shuf
     assert not set(rest) & set(taken)
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_data_shuffle_false_trains_in_the_data_order_and_resumes_exactly(tmp_path, reference):
     from datasets import Dataset
 
@@ -181,6 +182,7 @@ def test_resume_must_name_a_complete_checkpoint(tmp_path, resume):
         run_task(compose_config([f"resume={resume}", f"output_dir={tmp_path}"]))
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_export_of_training_checkpoints_reloads_with_the_trained_logits(tmp_path, reference):
     from launcher.distributed import distributed
     from launcher.model.modeling import load_tokenizer

@@ -91,6 +91,7 @@ def task_overrides(path: str, crafted: Path, tmp_path: Path) -> list[str]:
     }[path] + [f"output_dir={tmp_path / 'out'}"]
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 @pytest.mark.parametrize("path", ["resume", "export", "evaluate"])
 def test_a_pickle_payload_in_the_dcp_metadata_is_refused_and_never_runs(reference, tmp_path, path):
     marker = tmp_path / "payload-ran"
@@ -113,6 +114,7 @@ def test_the_refusal_is_one_line_and_exit_2(reference, tmp_path):
     assert not marker.exists() and not (tmp_path / "out" / "final-model").exists()
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_a_pickle_payload_in_a_non_tensor_value_is_refused_and_never_runs(reference, tmp_path):
     """DCP stores non-tensor values (the optimizer's hyperparameters) as pickles, which its default
     planner loads with torch.load(weights_only=False)."""
@@ -162,6 +164,7 @@ def flip_a_bit(path: Path) -> str:
     return "__0_0.distcp does not match its checksum"
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 @pytest.mark.parametrize("damage", [truncate_shard, cut_off_trainer_state, remove_rank_file])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(reference, tmp_path, capfd, damage):
     out = copy_unfinished_run(reference, tmp_path)

@@ -115,6 +115,7 @@ def test_hybrid_shard_on_two_nodes_of_two(reference, tmp_path):
     assert summary["parameter_bytes_per_rank"] <= 0.51 * reference[1]["parameter_bytes_per_rank"]
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 @pytest.mark.parametrize(
     "overrides",
     [

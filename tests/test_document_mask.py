@@ -39,6 +39,7 @@ def _one_by_one_loss(model, batch):
     return total
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 @pytest.mark.parametrize("attention", ["sdpa", "eager", "flex_attention"])
 def test_packed_loss_equals_documents_one_by_one(attention):
     cfg = compose_config([f"model.attention={attention}"])
@@ -62,6 +63,7 @@ def test_packed_loss_equals_documents_one_by_one(attention):
     assert abs(unmasked.item() - separate.item()) > 1e-2
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_train_task_runs_with_document_mask(tmp_path):
     from launcher.cli.app import run_task
 

@@ -170,6 +170,7 @@ def initial_log_probs(root) -> torch.Tensor:
 # ---------------------------------------------------------------- tests
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_step_0_loss_is_ln2_and_the_run_equals_a_plain_pytorch_dpo_loop(setup, single):
     out, summary = single
     rows = rows_of(out)
@@ -243,6 +244,7 @@ def lora_single(setup, tmp_path_factory):
     return out, summary
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_lora_reference_is_the_base_with_adapters_switched_off(setup, lora_single):
     """peft=lora: nothing in the checkpoint but adapters; the eval rewards equal beta * log-prob
     differences between the exported adapters and the base, computed here."""

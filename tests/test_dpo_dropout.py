@@ -64,6 +64,7 @@ def plain_run_without_dropout(root) -> list[float]:
     return losses
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_step_0_is_ln2_with_a_dropout_checkpoint_and_the_run_equals_a_plain_loop(gpt2_with_dropout, tmp_path):
     root, args = gpt2_with_dropout
     run_task(compose_config([*args, f"output_dir={tmp_path / 'run'}"]))
@@ -74,6 +75,7 @@ def test_step_0_is_ln2_with_a_dropout_checkpoint_and_the_run_equals_a_plain_loop
         assert mine["train_loss"] == pytest.approx(theirs, rel=1e-5)
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_lora_dropout_is_switched_off_too_and_disable_dropout_false_keeps_it(gpt2_with_dropout, tmp_path):
     _, args = gpt2_with_dropout
     lora = [*args, "peft=lora", "train.max_steps=1"]

@@ -76,6 +76,7 @@ def test_evaluate_on_a_runs_checkpoint_uses_the_runs_data_and_settings(tmp_path)
     assert scored["eval_batches"] == 1 and scored["data"]["eval_bs"] == 4 and 0 < scored["eval_tokens"] <= 4 * 64
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_exported_model_gives_the_in_memory_logits(tmp_path):
     from launcher.data.loaders import train_loader
     from launcher.distributed import distributed, seed_everything

@@ -26,6 +26,7 @@ def train_rows(output_dir: Path) -> dict[int, dict]:
     return {row["step"]: row for row in rows(output_dir) if "train_loss" in row}
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_a_finished_constant_schedule_run_raised_to_twice_its_steps_equals_the_longer_run(tmp_path):
     common = [*SMALL, "scheduler=constant"]
     extended, direct = tmp_path / "extended", tmp_path / "direct"
@@ -48,6 +49,7 @@ def test_a_finished_constant_schedule_run_raised_to_twice_its_steps_equals_the_l
     assert again["steps"] == 2 * STEPS and again["final_eval_loss"] == summary["final_eval_loss"]
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_a_cosine_run_continued_takes_the_longer_schedules_lr_from_the_step_it_reached(tmp_path):
     """Documented: steps 1..N ran under the N-step cosine; from N+1 on the lr is the 2N-step
     cosine's at that step (transformers' get_cosine_schedule_with_warmup, no warmup: step s
@@ -64,6 +66,7 @@ def test_a_cosine_run_continued_takes_the_longer_schedules_lr_from_the_step_it_r
     assert {s: row["lr"] for s, row in logged.items()} == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_a_finished_run_cannot_be_shortened(tmp_path):
     out = tmp_path / "run"
     run_task(compose_config([*SMALL, f"train.max_steps={STEPS}", f"output_dir={out}"]))

@@ -204,6 +204,7 @@ def _expected(docs, spec: PackingSpec):
 MODES = st.sampled_from([("none", 0), ("truncate", 0), ("partial", 0), ("partial", 3), ("full", 0), ("full", 5)])
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batch=st.lists(conversations(), min_size=1, max_size=4), mode=MODES, max_seq_len=st.integers(12, 40))
 def test_chat_rows_train_exactly_the_assistant_tokens_in_every_packing_mode(tokenizer, batch, mode, max_seq_len):
@@ -223,6 +224,7 @@ def test_chat_rows_train_exactly_the_assistant_tokens_in_every_packing_mode(toke
     assert all(len(row["input_ids"]) <= max_seq_len for row in rows) or spec.mode == "none"
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pairs=st.lists(st.tuples(TEXT, TEXT.filter(bool)), min_size=1, max_size=4), mode=MODES,
        max_seq_len=st.integers(12, 40))

@@ -85,6 +85,7 @@ def test_a_chat_model_gets_the_template_and_prompts_come_from_a_jsonl_file(saved
     assert [row["completion"] for row in rows] == expected
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_sampling_is_reproducible_by_seed(saved, tmp_path):
     sampling = [prompts_arg(PROMPTS), "generate.do_sample=true", "generate.temperature=1.5", "generate.top_p=0.95"]
     first = run_generate(saved / "text", tmp_path / "a", *sampling, "generate.seed=3")
@@ -94,6 +95,7 @@ def test_sampling_is_reproducible_by_seed(saved, tmp_path):
     assert first != other
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_a_lora_adapter_directory_generates_what_peft_generates(saved, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(saved / "text")
     peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
@@ -114,6 +116,7 @@ def test_a_lora_adapter_directory_generates_what_peft_generates(saved, tmp_path)
     assert rows != plain  # the adapters were applied
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_a_training_checkpoint_generates_what_its_final_model_generates(tmp_path):
     """The default tiny run, checkpointed at its last step: loaded without an export, the
     checkpoint's weights are the final model's, so greedy outputs are equal."""
@@ -149,6 +152,7 @@ def test_the_random_init_default_is_refused(tmp_path):
                                     tmp_path)
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_a_lora_training_checkpoint_is_refused_naming_final_model(tmp_path):
     """A peft=lora checkpoint holds the adapters only: refused in one line, before any model loads."""
     run = tmp_path / "run"

@@ -81,6 +81,7 @@ def test_a_presets_missing_cluster_folder_names_its_hub_id():
     assert str(err.value).endswith("the preset's model on the Hub: model.path=meta-llama/Llama-3.1-8B")
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_every_checkpoint_preset_has_a_hub_id():
     from conftest import CONF_DIR
 

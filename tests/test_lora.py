@@ -26,6 +26,7 @@ def _logits(model, probe):
         return model(input_ids=probe).logits
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_lora_trains_only_adapters_and_its_export_reproduces_the_logits(tmp_path):
     from launcher.cli.validate import check_config
     from launcher.data.loaders import train_loader

@@ -25,6 +25,7 @@ def _splits(tmp_path, overrides):
     return prepared_splits(cfg, load_tokenizer(cfg.model), ONE_PROCESS)
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_a_mixture_draws_each_component_in_proportion_with_its_own_format(tmp_path):
     text = _rows(_splits(tmp_path, ["data=pydoc"])["train"])
     chat_splits = _splits(tmp_path, ["data=pydoc_chat"])
@@ -69,6 +70,7 @@ def test_bad_mixtures_are_named_before_any_work(tmp_path, mixture, message):
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_a_mixture_run_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
     """The resumed run rebuilds the mixture from the cache (the first run built it cold) and
     continues at the same sample of the same order."""
@@ -84,6 +86,7 @@ def test_a_mixture_run_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupt
     assert_same_weights(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "whole"))
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_preprocess_writes_the_mixture_out_with_its_report(tmp_path):
     out = tmp_path / "mixed"
     summary = run_task(compose_config(["task=preprocess", "data=mixture", MIX, "train.max_seq_len=32",

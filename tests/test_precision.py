@@ -63,6 +63,7 @@ def test_auto_values_are_written_into_the_config_once_with_one_line(caplog):
         assert any("training eagerly" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_adamw_runs_fused_on_cuda_unless_the_user_chose_or_another_optimizer_runs():
     """The rule of launcher/model/device_defaults.py `fuses_adamw`, with the resolved precision."""
     from launcher.model.device_defaults import fuses_adamw
@@ -150,6 +151,7 @@ def _local(tensor):
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 @pytest.mark.parametrize("precision, weights, state", [
     ("fp32", torch.float32, torch.float32),
     ("mixed", torch.float32, torch.float32),  # fp32 master weights; FSDP2 computes in bf16
@@ -169,6 +171,7 @@ def test_each_mode_keeps_weights_gradients_and_adamw_state_in_its_dtype(precisio
         assert model._get_fsdp_state()._mp_policy.param_dtype == torch.bfloat16
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_lora_adapters_follow_the_mode():
     model, optimizer, _ = _one_step("bf16", extra=["peft=lora"])
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -176,6 +179,7 @@ def test_lora_adapters_follow_the_mode():
     assert {optimizer.state[p]["exp_avg"].dtype for p in trainable} == {torch.bfloat16}
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_bf16_training_follows_a_plain_fp32_loop():
     """Ten steps of pure bf16 against a plain PyTorch fp32 loop (same init, same batches): the
     losses agree within bf16's precision (rel 2%), and training moved the loss."""

@@ -217,6 +217,7 @@ def test_an_eval_driven_schedule_draws_only_the_logged_lr(tmp_path):
     assert write_report(tmp_path / "run")["lr_per_step"] == {".": None}
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_a_two_parameter_optuna_search_gets_importance_and_contour_plots_and_log_axes(tmp_path):
     """lr searched with log=True over less than a decade (a grid's >= 10x rule would not make
     it log), warmup on a linear scale; the objective depends mostly on the lr."""

@@ -113,6 +113,7 @@ def test_a_rerun_with_another_config_is_refused_before_it_touches_the_old_run(tm
     assert snapshot(out) == before
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_a_rerun_into_a_finished_run_without_checkpoints_adds_no_curve_and_keeps_its_model(tmp_path):
     out = tmp_path / "run"
     first = run_task(compose_config([*SMALL, f"output_dir={out}"]))
@@ -126,6 +127,7 @@ def test_a_rerun_into_a_finished_run_without_checkpoints_adds_no_curve_and_keeps
     assert again == json.loads(json.dumps(first)) and snapshot(out) == before
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_overwrite_deletes_the_old_run_and_resume_never_refuses_naming_it(tmp_path):
     out = tmp_path / "run"
     run_task(compose_config([*SMALL, *CHECKPOINTS, f"output_dir={out}"]))
@@ -151,6 +153,7 @@ def test_overwrite_deletes_the_old_run_and_resume_never_refuses_naming_it(tmp_pa
 # ---------------------------------------------------------------------- resume and the batch layout
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_an_explicit_resume_may_change_the_batch_layout_and_resume_auto_may_not(tmp_path):
     out = tmp_path / "run"
     run_task(compose_config([*SMALL, *CHECKPOINTS, "train.keep_last_n=3", f"output_dir={out}"]))
@@ -165,6 +168,7 @@ def test_an_explicit_resume_may_change_the_batch_layout_and_resume_auto_may_not(
         run_task(compose_config([*SMALL, *CHECKPOINTS, f"output_dir={out}"]))
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_a_checkpoint_of_another_run_is_refused_before_any_work(tmp_path):
     source = tmp_path / "source"
     run_task(compose_config([*SMALL, *CHECKPOINTS, f"output_dir={source}"]))
@@ -172,6 +176,7 @@ def test_a_checkpoint_of_another_run_is_refused_before_any_work(tmp_path):
                                     "(optimizer.lr: 0.002 in the checkpoint, 0.003 now)", tmp_path)
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_resuming_an_earlier_checkpoint_drops_the_later_ones_so_a_kill_resumes_the_new_branch(tmp_path, capsys,
                                                                                               monkeypatch):
     out = tmp_path / "run"
@@ -198,6 +203,7 @@ def test_checkpoints_are_ordered_by_step_past_eight_digits(tmp_path):
     assert complete_checkpoints(tmp_path) == [checkpoint(tmp_path, 99_999_999), checkpoint(tmp_path, 100_000_000)]
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_checkpoint_names_that_do_not_parse_are_ignored(tmp_path):
     out = tmp_path / "run"
     run_task(compose_config([*SMALL, *CHECKPOINTS, f"output_dir={out}"]))
@@ -215,6 +221,7 @@ def test_checkpoint_names_that_do_not_parse_are_ignored(tmp_path):
 # ---------------------------------------------------------------------- rows logged once, honest numbers
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_a_rerun_after_a_kill_before_the_first_checkpoint_logs_step_0_once(tmp_path, monkeypatch):
     out, reference = tmp_path / "run", tmp_path / "reference"
     args = [*SMALL, *CHECKPOINTS]
@@ -226,6 +233,7 @@ def test_a_rerun_after_a_kill_before_the_first_checkpoint_logs_step_0_once(tmp_p
     assert logged(out) == logged(reference)
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_after_a_resume_the_bar_starts_at_the_resumed_step_and_throughput_counts_this_process(tmp_path, capfd,
                                                                                               monkeypatch):
     out = tmp_path / "run"
@@ -246,6 +254,7 @@ def test_after_a_resume_the_bar_starts_at_the_resumed_step_and_throughput_counts
     assert first["tokens_per_s"] * first["time_s"] == pytest.approx(tokens_per_step, rel=0.2)
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_a_one_step_run_trains_at_a_non_zero_lr(tmp_path):
     out = tmp_path / "run"
     summary = run_task(compose_config([*TINY, "data.train_bs=2", "train.max_steps=1", "train.logging_steps=1",
@@ -256,6 +265,7 @@ def test_a_one_step_run_trains_at_a_non_zero_lr(tmp_path):
     assert summary["final_eval_loss"] < summary["initial_eval_loss"] - 0.01
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_throughput_counts_input_tokens_of_a_prompt_masked_dataset(tmp_path):
     from transformers import AutoTokenizer
 

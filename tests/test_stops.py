@@ -143,6 +143,7 @@ def test_a_non_finite_max_grad_norm_is_refused_before_any_work(tmp_path):
                                     tmp_path)
 
 
+@pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_a_nan_loss_stops_the_run_naming_the_step_before_anything_is_saved_from_it(tmp_path):
     from launcher.training.trainer import Trainer
     from tasks.train import LanguageModeling
