@@ -14,9 +14,15 @@ CONF_DIR = ROOT / "conf"
 
 @pytest.fixture(scope="session", autouse=True)
 def _shared_cache(tmp_path_factory):
-    """One preprocessing cache for the whole session (subprocesses inherit it)."""
+    """One preprocessing cache for the whole session (subprocesses inherit it), and one thread
+    count for every process: results are bit-equal across processes only at the same count
+    (kernels split their work by thread), and a process sized by its CPU affinity at start
+    could otherwise get another count than the run it is compared with."""
+    import torch
+
     os.environ["HYDRALM_CACHE"] = str(tmp_path_factory.mktemp("hydralm-cache"))
     os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 
 def final_weights(output_dir, file="model.safetensors") -> dict:
@@ -32,7 +38,12 @@ def assert_same_weights(actual: dict, expected: dict) -> None:
 
     assert actual.keys() == expected.keys()
     for name in expected:
-        assert torch.equal(actual[name], expected[name]), name
+        if not torch.equal(actual[name], expected[name]):
+            differ = actual[name] != expected[name]
+            largest = (actual[name].double() - expected[name].double()).abs().max().item()
+            rows = differ.flatten(1).any(1).nonzero().flatten().tolist() if differ.dim() > 1 else []
+            raise AssertionError(f"{name}: {int(differ.sum())} of {differ.numel()} elements differ (largest by "
+                                 f"{largest:.3g}; rows {rows[:10]}); {sorted(n for n in expected if not torch.equal(actual[n], expected[n]))}")
 
 
 def compose_config(overrides=()):
