@@ -86,11 +86,9 @@ def _apply_rule(cfg: DictConfig, output_dir: Path) -> None:
                                                         "writes": list(run_dir.RUN_STATE)}))
 
 
-def _written_by_run(record: Optional[dict]) -> set[str]:
-    """The names the run recorded in `run.json` writes (a run.json of before `writes`: every
-    name of run state, which that hydralm refused to find there without a run.json)."""
-    writes = (record or {}).get("writes", run_dir.RUN_STATE)
-    return {name for name in writes if isinstance(name, str)} if isinstance(writes, list) else set(run_dir.RUN_STATE)
+def _written_by_run(record: dict) -> set[str]:
+    """The names the run lists in its run.json as its own (every sealed run.json has `writes`)."""
+    return set(record["writes"])
 
 
 def _check_all_ours(output_dir: Path, record: Optional[dict], present: list[str]) -> None:
