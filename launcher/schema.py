@@ -331,7 +331,7 @@ class Config:
     overwrite: bool = affects(default=False)
     # Free-form tags that experiment presets set (shown in `--cfg job`).
     tags: List[str] = affects(factory=list)
-    # What a sweep optimises and the job returns to the sweeper (a float; launcher/cli/objective.py):
+    # What a sweep optimises and the job returns to the sweeper (a float; launcher/training/objective.py):
     # a metric of the final evaluation, `eval_loss` or `eval_<metric>` of the task (a DPO run's
     # `eval_reward_accuracy`). hydra.sweeper.direction says whether it is minimised (default).
     objective: str = affects(default="eval_loss")

@@ -25,7 +25,7 @@ RESULT = "eval.json"
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    from launcher.cli.console import announce
+    from launcher.job_log import announce
     from launcher.data.loaders import eval_loader
     from launcher.distributed import distributed, seed_everything
     from launcher.model.task_model import load_task_model

@@ -9,8 +9,8 @@ a multiple of `model.pad_vocab_to_multiple_of`) and gathered on rank 0.
 
 from omegaconf import DictConfig
 
-from launcher.cli.console import announce
 from launcher.distributed import distributed
+from launcher.job_log import announce
 from launcher.model.task_model import load_task_model
 from launcher.store.outputs import resolve_output_dir
 from launcher.store.run_dir import FINAL_MODEL

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.cli.console import announce
 from launcher.errors import ConfigError, at_least
+from launcher.job_log import announce
 from launcher.store import atomic
 
 log = logging.getLogger("hydralm")

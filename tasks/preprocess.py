@@ -10,18 +10,19 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.cli.console import announce
 from launcher.data.mixture import describe_mixture
 from launcher.data.preprocessing import (check_tokenizer, ensure_built, mix_components, one_builder, prepared_splits,
                                          preprocess_settings)
 from launcher.data.sources import source_of
 from launcher.distributed import ONE_PROCESS
 from launcher.errors import ConfigError
+from launcher.job_log import announce
 from launcher.model.modeling import load_tokenizer
 from launcher.model.task_model import model_config
 from launcher.store.atomic import atomic_directory, check_replaceable, owned
 from launcher.store.integrity import CHECKSUMS, file_checksums
 from launcher.store.outputs import check_not_a_run, resolve_output_dir
+
 
 def check_save_path(cfg: DictConfig) -> None:
     """Before any work: `data.save_path` is new, empty, or an earlier output of task=preprocess

@@ -11,8 +11,8 @@ import yaml
 from conftest import assert_rejected_before_any_work, compose_config, run_launcher
 from omegaconf import OmegaConf
 
-from launcher.cli.objective import check_objective, objective_value
 from launcher.errors import ConfigError
+from launcher.training.objective import check_objective, objective_value
 
 TINY = ["train.max_steps=2", "train.logging_steps=2", "train.max_eval_batches=1", "train.max_seq_len=64",
         "data.train_bs=4"]

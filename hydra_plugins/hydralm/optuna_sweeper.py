@@ -11,7 +11,7 @@ the same command again (same `hydra.sweep.dir`) continues the study. What this a
   trials into another search's study;
 - a new study refuses a sweep directory that already holds runs.
 
-Each job returns the float the study optimises: `objective` (launcher/cli/objective.py). Imports no
+Each job returns the float the study optimises: `objective` (launcher/training/objective.py). Imports no
 torch; optuna only when a sweep starts.
 """
 

@@ -17,12 +17,13 @@ from hydra.utils import get_method
 from omegaconf import DictConfig
 
 from launcher import schema  # noqa: F401  (registers the schema and the asset resolver)
-from launcher.cli.console import masked_console, one_line_errors, record_in_job_log, refuse
-from launcher.cli.objective import objective_value
+from launcher.cli.console import masked_console, one_line_errors, refuse
 from launcher.cli.validate import check_config
 from launcher.errors import ConfigError, RunStopped
+from launcher.job_log import record_in_job_log
 from launcher.store.outputs import scrub_hydra_outputs
 from launcher.training.host_memory import return_large_freed_blocks
+from launcher.training.objective import objective_value
 
 log = logging.getLogger("hydralm")
 # torchao, once installed (train.precision=bf16_sr), is imported by peft in every run; it logs that

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import NoReturn, Optional
 
 from launcher.errors import AnotherRunsDirectory, closest
+from launcher.job_log import record_in_job_log
 from launcher.secrets import learn_secrets, mask_secrets
 
 log = logging.getLogger("hydralm")
@@ -33,20 +34,6 @@ def refuse(message, what: str = "") -> NoReturn:
     if not isinstance(message, AnotherRunsDirectory):
         record_in_job_log(logging.ERROR, line)
     sys.exit(2)
-
-
-def announce(text: str) -> None:
-    """Print a result for the user and keep it in the job log (the console already shows it once)."""
-    print(text, flush=True)
-    record_in_job_log(logging.INFO, text.strip("\n"))
-
-
-def record_in_job_log(level: int, text: str) -> None:
-    """Write to the job's log files only (Hydra's `hydralm.log` handler), not to the console."""
-    record = logging.LogRecord(log.name, level, __file__, 0, mask_secrets(text), None, None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
 
 
 # ---------------------------------------------------------------------- secrets on the console

@@ -34,8 +34,8 @@ from typing import Optional
 
 import yaml
 
-from launcher.cli.console import announce
 from launcher.errors import ConfigError
+from launcher.job_log import announce
 
 BEST_MARK = "★ best"
 STUDY_FILE = "optuna.db"

@@ -33,8 +33,8 @@ from typing import Optional
 
 from omegaconf import DictConfig, open_dict
 
-from launcher.cli.console import announce
 from launcher.errors import AnotherRunsDirectory, ConfigError
+from launcher.job_log import announce
 from launcher.store import atomic, run_dir
 from launcher.store.identity import TOKENIZER, TRAIN_SEQUENCES, differing_keys, layout_keys, length_keys, run_identity
 

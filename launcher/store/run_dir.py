@@ -14,8 +14,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from launcher.cli.console import announce
 from launcher.errors import ConfigError
+from launcher.job_log import announce
 from launcher.store import atomic
 from launcher.store.identity import differing_keys
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from launcher.cli.console import record_in_job_log
+from launcher.job_log import record_in_job_log
 from launcher.store.atomic import open_own_file
 from launcher.store.run_dir import METRICS
 from launcher.training.host_memory import peak_host_memory_gib

@@ -27,15 +27,14 @@ from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.tensor import DTensor
 
-from launcher.cli.console import announce
-from launcher.cli.objective import check_objective
 from launcher.data.loaders import eval_loader, train_loader
 from launcher.data.preprocessing import tokenizer_fingerprint
 from launcher.distributed import World, distributed, on_rank0_then_all, seed_everything
 from launcher.errors import ConfigError, RunStopped, at_least
+from launcher.job_log import announce
+from launcher.model.device_defaults import apply_device_defaults
 from launcher.model.lora import apply_lora, base_needs_saving, lora_enabled, parameter_counts, trainable_parameters
 from launcher.model.losses import trained_tokens
-from launcher.model.device_defaults import apply_device_defaults
 from launcher.model.modeling import build_model, load_tokenizer
 from launcher.model.precision import cast_parameters, weight_dtype
 from launcher.model.sharding import local_parameter_bytes, prepare_model, set_gradient_sync
@@ -47,6 +46,7 @@ from launcher.training.export import save_base_model, save_final_model
 from launcher.training.host_memory import peak_host_memory_gib
 from launcher.training.loggers import open_loggers
 from launcher.training.metrics import RunLog, Throughput, Window
+from launcher.training.objective import check_objective
 from launcher.training.optim import build_optimizer, build_scheduler, parameter_groups
 from launcher.training.preemption import StopSignals
 
