@@ -1,6 +1,12 @@
+import atexit
+import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -13,16 +19,18 @@ CONF_DIR = ROOT / "conf"
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _shared_cache(tmp_path_factory):
+def _session_environment(tmp_path_factory):
     """One preprocessing cache for the whole session (subprocesses inherit it), and one thread
     count for every process: results are bit-equal across processes only at the same count
     (kernels split their work by thread), and a process sized by its CPU affinity at start
-    could otherwise get another count than the run it is compared with."""
+    could otherwise get another count than the run it is compared with. Runs in this
+    environment start warm (WarmLauncher)."""
     import torch
 
     os.environ["HYDRALM_CACHE"] = str(tmp_path_factory.mktemp("hydralm-cache"))
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    WarmLauncher.base_env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def final_weights(output_dir, file="model.safetensors") -> dict:
@@ -52,21 +60,80 @@ def compose_config(overrides=()):
 
 
 def run_launcher(args, cwd, timeout=600, env=None):
-    """`python -m launcher ARGS` in a subprocess; returns the CompletedProcess."""
-    return subprocess.run(
-        [sys.executable, "-m", "launcher", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-    )
+    """`python -m launcher ARGS` in cwd; returns the CompletedProcess."""
+    return _launch(["-m", "launcher", *args], cwd, timeout, env)
 
 
 def run_launcher_killed_in_save(step, args, cwd, timeout=600):
     """`python -m launcher ARGS` SIGKILLed inside the save of step `step` (tests/kill_in_save.py)."""
-    return subprocess.run([sys.executable, str(ROOT / "tests" / "kill_in_save.py"), str(step), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return _launch([str(ROOT / "tests" / "kill_in_save.py"), str(step), *args], cwd, timeout)
+
+
+def _launch(command, cwd, timeout, env=None):
+    """`python COMMAND`: a fork of the warm server (tests/warm_launcher.py) when this run's
+    environment is the server's, else a fresh interpreter."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    server = WarmLauncher.for_env(env)
+    if server is not None:
+        return server.run(command, cwd, timeout)
+    return subprocess.run([sys.executable, *command], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _without_pytest(env: dict) -> dict:
+    """An environment without pytest's own variables (PYTEST_CURRENT_TEST changes every test)."""
+    return {key: value for key, value in env.items() if not key.startswith("PYTEST_")}
+
+
+class WarmLauncher:
+    """The client of tests/warm_launcher.py, started on first use with the session's environment."""
+
+    base_env: dict = {}  # the session's environment, set by _session_environment
+    server: "WarmLauncher | None" = None
+
+    @classmethod
+    def for_env(cls, env: dict) -> "WarmLauncher | None":
+        if os.environ.get("HYDRALM_TEST_COLD") or _without_pytest(env) != _without_pytest(cls.base_env):
+            return None
+        if cls.server is None:
+            cls.server = cls(env)
+            atexit.register(cls.server.process.kill)
+        return cls.server if cls.server.ready else None
+
+    def __init__(self, env: dict):
+        self.process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "warm_launcher.py")], cwd=ROOT, env=env,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.pending = b""  # answers read from the pipe, not yet returned (the pipe is read unbuffered)
+        self.ready = self._answer(300).get("ready", False)
+
+    def run(self, command, cwd, timeout):
+        script = None if command[:2] == ["-m", "launcher"] else command[0]
+        argv = command[2:] if script is None else command[1:]
+        with tempfile.TemporaryDirectory() as folder:
+            out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+            request = {"argv": argv, "cwd": str(cwd), "stdout": str(out), "stderr": str(err), "script": script}
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            pid = self._answer(60)["pid"]
+            try:
+                returncode = self._answer(timeout)["returncode"]
+            except subprocess.TimeoutExpired:
+                os.kill(pid, signal.SIGKILL)
+                self._answer(60)
+                raise subprocess.TimeoutExpired([sys.executable, *command], timeout) from None
+            return subprocess.CompletedProcess([sys.executable, *command], returncode, out.read_text(), err.read_text())
+
+    def _answer(self, timeout) -> dict:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise subprocess.TimeoutExpired("tests/warm_launcher.py", timeout)
+            chunk = os.read(self.process.stdout.fileno(), 65536)
+            if not chunk:
+                raise RuntimeError(f"tests/warm_launcher.py ended (exit {self.process.wait()})")
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return json.loads(line)
 
 
 def assert_rejected_before_any_work(overrides, message, tmp_path):
