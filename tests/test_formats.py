@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from conftest import ROOT, compose_config, pack
@@ -252,6 +253,26 @@ def test_conversational_prompt_completion_trains_only_the_completion(tokenizer):
     ids, trained = table.column("input_ids").to_pylist()[0], table.column("trained").to_pylist()[0]
     assert (ids, trained) == formats.render_conversation(tokenizer, prompt + completion, train_on=[3])
     assert tokenizer.decode([t for t, m in zip(ids, trained) if m]) == "Seven.</s>"
+
+
+@pytest.mark.parametrize("format, setting, pairs, templated, place", [
+    ("text", None, False, False, "row"), ("text", False, False, False, None),
+    ("text", None, True, False, "example"), ("prompt_completion", None, False, False, "example"),
+    ("alpaca", None, False, False, "example"), ("alpaca", None, False, True, None),
+    ("chat", None, False, False, None), ("sharegpt", None, False, False, None), ("chat", None, True, True, None),
+])
+def test_framing_places_bos_and_eos_around_rows_for_text_and_around_examples_otherwise(
+        tokenizer, format, setting, pairs, templated, place):
+    data = SimpleNamespace(format=format, add_bos_eos_tokens=setting)
+    assert formats.framing_place(data, pairs, templated) == place
+    expected = formats.Framing(tokenizer.bos_token_id, tokenizer.eos_token_id, place) if place else None
+    assert formats.framing(tokenizer, data, pairs, templated) == expected
+
+
+def test_a_leading_bos_is_recognised_only_for_a_tokenizer_with_one(tokenizer):
+    bos = tokenizer.bos_token_id
+    assert formats.starts_with_bos(tokenizer, [bos, 5]) and not formats.starts_with_bos(tokenizer, [5, bos])
+    assert not formats.starts_with_bos(SimpleNamespace(bos_token_id=None), [bos, 5])
 
 
 def test_long_texts_are_tokenized_in_pieces_with_the_same_ids(tokenizer, monkeypatch):

@@ -14,6 +14,10 @@ the loss is computed on.
   (the instruction, a newline, the input: LLaMA-Factory's join) and the output as the assistant turn; without one,
   the standard Alpaca prompt (ALPACA_PROMPT) and the output (and EOS) trained on.
 
+`framing` is the one place that says whether hydralm puts BOS and EOS around training text, and
+around what: each row (text) or each example (prompt_completion's and alpaca's plain text, DPO text
+pairs); a chat template places its own.
+
 `render_conversation` is the one place a conversation becomes tokens: the chat format here and
 task=dpo's chat preference pairs use it, so a conversation is trained on exactly as it is scored.
 It depends only on a transformers tokenizer. Everything here is per example or per batch: the
@@ -425,7 +429,7 @@ class PromptCompletionEncoder(Encoder):
 
     def __init__(self, tokenizer, data):
         super().__init__(tokenizer, data, (data.prompt_field, data.completion_field))
-        self.bos_eos = bos_eos_ids(tokenizer, data)
+        self.framing = framing(tokenizer, data)
 
     def __call__(self, columns, indices):
         prompts, completions = columns[self.data.prompt_field], columns[self.data.completion_field]
@@ -456,7 +460,7 @@ class PromptCompletionEncoder(Encoder):
         pre_pend = self.data.pre_pend or ""
         prompts = encode(self.tokenizer, [pre_pend + texts[i][0] for i in keys])
         answers = encode(self.tokenizer, [texts[i][1] for i in keys])
-        bos, eos = (np.asarray([token], np.int32) for token in self.bos_eos) if self.bos_eos else (np.zeros(0, np.int32),) * 2
+        bos, eos = (np.asarray([token], np.int32) for token in self.framing.ids) if self.framing else (np.zeros(0, np.int32),) * 2
         for i, (prompt, _), (answer, _) in zip(keys, prompts, answers):
             prompt = np.concatenate([bos, prompt])
             out.ids[i] = np.concatenate([prompt, answer, eos])
@@ -491,7 +495,7 @@ class AlpacaEncoder(PromptCompletionEncoder):
             self._template = chat_template(tokenizer, load_chat_template(data.chat_template))
         except ConfigError:  # no template: the Alpaca prompt
             self._template = None
-        self.bos_eos = None if self._template else bos_eos_ids(tokenizer, data)
+        self.framing = framing(tokenizer, data, templated=self.chat)
 
     @property
     def chat(self) -> bool:
@@ -553,16 +557,50 @@ def resolve_defaults(data) -> None:
         data.add_bos_eos_tokens = add_bos_eos(data)
 
 
-def bos_eos_ids(tokenizer, data) -> Optional[tuple[int, int]]:
-    """(BOS id, EOS id) when `data.add_bos_eos_tokens` (or its format's default) asks for them,
-    else None; a tokenizer without one of them is an error naming the key."""
-    if not add_bos_eos(data):
+# ---------------------------------------------------------------------- BOS/EOS framing
+
+
+@dataclass(frozen=True)
+class Framing:
+    """The BOS and EOS ids hydralm puts around training text, and what they frame (`framing_place`)."""
+
+    bos: int
+    eos: int
+    place: str  # "row" or "example"
+
+    @property
+    def ids(self) -> tuple[int, int]:
+        return self.bos, self.eos
+
+
+def framing_place(data, pairs: bool = False, templated: bool = False) -> Optional[str]:
+    """What hydralm frames with BOS and EOS, from `data` alone (checks ask before the tokenizer
+    is loaded): None when `add_bos_eos` is false or a chat template renders the examples
+    (`templated`: it places its own special tokens); "row", every packed or truncated row, for
+    the text format (as VectorLM); else "example": prompt_completion, alpaca's plain prompt and
+    task=dpo's text `pairs`, whose prompt and response must stay inside one frame."""
+    if templated or not add_bos_eos(data):
         return None
-    ids = (tokenizer.bos_token_id, tokenizer.eos_token_id)
-    if None in ids:
+    return "row" if data.format == "text" and not pairs else "example"
+
+
+def framing(tokenizer, data, pairs: bool = False, templated: bool = False) -> Optional[Framing]:
+    """`framing_place` with the tokenizer's BOS and EOS ids; a tokenizer without one of them is
+    an error naming the key."""
+    place = framing_place(data, pairs, templated)
+    if place is None:
+        return None
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is None or eos is None:
         raise ConfigError(f"data.add_bos_eos_tokens=true but the tokenizer has no BOS or EOS token (bos_token_id="
-                          f"{ids[0]}, eos_token_id={ids[1]}); set data.add_bos_eos_tokens=false")
-    return ids
+                          f"{bos}, eos_token_id={eos}); set data.add_bos_eos_tokens=false")
+    return Framing(bos, eos, place)
+
+
+def starts_with_bos(tokenizer, ids: list[int]) -> bool:
+    """Whether `ids` start with the tokenizer's BOS, whether hydralm's framing or a chat template
+    put it there: cutting a prompt from its start keeps it."""
+    return tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
 
 
 def add_bos_eos(data) -> bool:

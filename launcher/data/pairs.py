@@ -107,7 +107,7 @@ class EncodePairs:
         self.fields = (dpo.prompt_field, dpo.chosen_field, dpo.rejected_field)
         self.chat = data.format == "chat"
         self.pre_pend, self.ignore_index = data.pre_pend or "", data.ignore_index
-        self.bos_eos = formats.bos_eos_ids(tokenizer, data)
+        self.framing = formats.framing(tokenizer, data, pairs=True, templated=self.chat)
         self.template = formats.chat_template(tokenizer, formats.load_chat_template(data.chat_template)) if self.chat else None
         self.max_len, self.max_prompt_len = cfg.train.max_seq_len, max_prompt_len(cfg)
 
@@ -119,7 +119,7 @@ class EncodePairs:
                 for name in ENCODED_FEATURES:
                     out[name].append(True if name == "malformed" else False if name in ("truncated", "identical") else [])
                 continue
-            keep = 1 if self.tokenizer.bos_token_id is not None and pair[0][0][:1] == [self.tokenizer.bos_token_id] else 0
+            keep = 1 if formats.starts_with_bos(self.tokenizer, pair[0][0]) else 0
             pair, truncated = fit_pair(pair, self.max_len, self.max_prompt_len, keep)
             if not all(any(trained[1:]) for _, trained in pair):  # a row's first token is never a target
                 continue
@@ -140,7 +140,7 @@ class EncodePairs:
                 "(for lists of messages use data.format=chat)")
         prompt_ids = _ids(self.tokenizer, [self.pre_pend + p for p in prompts])
         chosen_ids, rejected_ids = (_ids(self.tokenizer, texts) for texts in responses)
-        bos, eos = ([self.bos_eos[0]], [self.bos_eos[1]]) if self.bos_eos else ([], [])
+        bos, eos = ([self.framing.bos], [self.framing.eos]) if self.framing else ([], [])
 
         def side(prompt: list[int], response: list[int]) -> Side:
             return bos + prompt + response + eos, [False] * (len(bos) + len(prompt)) + [True] * (len(response) + len(eos))

@@ -300,7 +300,7 @@ def check_preprocessing(data: DictConfig, max_seq_len: int) -> None:
     at_least(data.overlap, 0, "data.overlap")
     if data.overlap and data.packing_type is None:
         raise ConfigError(f"data.overlap={data.overlap} needs data.packing_type (full or partial)")
-    framed = frames_rows(data)
+    framed = formats.framing_place(data) == "row"
     chunk = max_seq_len - 2 if framed else max_seq_len
     if data.overlap >= chunk:
         raise ConfigError(
@@ -309,12 +309,6 @@ def check_preprocessing(data: DictConfig, max_seq_len: int) -> None:
         )
     if data.document_mask and data.packing_type != "full":
         raise ConfigError("data.document_mask=true needs data.packing_type=full (only full packing puts several documents in a row)")
-
-
-def frames_rows(data: DictConfig) -> bool:
-    """BOS and EOS frame every row (VectorLM's add_bos_eos_tokens): the text format only; the
-    other formats place them per example."""
-    return data.format == "text" and formats.add_bos_eos(data)
 
 
 def check_tokenizer(cfg: DictConfig, tokenizer) -> None:
@@ -326,9 +320,9 @@ def check_tokenizer(cfg: DictConfig, tokenizer) -> None:
 
 def packing_spec(cfg: DictConfig, tokenizer) -> PackingSpec:
     data = cfg.data
-    bos_eos = formats.bos_eos_ids(tokenizer, data) if frames_rows(data) else None
+    rows = formats.framing(tokenizer, data) if formats.framing_place(data) == "row" else None
     mode = data.packing_type or ("truncate" if data.truncate else "none")
-    return PackingSpec(mode, cfg.train.max_seq_len, data.overlap, bos_eos, data.ignore_index)
+    return PackingSpec(mode, cfg.train.max_seq_len, data.overlap, rows.ids if rows else None, data.ignore_index)
 
 
 def build_and_save(cfg: DictConfig, tokenizer, raw: dict, path: Path, settings: dict,
