@@ -61,16 +61,16 @@ def compose_config(overrides=()):
 
 def run_launcher(args, cwd, timeout=600, env=None):
     """`python -m launcher ARGS` in cwd; returns the CompletedProcess."""
-    return _launch(["-m", "launcher", *args], cwd, timeout, env)
+    return run_python(["-m", "launcher", *args], cwd, timeout, env)
 
 
 def run_launcher_killed_in_save(step, args, cwd, timeout=600):
     """`python -m launcher ARGS` SIGKILLed inside the save of step `step` (tests/kill_in_save.py)."""
-    return _launch([str(ROOT / "tests" / "kill_in_save.py"), str(step), *args], cwd, timeout)
+    return run_python([str(ROOT / "tests" / "kill_in_save.py"), str(step), *args], cwd, timeout)
 
 
-def _launch(command, cwd, timeout, env=None):
-    """`python COMMAND`: a fork of the warm server (tests/warm_launcher.py) when this run's
+def run_python(command, cwd, timeout=600, env=None):
+    """`python COMMAND` (`-m MODULE ARGS` or `SCRIPT ARGS`): a fork of the warm server (tests/warm_launcher.py) when this run's
     environment is the server's, else a fresh interpreter."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     server = WarmLauncher.for_env(env)
@@ -106,11 +106,12 @@ class WarmLauncher:
         self.ready = self._answer(300).get("ready", False)
 
     def run(self, command, cwd, timeout):
-        script = None if command[:2] == ["-m", "launcher"] else command[0]
-        argv = command[2:] if script is None else command[1:]
+        module, script = (command[1], None) if command[0] == "-m" else (None, command[0])
+        argv = command[2:] if module else command[1:]
         with tempfile.TemporaryDirectory() as folder:
             out, err = Path(folder) / "stdout", Path(folder) / "stderr"
-            request = {"argv": argv, "cwd": str(cwd), "stdout": str(out), "stderr": str(err), "script": script}
+            request = {"argv": argv, "cwd": str(cwd), "stdout": str(out), "stderr": str(err), "module": module,
+                       "script": script}
             self.process.stdin.write(json.dumps(request) + "\n")
             self.process.stdin.flush()
             pid = self._answer(60)["pid"]

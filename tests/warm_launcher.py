@@ -11,7 +11,7 @@ environment is the server's own; any other run starts a fresh interpreter. Set
 HYDRALM_TEST_COLD=1 to start a fresh interpreter for every run.
 
 Protocol (one JSON object a line): the client writes {"argv", "cwd", "stdout", "stderr",
-"script"}; the server answers {"pid"} when the fork started and {"pid", "returncode"} when it
+"module" or "script"}; the server answers {"pid"} when the fork started and {"pid", "returncode"} when it
 ended. One run at a time.
 """
 
@@ -46,7 +46,7 @@ def only_thread() -> bool:
 
 
 def run_child(request: dict) -> int:
-    """In the forked child: become `python -m launcher ARGV` (or `python SCRIPT ARGV`) in cwd."""
+    """In the forked child: become `python -m MODULE ARGV` (or `python SCRIPT ARGV`) in cwd."""
     os.chdir(request["cwd"])
     for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -55,14 +55,14 @@ def run_child(request: dict) -> int:
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    script = request.get("script")
-    sys.argv = [script or "launcher", *request["argv"]]
+    script, module = request.get("script"), request.get("module")
+    sys.argv = [script or module, *request["argv"]]
     sys.path[0] = os.path.dirname(script) if script else request["cwd"]  # what python puts first
     try:
         if script:
             runpy.run_path(script, run_name="__main__")
         else:
-            runpy.run_module("launcher", run_name="__main__", alter_sys=True)
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
