@@ -1,16 +1,11 @@
-import atexit
-import json
 import os
-import select
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from warm_launcher import WarmLauncher
 
 import launcher.schema  # noqa: F401  (registers the schema the config tree names)
 
@@ -31,6 +26,8 @@ def _session_environment(tmp_path_factory):
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     WarmLauncher.base_env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    yield
+    WarmLauncher.close()
 
 
 def final_weights(output_dir, file="model.safetensors") -> dict:
@@ -70,71 +67,19 @@ def run_launcher_killed_in_save(step, args, cwd, timeout=600):
 
 
 def run_python(command, cwd, timeout=600, env=None):
-    """`python COMMAND` (`-m MODULE ARGS` or `SCRIPT ARGS`): a fork of the warm server (tests/warm_launcher.py) when this run's
-    environment is the server's, else a fresh interpreter."""
+    """`python COMMAND` (`-m MODULE ARGS` or `SCRIPT ARGS`) in cwd: a fork of the warm server
+    (tests/warm_launcher.py) when this run's environment allows, else a fresh interpreter."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     server = WarmLauncher.for_env(env)
     if server is not None:
-        return server.run(command, cwd, timeout)
+        return server.run(command, cwd, env, timeout)
     return subprocess.run([sys.executable, *command], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def _without_pytest(env: dict) -> dict:
-    """An environment without pytest's own variables (PYTEST_CURRENT_TEST changes every test)."""
-    return {key: value for key, value in env.items() if not key.startswith("PYTEST_")}
-
-
-class WarmLauncher:
-    """The client of tests/warm_launcher.py, started on first use with the session's environment."""
-
-    base_env: dict = {}  # the session's environment, set by _session_environment
-    server: "WarmLauncher | None" = None
-
-    @classmethod
-    def for_env(cls, env: dict) -> "WarmLauncher | None":
-        if os.environ.get("HYDRALM_TEST_COLD") or _without_pytest(env) != _without_pytest(cls.base_env):
-            return None
-        if cls.server is None:
-            cls.server = cls(env)
-            atexit.register(cls.server.process.kill)
-        return cls.server if cls.server.ready else None
-
-    def __init__(self, env: dict):
-        self.process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "warm_launcher.py")], cwd=ROOT, env=env,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.pending = b""  # answers read from the pipe, not yet returned (the pipe is read unbuffered)
-        self.ready = self._answer(300).get("ready", False)
-
-    def run(self, command, cwd, timeout):
-        module, script = (command[1], None) if command[0] == "-m" else (None, command[0])
-        argv = command[2:] if module else command[1:]
-        with tempfile.TemporaryDirectory() as folder:
-            out, err = Path(folder) / "stdout", Path(folder) / "stderr"
-            request = {"argv": argv, "cwd": str(cwd), "stdout": str(out), "stderr": str(err), "module": module,
-                       "script": script}
-            self.process.stdin.write(json.dumps(request) + "\n")
-            self.process.stdin.flush()
-            pid = self._answer(60)["pid"]
-            try:
-                returncode = self._answer(timeout)["returncode"]
-            except subprocess.TimeoutExpired:
-                os.kill(pid, signal.SIGKILL)
-                self._answer(60)
-                raise subprocess.TimeoutExpired([sys.executable, *command], timeout) from None
-            return subprocess.CompletedProcess([sys.executable, *command], returncode, out.read_text(), err.read_text())
-
-    def _answer(self, timeout) -> dict:
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self.pending:
-            ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                raise subprocess.TimeoutExpired("tests/warm_launcher.py", timeout)
-            chunk = os.read(self.process.stdout.fileno(), 65536)
-            if not chunk:
-                raise RuntimeError(f"tests/warm_launcher.py ended (exit {self.process.wait()})")
-            self.pending += chunk
-        line, self.pending = self.pending.split(b"\n", 1)
-        return json.loads(line)
+def pytest_terminal_summary(terminalreporter):
+    if WarmLauncher.counts:
+        counts = ", ".join(f"{count} {how}" for how, count in WarmLauncher.counts.most_common())
+        terminalreporter.write_line(f"python -m launcher runs (tests/warm_launcher.py): {counts}")
 
 
 def assert_rejected_before_any_work(overrides, message, tmp_path):

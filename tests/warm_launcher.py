@@ -1,25 +1,119 @@
 """`python -m launcher` for the test suite without its 4-5 s of imports per run.
 
 One server process imports torch, transformers, datasets and hydralm once; each run is a fork of
-it that sets the run's working directory, argv and output files and then executes
-`python -m launcher` (or a wrapper script, tests/kill_in_save.py) exactly as a fresh interpreter
-would from there: the same `launcher/__main__.py`, the same exit codes and signals.
+it that takes the run's environment, working directory, argv and output files and then executes
+`python -m launcher` (or a script: tests/kill_in_save.py) as a fresh interpreter would from
+there: the same `launcher/__main__.py`, the same exit codes and signals
+(tests/test_warm_launcher.py compares the two).
 
-A fork inherits what the imports read from the environment (Hugging Face's offline and cache
-variables, OpenMP's thread count), so conftest.run_launcher uses the server only for a run whose
-environment is the server's own; any other run starts a fresh interpreter. Set
-HYDRALM_TEST_COLD=1 to start a fresh interpreter for every run.
+A fork keeps what the imports read from the environment (Hugging Face's offline and cache
+variables, OpenMP's thread count, HOME), so a run is warm only when its environment equals the
+server's in every variable but those read when a run needs them (RUNTIME_ONLY); any other run
+starts a fresh interpreter. HYDRALM_TEST_COLD=1 starts a fresh interpreter for every run.
 
-Protocol (one JSON object a line): the client writes {"argv", "cwd", "stdout", "stderr",
-"module" or "script"}; the server answers {"pid"} when the fork started and {"pid", "returncode"} when it
-ended. One run at a time.
+Protocol (one JSON object a line): the client writes {"argv", "env", "cwd", "stdout", "stderr",
+"module" or "script"}; the server answers {"pid"} when the fork started and {"pid", "returncode"}
+when it ended. One run at a time.
 """
 
 import json
 import os
 import runpy
+import select
+import signal
+import subprocess
 import sys
+import tempfile
+import time
 import traceback
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Read only when a run needs them, by modules the server does not import (wandb, submitit) or at
+# run time (torch.distributed, hydralm's cache, Hydra's error mode): a run may set them.
+RUNTIME_ONLY = ("PYTEST_", "WANDB_", "SLURM_", "SUBMITIT_", "TORCHELASTIC_", "HYDRALM_", "HYDRA_", "RANK",
+                "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+                "MASTER_PORT")
+NOT_IMPORTED = ("wandb", "submitit")  # what RUNTIME_ONLY relies on
+
+
+def import_time_env(env: dict) -> dict:
+    return {key: value for key, value in env.items() if not key.startswith(RUNTIME_ONLY)}
+
+
+# ---------------------------------------------------------------------- the client (conftest)
+
+
+class WarmLauncher:
+    """Started on first use with the session's environment (`base_env`); `run` is one fork."""
+
+    base_env: dict = {}  # set by conftest's session fixture
+    server: "WarmLauncher | None" = None
+    counts: Counter = Counter()  # warm runs, and cold ones by the variable that made them cold
+
+    @classmethod
+    def for_env(cls, env: dict) -> "WarmLauncher | None":
+        if os.environ.get("HYDRALM_TEST_COLD"):
+            return None
+        differing = sorted(set(import_time_env(env).items()) ^ set(import_time_env(cls.base_env).items()))
+        if differing:
+            cls.counts[f"cold ({differing[0][0]})"] += 1
+            return None
+        if cls.server is None:
+            cls.server = cls(cls.base_env)
+        if not cls.server.ready:
+            cls.counts["cold (the server could not fork safely)"] += 1
+            return None
+        cls.counts["warm"] += 1
+        return cls.server
+
+    def __init__(self, env: dict):
+        self.process = subprocess.Popen([sys.executable, __file__], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)
+        self.pending = b""  # answers read from the pipe, not yet returned (the pipe is read unbuffered)
+        self.ready = self._answer(300).get("ready", False)
+
+    def run(self, command: list, cwd, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        module, script = (command[1], None) if command[0] == "-m" else (None, command[0])
+        argv = command[2:] if module else command[1:]
+        with tempfile.TemporaryDirectory() as folder:
+            out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+            request = {"argv": argv, "env": env, "cwd": str(cwd), "stdout": str(out), "stderr": str(err),
+                       "module": module, "script": script}
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            pid = self._answer(60)["pid"]
+            try:
+                returncode = self._answer(timeout)["returncode"]
+            except subprocess.TimeoutExpired:
+                os.kill(pid, signal.SIGKILL)
+                self._answer(60)
+                raise subprocess.TimeoutExpired([sys.executable, *command], timeout) from None
+            return subprocess.CompletedProcess([sys.executable, *command], returncode, out.read_text(), err.read_text())
+
+    def _answer(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise subprocess.TimeoutExpired("tests/warm_launcher.py", timeout)
+            chunk = os.read(self.process.stdout.fileno(), 65536)
+            if not chunk:
+                raise RuntimeError(f"tests/warm_launcher.py ended (exit {self.process.wait()})")
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return json.loads(line)
+
+    @classmethod
+    def close(cls) -> None:
+        if cls.server is not None:
+            cls.server.process.kill()
+            cls.server.process.wait()
+            cls.server = None
+
+
+# ---------------------------------------------------------------------- the server
 
 
 def warm_up() -> None:
@@ -36,17 +130,20 @@ def warm_up() -> None:
     Plugins.instance()  # Hydra's plugin discovery scans every installed plugin module
 
 
-def only_thread() -> bool:
-    """A fork copies only the forking thread: no Python thread may be running. (Native ones,
+def fork_safe() -> bool:
+    """A fork copies only the forking thread, so no Python thread may be running (native ones,
     OpenMP's pool and pyarrow's allocator, reset themselves in a fork, as they do in the
-    DataLoader's and datasets' forked workers.)"""
+    DataLoader's and datasets' forked workers); and RUNTIME_ONLY holds only while the modules
+    that read those variables at import are not imported yet."""
     import threading
 
-    return threading.active_count() == 1
+    return threading.active_count() == 1 and not any(name in sys.modules for name in NOT_IMPORTED)
 
 
 def run_child(request: dict) -> int:
     """In the forked child: become `python -m MODULE ARGV` (or `python SCRIPT ARGV`) in cwd."""
+    os.environ.clear()
+    os.environ.update(request["env"])
     os.chdir(request["cwd"])
     for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -100,7 +197,7 @@ def serve() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path[0] = str(ROOT)  # not tests/: a child puts its own first (its cwd or script's folder)
     warm_up()
-    print(json.dumps({"ready": only_thread()}), flush=True)
+    print(json.dumps({"ready": fork_safe()}), flush=True)
     serve()
