@@ -31,10 +31,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Read only when a run needs them, by modules the server does not import (wandb, submitit) or at
-# run time (torch.distributed, hydralm's cache, Hydra's error mode): a run may set them.
+# run time (torch.distributed, hydralm's cache, Hydra's error mode, the pointer inductor's compiled
+# code reads, which an in-process compile leaves set): a run may set them.
 RUNTIME_ONLY = ("PYTEST_", "WANDB_", "SLURM_", "SUBMITIT_", "TORCHELASTIC_", "HYDRALM_", "HYDRA_", "RANK",
                 "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
-                "MASTER_PORT")
+                "MASTER_PORT", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR")
 NOT_IMPORTED = ("wandb", "submitit")  # what RUNTIME_ONLY relies on
 
 
