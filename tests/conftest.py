@@ -56,6 +56,26 @@ def compose_config(overrides=()):
         return compose(config_name="config", overrides=list(overrides))
 
 
+def training_parts(cfg, world):
+    """What a run trains with, built and seeded as the Trainer builds them, for in-process tests
+    of single steps: (tokenizer, LanguageModeling task, an iterator of train batches, model,
+    optimizer over the trainable parameters)."""
+    from launcher.data.loaders import train_loader
+    from launcher.distributed import seed_everything
+    from launcher.model.modeling import load_tokenizer
+    from launcher.training.optim import build_optimizer
+    from launcher.training.trainer import build_training_model
+    from tasks.train import LanguageModeling
+
+    seed_everything(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    task = LanguageModeling(cfg)
+    loader = train_loader(task.datasets(tokenizer, world)["train"], cfg, world, task.collator(tokenizer))
+    model = build_training_model(cfg, tokenizer, world)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optimizer, cfg.train.precision)
+    return tokenizer, task, iter(loader), model, optimizer
+
+
 def run_launcher(args, cwd, timeout=600, env=None):
     """`python -m launcher ARGS` in cwd; returns the CompletedProcess."""
     return run_python(["-m", "launcher", *args], cwd, timeout, env)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import QUICK, compose_config, run_in_fresh_python, run_launcher
+from conftest import QUICK, compose_config, run_in_fresh_python, run_launcher, training_parts
 from transformers import AutoModelForCausalLM
 
 from launcher.cli.app import run_task
@@ -78,23 +78,13 @@ def test_evaluate_on_a_runs_checkpoint_uses_the_runs_data_and_settings(tmp_path)
 
 @pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
 def test_exported_model_gives_the_in_memory_logits(tmp_path):
-    from launcher.data.loaders import train_loader
-    from launcher.distributed import distributed, seed_everything
-    from launcher.model.modeling import load_tokenizer
+    from launcher.distributed import distributed
     from launcher.training.export import save_hf_model
-    from launcher.training.optim import build_optimizer
-    from launcher.training.trainer import build_training_model, optimizer_step
-    from tasks.train import LanguageModeling
+    from launcher.training.trainer import optimizer_step
 
     cfg = compose_config([f"output_dir={tmp_path}"])
     with distributed() as world:
-        seed_everything(cfg.train.seed)
-        tokenizer = load_tokenizer(cfg.model)
-        task = LanguageModeling(cfg)
-        loader = train_loader(task.datasets(tokenizer, world)["train"], cfg, world, task.collator(tokenizer))
-        model = build_training_model(cfg, tokenizer, world)
-        optimizer = build_optimizer(model.parameters(), cfg.optimizer)
-        batches = iter(loader)
+        tokenizer, task, batches, model, optimizer = training_parts(cfg, world)
         for _ in range(2):
             optimizer_step(model, optimizer, [next(batches)], task, world)
         probe = next(batches)["input_ids"]

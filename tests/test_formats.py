@@ -35,15 +35,7 @@ CHATML = (
 
 # Templates for the `{% generation %}` rule (launcher.data.formats.conversation_spans).
 # Role header outside the block and no generation-prompt branch: the append rule would train the header.
-HEADER_OUTSIDE = (
-    r"{%- for message in messages -%}"
-    r"{{- '<|im_start|>' + message['role'] + '\n' -}}"
-    r"{%- if message['role'] == 'assistant' -%}"
-    r"{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}"
-    r"{%- else -%}{{- message['content'] + '<|im_end|>' -}}{%- endif -%}"
-    r"{{- '\n' -}}"
-    r"{%- endfor -%}"
-)
+HEADER_OUTSIDE = CHATML[:CHATML.index(r"{%- if add_generation_prompt")]
 # The block also covers the newline after the end-of-turn token (TRL's Qwen 2.5 / Gemma training templates).
 WHITESPACE_IN_BLOCK = (
     r"{%- for message in messages -%}"

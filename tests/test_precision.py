@@ -10,7 +10,7 @@ import logging
 
 import pytest
 import torch
-from conftest import assert_same_weights, compose_config, final_weights, run_launcher
+from conftest import assert_same_weights, compose_config, final_weights, run_launcher, training_parts
 
 from launcher.model.device_defaults import Choices, Machine, apply_device_defaults, resolve
 
@@ -121,22 +121,12 @@ def test_a_host_gradient_norm_still_flags_a_non_finite_step():
 
 def _one_step(precision: str, steps: int = 1, extra=()):
     """hydralm's model, optimizer and `optimizer_step` for `steps` steps (CPU, tiny default model)."""
-    from launcher.data.loaders import train_loader
-    from launcher.distributed import distributed, seed_everything
-    from launcher.model.modeling import load_tokenizer
-    from launcher.training.optim import build_optimizer
-    from launcher.training.trainer import build_training_model, optimizer_step
-    from tasks.train import LanguageModeling
+    from launcher.distributed import distributed
+    from launcher.training.trainer import optimizer_step
 
     cfg = compose_config([f"train.precision={precision}", "train.max_seq_len=64", "data.train_bs=4", *extra])
     with distributed() as world:
-        seed_everything(cfg.train.seed)
-        tokenizer = load_tokenizer(cfg.model)
-        task = LanguageModeling(cfg)
-        loader = train_loader(task.datasets(tokenizer, world)["train"], cfg, world, task.collator(tokenizer))
-        model = build_training_model(cfg, tokenizer, world)
-        optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optimizer, precision)
-        batches = iter(loader)
+        _, task, batches, model, optimizer = training_parts(cfg, world)
         losses = []
         for _ in range(steps):
             step = optimizer_step(model, optimizer, [next(batches)], task, world)
