@@ -11,9 +11,10 @@ variables, OpenMP's thread count, HOME), so a run is warm only when its environm
 server's in every variable but those read when a run needs them (RUNTIME_ONLY); any other run
 starts a fresh interpreter. HYDRALM_TEST_COLD=1 starts a fresh interpreter for every run.
 
-Protocol (one JSON object a line): the client writes {"argv", "env", "cwd", "stdout", "stderr",
-"module" or "script"}; the server answers {"pid"} when the fork started and {"pid", "returncode"}
-when it ended. One run at a time.
+Protocol (one JSON object a line): the client writes {"id", "argv", "env", "cwd", "stdout",
+"stderr", "module" or "script"}; the server answers {"id", "pid"} when the fork started and {"id",
+"pid", "returncode"} when it ended. One run at a time; an answer to an earlier request (one whose
+test was stopped by a timeout) is skipped.
 """
 
 import json
@@ -31,11 +32,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Read only when a run needs them, by modules the server does not import (wandb, submitit) or at
-# run time (torch.distributed, hydralm's cache, Hydra's error mode, the pointer inductor's compiled
-# code reads, which an in-process compile leaves set): a run may set them.
+# run time (torch.distributed, hydralm's cache, Hydra's error mode; inductor's cache folders and the
+# pointer its compiled code reads, which an in-process compile leaves set): a run may set them.
 RUNTIME_ONLY = ("PYTEST_", "WANDB_", "SLURM_", "SUBMITIT_", "TORCHELASTIC_", "HYDRALM_", "HYDRA_", "RANK",
                 "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
-                "MASTER_PORT", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR")
+                "MASTER_PORT", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 NOT_IMPORTED = ("wandb", "submitit")  # what RUNTIME_ONLY relies on
 
 
@@ -64,7 +65,7 @@ class WarmLauncher:
         if cls.server is None:
             cls.server = cls(cls.base_env)
         if not cls.server.ready:
-            cls.counts["cold (the server could not fork safely)"] += 1
+            cls.counts[f"cold ({cls.server.why_not})"] += 1
             return None
         cls.counts["warm"] += 1
         return cls.server
@@ -73,38 +74,48 @@ class WarmLauncher:
         self.process = subprocess.Popen([sys.executable, __file__], cwd=ROOT, env=env, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True)
         self.pending = b""  # answers read from the pipe, not yet returned (the pipe is read unbuffered)
-        self.ready = self._answer(300).get("ready", False)
+        self.requests = 0
+        try:
+            self.ready = self._answer(None, 300)["ready"]
+            self.why_not = "the server could not fork safely"
+        except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError) as err:  # the suite runs cold
+            self.ready, self.why_not = False, f"the server did not start: {err}"
 
     def run(self, command: list, cwd, env: dict, timeout: float) -> subprocess.CompletedProcess:
         module, script = (command[1], None) if command[0] == "-m" else (None, command[0])
         argv = command[2:] if module else command[1:]
         with tempfile.TemporaryDirectory() as folder:
             out, err = Path(folder) / "stdout", Path(folder) / "stderr"
-            request = {"argv": argv, "env": env, "cwd": str(cwd), "stdout": str(out), "stderr": str(err),
-                       "module": module, "script": script}
+            self.requests += 1
+            request = {"id": self.requests, "argv": argv, "env": env, "cwd": str(cwd), "stdout": str(out),
+                       "stderr": str(err), "module": module, "script": script}
             self.process.stdin.write(json.dumps(request) + "\n")
             self.process.stdin.flush()
-            pid = self._answer(60)["pid"]
+            pid = self._answer(self.requests, 60)["pid"]
             try:
-                returncode = self._answer(timeout)["returncode"]
+                returncode = self._answer(self.requests, timeout)["returncode"]
             except subprocess.TimeoutExpired:
                 os.kill(pid, signal.SIGKILL)
-                self._answer(60)
+                self._answer(self.requests, 60)
                 raise subprocess.TimeoutExpired([sys.executable, *command], timeout) from None
             return subprocess.CompletedProcess([sys.executable, *command], returncode, out.read_text(), err.read_text())
 
-    def _answer(self, timeout: float) -> dict:
+    def _answer(self, request: "int | None", timeout: float) -> dict:
+        """The server's next answer to `request`."""
         deadline = time.monotonic() + timeout
-        while b"\n" not in self.pending:
-            ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                raise subprocess.TimeoutExpired("tests/warm_launcher.py", timeout)
-            chunk = os.read(self.process.stdout.fileno(), 65536)
-            if not chunk:
-                raise RuntimeError(f"tests/warm_launcher.py ended (exit {self.process.wait()})")
-            self.pending += chunk
-        line, self.pending = self.pending.split(b"\n", 1)
-        return json.loads(line)
+        while True:
+            while b"\n" not in self.pending:
+                ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    raise subprocess.TimeoutExpired("tests/warm_launcher.py", timeout)
+                chunk = os.read(self.process.stdout.fileno(), 65536)
+                if not chunk:
+                    raise RuntimeError(f"tests/warm_launcher.py ended (exit {self.process.wait()})")
+                self.pending += chunk
+            line, self.pending = self.pending.split(b"\n", 1)
+            answer = json.loads(line)
+            if answer.get("id") == request:
+                return answer
 
     @classmethod
     def close(cls) -> None:
@@ -190,15 +201,15 @@ def serve() -> None:
                 code = run_child(request)
             finally:
                 os._exit(code)
-        answers.write(json.dumps({"pid": pid}) + "\n")
+        answers.write(json.dumps({"id": request["id"], "pid": pid}) + "\n")
         answers.flush()
         _, status = os.waitpid(pid, 0)
-        answers.write(json.dumps({"pid": pid, "returncode": os.waitstatus_to_exitcode(status)}) + "\n")
+        answers.write(json.dumps({"id": request["id"], "pid": pid, "returncode": os.waitstatus_to_exitcode(status)}) + "\n")
         answers.flush()
 
 
 if __name__ == "__main__":
     sys.path[0] = str(ROOT)  # not tests/: a child puts its own first (its cwd or script's folder)
     warm_up()
-    print(json.dumps({"ready": fork_safe()}), flush=True)
+    print(json.dumps({"id": None, "ready": fork_safe()}), flush=True)
     serve()
