@@ -42,13 +42,14 @@ def assert_same_weights(actual: dict, expected: dict) -> None:
     import torch
 
     assert actual.keys() == expected.keys()
-    for name in expected:
-        if not torch.equal(actual[name], expected[name]):
-            differ = actual[name] != expected[name]
-            largest = (actual[name].double() - expected[name].double()).abs().max().item()
-            rows = differ.flatten(1).any(1).nonzero().flatten().tolist() if differ.dim() > 1 else []
-            raise AssertionError(f"{name}: {int(differ.sum())} of {differ.numel()} elements differ (largest by "
-                                 f"{largest:.3g}; rows {rows[:10]}); {sorted(n for n in expected if not torch.equal(actual[n], expected[n]))}")
+    differing = sorted(name for name in expected if not torch.equal(actual[name], expected[name]))
+    if differing:  # what a failure says: how many elements of the first tensor, by how much, where
+        first = differing[0]
+        differ = actual[first] != expected[first]
+        largest = (actual[first].double() - expected[first].double()).abs().max().item()
+        rows = differ.flatten(1).any(1).nonzero().flatten().tolist() if differ.dim() > 1 else []
+        raise AssertionError(f"{first}: {int(differ.sum())} of {differ.numel()} elements differ (largest by "
+                             f"{largest:.3g}; rows {rows[:10]}); differing tensors: {differing}")
 
 
 def compose_config(overrides=()):

@@ -8,6 +8,7 @@ from warm_launcher import WarmLauncher
 
 pytestmark = pytest.mark.slow
 
+
 def cold(monkeypatch, *args, **kwargs):
     """run_launcher in a fresh interpreter."""
     with monkeypatch.context() as patch:

@@ -17,6 +17,7 @@ Protocol (one JSON object a line): the client writes {"id", "argv", "env", "cwd"
 test was stopped by a timeout) is skipped.
 """
 
+import atexit
 import json
 import os
 import runpy
@@ -180,8 +181,6 @@ def run_child(request: dict) -> int:
     except BaseException:  # noqa: BLE001 (what the interpreter would print and exit with)
         traceback.print_exc()
         code = 1
-    import atexit
-
     atexit._run_exitfuncs()  # logging.shutdown and every handler a run registered
     for stream in (sys.stdout, sys.stderr):
         stream.flush()

@@ -313,7 +313,6 @@ def check_preprocessing(data: DictConfig, max_seq_len: int) -> None:
 
 def check_tokenizer(cfg: DictConfig, tokenizer) -> None:
     """What needs the tokenizer, before any data is read: BOS/EOS, the chat template."""
-    formats.resolve_defaults(cfg.data)
     packing_spec(cfg, tokenizer)
     formats.encoder(tokenizer, cfg.data)
 
