@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -80,22 +81,44 @@ def run_ranks(args: list[str], cwd: Path, world_size: int = 2) -> list[float]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # Unbuffered: a rank that dies shows in its log how far it got.
     env = subprocess_env(threads=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
-                         LOCAL_WORLD_SIZE=str(world_size))
+                         LOCAL_WORLD_SIZE=str(world_size), PYTHONUNBUFFERED="1")
     run = len(list(cwd.glob("rank0-*.log")))
     logs = [cwd / f"rank{rank}-{run}.log" for rank in range(world_size)]
     ranks = [subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=cwd, stdout=log.open("w"),
                               stderr=subprocess.STDOUT, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
              for rank, log in enumerate(logs)]
-    peaks = []
-    for process, log in zip(ranks, logs):
+    endings, peaks = {}, []
+    for rank, process in enumerate(ranks):
         _, status, usage = os.wait4(process.pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            for other in ranks:
-                other.kill()
-            sys.exit(f"benchmark run failed (python -m launcher {' '.join(args)}):\n{log.read_text()[-4000:]}")
+        process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: tell Popen
+        endings[rank] = _ending(process.returncode)
         peaks.append(usage.ru_maxrss / 2**20)  # KiB on Linux
+        if process.returncode != 0:
+            for other, rest in enumerate(ranks):
+                if other not in endings:
+                    endings[other] = _ended_or_stopped(rest)
+            sys.exit(f"benchmark run failed (python -m launcher {' '.join(args)}):\n" + "".join(
+                f"--- rank {r}: {endings[r]}; the end of its log:\n{log.read_text()[-3000:]}\n"
+                for r, log in enumerate(logs)))
     return peaks
+
+
+def _ended_or_stopped(process: subprocess.Popen, grace_s: float = 10) -> str:
+    """How a rank still running after another failed ends: on its own (its own error), or killed."""
+    try:
+        return _ending(process.wait(timeout=grace_s))
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return f"still running {grace_s:g} s after, stopped by the benchmark"
+
+
+def _ending(code: int) -> str:
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
 
 
 def baseline_gib(cwd: Path) -> float:

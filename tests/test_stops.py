@@ -4,6 +4,7 @@ disk (one line naming the path and what was kept, no partial files left)."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -136,6 +137,20 @@ def test_ctrl_c_under_torchrun_checkpoints_both_ranks_at_the_same_step(tmp_path)
 
 
 # ---------------------------------------------------------------------- non-finite values
+
+def test_a_native_crash_prints_the_python_stack_of_every_thread():
+    """An abort inside a C++ library (say torch's teardown) is otherwise one line with no place in
+    it; the job log then names the Python line that was running, the launcher's own frames too."""
+    script = ("import os, sys\n"
+              "import launcher.cli.app as app\n"
+              "app._hydra_main = os.abort  # stands in for a task whose C++ code aborts\n"
+              "sys.argv = ['launcher']\n"
+              "app.main()\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGABRT
+    assert "Fatal Python error: Aborted" in result.stderr
+    assert re.search(r'File ".*launcher/cli/app\.py", line \d+ in main', result.stderr), result.stderr
+
 
 
 def test_a_non_finite_max_grad_norm_is_refused_before_any_work(tmp_path):

@@ -6,6 +6,7 @@ ChecksBeforeWork (launcher/cli/validate.py), before Hydra creates any directory,
 the job runs.
 """
 
+import faulthandler
 import logging
 import os
 import signal
@@ -74,7 +75,10 @@ def announce_stop(line: str) -> None:
 
 
 def main():
-    """Under torchrun/SLURM only rank 0 keeps Hydra's config copies and job log."""
+    """Under torchrun/SLURM only rank 0 keeps Hydra's config copies and job log. A native crash
+    (a segfault, or an abort in a C++ library's teardown) prints every thread's Python stack first:
+    on a cluster the job log is often all there is to go on."""
+    faulthandler.enable()
     if int(os.environ.get("RANK", 0)) > 0:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     with masked_console(), one_line_errors():
