@@ -24,6 +24,9 @@ def _session_environment(tmp_path_factory):
 
     os.environ["HYDRALM_CACHE"] = str(tmp_path_factory.mktemp("hydralm-cache"))
     os.environ.setdefault("WANDB_MODE", "offline")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # pytest -n N: the cores are shared
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     WarmLauncher.base_env = {**os.environ, "PYTHONPATH": str(ROOT)}
     yield
@@ -95,6 +98,16 @@ def run_python(command, cwd, timeout=600, env=None):
     if server is not None:
         return server.run(command, cwd, env, timeout)
     return subprocess.run([sys.executable, *command], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workeroutput"):  # a pytest-xdist worker: its counts go to the controller
+        session.config.workeroutput["warm_launcher_counts"] = dict(WarmLauncher.counts)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    WarmLauncher.counts.update(getattr(node, "workeroutput", {}).get("warm_launcher_counts", {}))
 
 
 def pytest_terminal_summary(terminalreporter):
