@@ -169,7 +169,7 @@ def check_generate(cfg: DictConfig) -> None:
     """The generate keys, the prompts and the model's files, before any model loads."""
     from launcher.model.modeling import check_model
     from launcher.model.task_model import model_config
-    from launcher.store.run_dir import TRAINER_STATE, is_training_checkpoint
+    from launcher.store.run_dir import is_training_checkpoint
     from launcher.training.checkpoint import check_before_loading
 
     settings = cfg.generate
@@ -202,8 +202,4 @@ def check_generate(cfg: DictConfig) -> None:
         return
     if is_training_checkpoint(checkpoint):
         check_before_loading(checkpoint, "checkpoint")
-        state = json.loads((checkpoint / TRAINER_STATE).read_text())
-        if state.get("fingerprint", {}).get("peft.name") == "lora":  # it holds the adapters only
-            raise ConfigError(f"checkpoint={checkpoint} is a peft=lora training checkpoint (adapters only): generate "
-                              f"from the run's final-model/ (adapters and their recorded base)")
     check_model(model_config(cfg), cfg.train.max_seq_len)

@@ -153,12 +153,14 @@ def test_the_random_init_default_is_refused(tmp_path):
 
 
 @pytest.mark.slow  # seconds, not milliseconds (a training run or a model load): the full suite runs it
-def test_a_lora_training_checkpoint_is_refused_naming_final_model(tmp_path):
-    """A peft=lora checkpoint holds the adapters only: refused in one line, before any model loads."""
+def test_a_lora_training_checkpoint_generates_what_its_final_adapters_generate(tmp_path):
+    """A peft=lora checkpoint holds the adapters only: its base is rebuilt (the run's base-model/,
+    a random init here) and the adapters loaded onto it; at the last step that is the run's
+    final-model/ (an adapter directory, loaded through peft), so greedy outputs are equal."""
     run = tmp_path / "run"
     run_task(compose_config([*QUICK, "peft=lora", "train.checkpointing_enabled=true", "train.save_steps=4",
                              f"output_dir={run}"]))
     [checkpoint] = sorted((run / "checkpoints").iterdir())
-    assert_rejected_before_any_work(["task=generate", f"checkpoint={checkpoint}", "generate.prompt=hi"],
-                                    "is a peft=lora training checkpoint (adapters only): generate from the run's "
-                                    "final-model/", tmp_path)
+    text = ["generate.apply_chat_template=false", prompts_arg(PROMPTS)]
+    from_checkpoint = run_generate(checkpoint, tmp_path / "a", *text)
+    assert from_checkpoint == run_generate(run / "final-model", tmp_path / "b", *text)

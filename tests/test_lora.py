@@ -226,3 +226,47 @@ def test_lora_checkpoints_hold_only_adapters_and_a_killed_run_resumes_to_the_sam
 
     adapters = "adapter_model.safetensors"
     assert_same_weights(final_weights(resumed, adapters), final_weights(reference, adapters))
+
+
+@pytest.mark.slow
+def test_a_lora_training_checkpoint_exports_and_evaluates_as_its_final_model(tmp_path):
+    """A peft=lora checkpoint holds the adapters only: task=export and task=evaluate rebuild its
+    base (the run's base-model/, a random init here) and load the adapters onto it."""
+    run = tmp_path / "run"
+    trained = run_launcher(["peft=lora", *QUICK, "train.checkpointing_enabled=true", "train.save_steps=4",
+                            f"output_dir={run}"], cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    checkpoint = run / "checkpoints" / "checkpoint-00000004"  # the last step: the final model's weights
+
+    out = tmp_path / "exported"
+    exported = run_launcher(["task=export", f"checkpoint={checkpoint}", "export.merge_lora=true", f"output_dir={out}"],
+                            cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    adapters = "adapter_model.safetensors"
+    assert_same_weights(final_weights(out, adapters), final_weights(run, adapters))
+    config = json.loads((out / "final-model" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((run / "base-model").resolve())
+    # The merged export against peft's own reload of the run's final adapters on their base.
+    probe = torch.tensor([[1, 57, 300, 9, 2048, 4]])
+    expected = _logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "base-model"),
+                                                 run / "final-model"), probe)
+    merged = AutoModelForCausalLM.from_pretrained(out / "final-model-merged")
+    torch.testing.assert_close(_logits(merged, probe), expected, rtol=0, atol=1e-4)
+
+    scored = run_launcher(["task=evaluate", f"checkpoint={checkpoint}", f"output_dir={tmp_path / 'scores'}"],
+                          cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr
+    loss = json.loads((tmp_path / "scores" / "eval.json").read_text())["eval_loss"]
+    assert loss == pytest.approx(json.loads((run / "summary.json").read_text())["final_eval_loss"], rel=1e-5)
+
+
+def test_a_lora_checkpoint_whose_random_init_base_is_gone_is_refused_in_one_line(tmp_path):
+    """Its adapters apply to the random init the run saved as base-model/: a checkpoint copied out
+    of its run cannot be rebuilt, and says so before any model loads."""
+    from launcher.model.task_model import lora_base
+
+    checkpoint = tmp_path / "elsewhere" / "checkpoint-00000004"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"fingerprint": {"peft.name": "lora", "model.path": None}}))
+    with pytest.raises(ConfigError, match="random init that its run saved as .*base-model, which is not there"):
+        lora_base(checkpoint)

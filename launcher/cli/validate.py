@@ -72,7 +72,7 @@ def _check_training_run(cfg: DictConfig, on_this_machine: bool) -> None:
     from launcher.model.precision import check_precision
     from launcher.model.modeling import check_attention_device, check_model, read_hf_config
     from launcher.model.sharding import check_launch, check_sharding
-    from launcher.model.task_model import model_config
+    from launcher.model.task_model import lora_settings, model_config
     from launcher.store.run_dir import is_training_checkpoint
     from launcher.training.checkpoint import check_before_loading
     from launcher.training.optim import check_optimizer, check_scheduler
@@ -93,8 +93,10 @@ def _check_training_run(cfg: DictConfig, on_this_machine: bool) -> None:
     check_optimizer(cfg.optimizer)
     check_precision(cfg.train, cfg.optimizer)
     check_peft(cfg.peft, cfg.task)
-    if cfg.export.merge_lora and not lora_enabled(cfg.peft):
-        raise ConfigError("export.merge_lora=true needs peft=lora (there are no adapters to merge)")
+    lora_checkpoint = cfg.checkpoint is not None and lora_settings(Path(cfg.checkpoint)) is not None
+    if cfg.export.merge_lora and not (lora_enabled(cfg.peft) or lora_checkpoint):
+        raise ConfigError("export.merge_lora=true needs peft=lora, or checkpoint= a peft=lora run's training "
+                          "checkpoint (there are no adapters to merge)")
     if on_this_machine:
         check_launch(cfg)
         check_attention_device(cfg.model, cfg.task.trains)

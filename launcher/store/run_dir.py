@@ -26,11 +26,12 @@ HF_DIR = "hf"
 FINAL_MODEL = "final-model"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+BASE_MODEL = "base-model"  # the frozen base a peft=lora run's adapters apply to, when model.path cannot rebuild it
 # What a training run leaves in its output directory (besides run.json and Hydra's record): a
 # directory holding any of these holds a run. launcher/training/loggers.py and launcher/training/trainer.py write
 # the last four (wandb's run id and files, TensorBoard events, a random-init LoRA base).
 RUN_STATE = (CHECKPOINTS_DIR, METRICS, SUMMARY, FINAL_MODEL, f"{FINAL_MODEL}-merged", "wandb_run_id", "wandb",
-             "tensorboard", "base-model")
+             "tensorboard", BASE_MODEL)
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:

@@ -258,9 +258,10 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
     problem = checkpoint_problem(path)
     if problem:
         raise ConfigError(f"checkpoint={path} cannot be loaded: {problem}")
-    loaded = {"model": get_model_state_dict(model)}
+    options = _state_options(model)  # a LoRA model: its adapters only, as saved
+    loaded = {"model": get_model_state_dict(model, options=options)}
     _load(loaded, path)
-    set_model_state_dict(model, loaded["model"])
+    set_model_state_dict(model, loaded["model"], options=options)
 
 
 # ---------------------------------------------------------------------- integrity

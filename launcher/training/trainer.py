@@ -486,7 +486,7 @@ def build_training_model(cfg: DictConfig, tokenizer, world: World, output_dir: O
     if lora_enabled(cfg.peft):
         base = cfg.model.path
         if output_dir is not None and base_needs_saving(cfg.model, model):
-            base = str((output_dir / "base-model").resolve())
+            base = str((output_dir / run_dir.BASE_MODEL).resolve())
             if world.is_main:
                 save_base_model(model, tokenizer, Path(base))
         model = cast_parameters(apply_lora(model, cfg.peft, base), weight_dtype(cfg.train.precision))
