@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from launcher.data.loaders import PairCollator, eval_loader, train_loader
-from launcher.data.pairs import max_prompt_len, preference_splits
+from launcher.data.pairs import check_pair_format, max_prompt_len, preference_splits
 from launcher.data.sources import SOURCES
 from launcher.errors import ConfigError, at_least
 from launcher.model.lora import lora_enabled
@@ -234,6 +234,7 @@ def check_dpo(cfg: DictConfig) -> None:
         raise ConfigError(f"dpo.max_prompt_len={max_prompt_len(cfg)} must leave room for a response: at most "
                           f"train.max_seq_len - 2 = {cfg.train.max_seq_len - 2}")
     data = cfg.data
+    check_pair_format(data)
     if SOURCES.get(data.source).tokenized:
         raise ConfigError(f"data.source={data.source} holds tokenized language-modelling rows; task=dpo reads "
                           "prompt/chosen/rejected pairs (data=pydoc_pairs, files, disk or hub)")

@@ -376,6 +376,7 @@ def test_chat_pairs_train_exactly_the_response_turn(tmp_path):
     (["dpo.max_prompt_len=255"], "dpo.max_prompt_len=255 must leave room"),
     (["dpo.max_prompt_len=0"], "dpo.max_prompt_len=0 must be >= 1"),
     (["data.separator=Answer:"], "data.separator does not apply to task=dpo"),
+    (["data.format=alpaca"], "data.format=alpaca does not apply to task=dpo: preference pairs are text or chat"),
     (["peft=lora", "peft.inference_mode=true"], "task=dpo would train nothing"),
 ])
 def test_bad_dpo_settings_are_named_before_any_work(overrides, message, tmp_path):

@@ -45,6 +45,13 @@ def preference_splits(cfg: DictConfig, tokenizer, world: World) -> dict[str, Dat
     return cached_splits(cfg, tokenizer, world, source_of(cfg.data), "pairs", build_pairs)
 
 
+def check_pair_format(data: DictConfig) -> None:
+    """Before any work (task=dpo's checks): the formats a preference pair can have."""
+    if data.format not in PAIR_FORMATS:
+        raise ConfigError(f"data.format={data.format} does not apply to task=dpo: preference pairs are "
+                          f"{' or '.join(PAIR_FORMATS)} (chat: TRL's conversational and implicit-prompt layouts)")
+
+
 def max_prompt_len(cfg: DictConfig) -> int:
     return cfg.dpo.max_prompt_len or cfg.train.max_seq_len // 2
 
@@ -52,9 +59,6 @@ def max_prompt_len(cfg: DictConfig) -> int:
 def build_pairs(cfg: DictConfig, tokenizer, raw: dict, out: Path) -> dict:
     """Tokenize, frame and fit every pair; save {train,eval} under `out` (a `Builder`)."""
     dpo, data = cfg.dpo, cfg.data
-    if data.format not in PAIR_FORMATS:
-        raise ConfigError(f"data.format={data.format} does not apply to task=dpo: preference pairs are "
-                          f"{' or '.join(PAIR_FORMATS)} (chat: TRL's conversational and implicit-prompt layouts)")
     # Chat pairs may leave the prompt out (implicit prompt); text pairs need all three.
     fields = (dpo.chosen_field, dpo.rejected_field) if data.format == "chat" else \
         (dpo.prompt_field, dpo.chosen_field, dpo.rejected_field)
