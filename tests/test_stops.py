@@ -136,8 +136,7 @@ def test_ctrl_c_under_torchrun_checkpoints_both_ranks_at_the_same_step(tmp_path)
     assert {"rank-0.json", "rank-1.json", "__0_0.distcp", "__1_0.distcp", ".metadata"} <= recorded.keys()
 
 
-# ---------------------------------------------------------------------- non-finite values
-
+@pytest.mark.slow
 def test_a_native_crash_prints_the_python_stack_of_every_thread():
     """An abort inside a C++ library (say torch's teardown) is otherwise one line with no place in
     it; the job log then names the Python line that was running, the launcher's own frames too."""
@@ -151,6 +150,8 @@ def test_a_native_crash_prints_the_python_stack_of_every_thread():
     assert "Fatal Python error: Aborted" in result.stderr
     assert re.search(r'File ".*launcher/cli/app\.py", line \d+ in main', result.stderr), result.stderr
 
+
+# ---------------------------------------------------------------------- non-finite values
 
 
 def test_a_non_finite_max_grad_norm_is_refused_before_any_work(tmp_path):

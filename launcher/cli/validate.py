@@ -93,10 +93,10 @@ def _check_training_run(cfg: DictConfig, on_this_machine: bool) -> None:
     check_optimizer(cfg.optimizer)
     check_precision(cfg.train, cfg.optimizer)
     check_peft(cfg.peft, cfg.task)
-    lora_checkpoint = cfg.checkpoint is not None and lora_settings(Path(cfg.checkpoint)) is not None
-    if cfg.export.merge_lora and not (lora_enabled(cfg.peft) or lora_checkpoint):
-        raise ConfigError("export.merge_lora=true needs peft=lora, or checkpoint= a peft=lora run's training "
-                          "checkpoint (there are no adapters to merge)")
+    if cfg.export.merge_lora and not lora_enabled(cfg.peft):  # the adapters may come from the checkpoint
+        if cfg.checkpoint is None or lora_settings(Path(cfg.checkpoint)) is None:
+            raise ConfigError("export.merge_lora=true needs peft=lora, or checkpoint= a peft=lora run's training "
+                              "checkpoint (there are no adapters to merge)")
     if on_this_machine:
         check_launch(cfg)
         check_attention_device(cfg.model, cfg.task.trains)

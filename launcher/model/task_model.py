@@ -9,7 +9,7 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from launcher.errors import ConfigError
-from launcher.store.run_dir import BASE_MODEL, TRAINER_STATE, hf_dir, is_training_checkpoint
+from launcher.store.run_dir import BASE_MODEL, checkpoint_fingerprint, hf_dir, is_training_checkpoint
 
 
 def model_config(cfg: DictConfig) -> DictConfig:
@@ -69,7 +69,7 @@ def lora_settings(checkpoint: Path) -> Optional[dict]:
     None for any other path."""
     if not is_training_checkpoint(checkpoint):
         return None
-    fingerprint = json.loads((checkpoint / TRAINER_STATE).read_text()).get("fingerprint", {})
+    fingerprint = checkpoint_fingerprint(checkpoint) or {}
     if fingerprint.get("peft.name") != "lora":
         return None
     return {key.removeprefix("peft."): value for key, value in fingerprint.items() if key.startswith("peft.")}
@@ -81,7 +81,7 @@ def lora_base(checkpoint: Path) -> str:
     saved = checkpoint.resolve().parent.parent / BASE_MODEL  # <run>/checkpoints/checkpoint-N
     if saved.is_dir():
         return str(saved)
-    path = json.loads((checkpoint / TRAINER_STATE).read_text())["fingerprint"].get("model.path")
+    path = checkpoint_fingerprint(checkpoint).get("model.path")
     if path is None:
         raise ConfigError(f"checkpoint={checkpoint} holds LoRA adapters on a random init that its run saved as "
                           f"{saved}, which is not there: name the checkpoint inside its run directory")

@@ -122,7 +122,7 @@ def _check_resume_checkpoint(cfg: DictConfig, current: dict) -> None:
     if cfg.resume in ("auto", "never"):
         return
     try:
-        fingerprint = json.loads((Path(cfg.resume) / run_dir.TRAINER_STATE).read_text())["fingerprint"]
+        fingerprint = run_dir.checkpoint_fingerprint(Path(cfg.resume))
         saved = {k: v for k, v in fingerprint.items() if k not in (TOKENIZER, TRAIN_SEQUENCES)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return  # a damaged trainer_state.json is reported where the checkpoint loads

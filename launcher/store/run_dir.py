@@ -132,6 +132,11 @@ def finished_summary(output_dir: Path) -> Optional[dict]:
     return json.loads(summary.read_text()) if summary.is_file() else None
 
 
+def checkpoint_fingerprint(checkpoint: Path) -> Optional[dict]:
+    """The settings a training checkpoint was written with (its trainer_state.json's fingerprint)."""
+    return json.loads((Path(checkpoint) / TRAINER_STATE).read_text()).get("fingerprint")
+
+
 def hf_dir(checkpoint: Path) -> Path:
     """The HF config, generation config and tokenizer a checkpoint carries (what export needs)."""
     return Path(checkpoint) / HF_DIR
